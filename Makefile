@@ -1,0 +1,32 @@
+# The two commands a new user needs:
+#   make demo   set up, then convert -> train -> evaluate -> predict on the shipped sample
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO   := outputs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+# (re)install whenever the package metadata changes
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO)
+	$(PY) -m xray.convert data=sample data.dir=$(DEMO)/data hydra.run.dir=$(DEMO)/convert
+	$(PY) -m xray.train +experiment=demo data.dir=$(DEMO)/data hydra.run.dir=$(DEMO)/train
+	$(PY) -m xray.evaluate ckpt=$(DEMO)/train/checkpoints/best.ckpt split=test hydra.run.dir=$(DEMO)/evaluate
+	$(PY) -m xray.predict ckpt=$(DEMO)/train/checkpoints/best.ckpt image=xray/sample/chest_xray/test/PNEUMONIA plot=true hydra.run.dir=$(DEMO)/predict
+	@echo "demo done: $(DEMO)/  (tensorboard --logdir $(DEMO))"
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) outputs/demo .pytest_cache

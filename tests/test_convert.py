@@ -1,0 +1,197 @@
+"""Conversion: odd-but-valid images are converted right, bad files skipped and listed (or fatal
+with strict), bad roots fail at once with one line, output appears atomically."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mindspore.dataset as ds
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, copy_sample, gray_pattern
+from xray.convert import convert
+from xray.errors import XrayError
+from xray.preprocess import decode_png, load_image
+
+SHORT = 32
+
+
+# -- load_image on odd but valid inputs --------------------------------------------------
+
+def test_grayscale_jpeg_is_resized_to_short_side(image_file):
+    path = image_file("a.jpeg", Image.fromarray(gray_pattern(40, 60)), quality=95)
+    out = load_image(path, SHORT)
+    assert out.dtype == np.uint8 and out.shape == (32, 48)
+
+
+def test_exif_rotated_jpeg_is_made_upright(image_file):
+    # stored 60 wide x 40 high, EXIF orientation 6 = display rotated 90 deg clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = image_file("rot.jpeg", Image.fromarray(gray_pattern(40, 60)), exif=exif, quality=95)
+    out = load_image(path, SHORT)
+    assert out.shape == (48, 32)  # upright: taller than wide
+    upright = np.asarray(Image.fromarray(gray_pattern(40, 60)).transpose(Image.Transpose.ROTATE_270)
+                         .resize((32, 48), Image.Resampling.LANCZOS), dtype=np.float64)
+    assert np.abs(out - upright).mean() < 8  # same picture, not its mirror or another rotation
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "CMYK", "P", "LA", "1"])
+def test_color_and_palette_modes_become_8bit_gray(image_file, mode):
+    gray = np.full((40, 60), 120, np.uint8)
+    gray[:, 30:] = 200
+    im = Image.fromarray(gray).convert(mode)
+    suffix = ".jpeg" if mode in ("RGB", "CMYK") else ".png"
+    path = image_file(f"img{suffix}", im)
+    out = load_image(path, 40)
+    assert out.dtype == np.uint8 and out.shape == (40, 60)
+    if mode != "1":  # 1-bit dithers
+        assert abs(float(out[:, :25].mean()) - 120) < 12
+        assert abs(float(out[:, 35:].mean()) - 200) < 12
+
+
+def test_16bit_png_is_scaled_not_clipped(image_file):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (40, 1))
+    path = image_file("deep.png", Image.fromarray(ramp))
+    assert Image.open(path).mode.startswith("I")
+    out = load_image(path, 40)
+    assert out.min() <= 2 and out.max() >= 250
+    assert 100 < out.mean() < 155  # a ramp, not a white sheet
+
+
+def test_transparent_png_flattens_onto_black(image_file):
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, 20:, 3] = 255  # left half transparent
+    out = load_image(image_file("t.png", Image.fromarray(rgba, "RGBA")), 40)
+    assert out[:, :15].max() == 0 and out[:, 25:].min() == 255
+
+
+def test_draft_decoding_matches_a_full_decode_on_real_fullres_xray():
+    src = REPO.parent / "shared" / "data" / "chest_xray_fullres" / "train" / "NORMAL"
+    files = sorted(src.glob("*.jpeg"))[:1]
+    if not files:
+        pytest.skip("../shared/data/chest_xray_fullres not present")
+    fast = load_image(files[0], 256)
+    with Image.open(files[0]) as im:
+        w, h = im.size
+        s = 256 / min(w, h)
+        full = np.asarray(im.convert("L").resize((round(w * s), round(h * s)), Image.Resampling.LANCZOS))
+    assert fast.shape == full.shape
+    assert np.abs(fast.astype(float) - full).mean() < 2.0  # same image to within JPEG noise
+
+
+# -- convert on a whole tree --------------------------------------------------------------
+
+def make_messy_tree(root: Path) -> dict:
+    """Sample images + every odd-but-valid kind + every bad kind, in the Kaggle layout."""
+    copy_sample(root, per_class=4)
+    normal = root / "train" / "NORMAL"
+    good = {
+        "IM-9001-0001.jpeg": lambda p: Image.fromarray(gray_pattern()).convert("RGB").save(p),
+        "IM-9002-0001.png": lambda p: Image.fromarray(gray_pattern()).convert("RGBA").save(p),
+        "IM-9003-0001.jpeg": lambda p: Image.fromarray(gray_pattern()).convert("CMYK").save(p),
+        "IM-9004-0001.png": lambda p: Image.fromarray(gray_pattern()).convert("P").save(p),
+        "IM-9005-0001.png": lambda p: Image.fromarray(gray_pattern().astype(np.uint16) * 257).save(p),
+    }
+    for name, write in good.items():
+        write(normal / name)
+    real = sorted((root / "train" / "PNEUMONIA").glob("*.jpeg"))[0].read_bytes()
+    bad = {
+        "IM-9101-0001.jpeg": b"\xff\xd8\xff\xe0 this is not really a jpeg" * 20,  # corrupt
+        "IM-9102-0001.jpeg": real[: len(real) // 2],  # truncated
+        "IM-9103-0001.jpeg": b"",  # zero bytes
+        "notes.jpeg": b"patient list, do not share\n",  # not an image
+        ".DS_Store": b"\x00\x00\x00\x01Bud1" + bytes(100),
+    }
+    for name, data in bad.items():
+        (normal / name).write_bytes(data)
+    return {"good": set(good), "bad": set(bad)}
+
+
+def test_convert_keeps_odd_images_and_lists_bad_ones(tmp_path):
+    kinds = make_messy_tree(tmp_path / "chest_xray")
+    manifest = convert(tmp_path / "chest_xray", tmp_path / "out", short_side=SHORT, workers=2)
+    skipped = {Path(s["file"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == kinds["bad"]
+    assert all(reason for reason in skipped.values())
+    names = set()
+    for split in ("train", "val"):
+        d = ds.MindDataset(str(tmp_path / "out" / f"{split}.mindrecord"), shuffle=False)
+        for row in d.create_dict_iterator(output_numpy=True):
+            names.add(str(row["file_name"]))
+            image = decode_png(row["image"])
+            assert image.dtype == np.uint8 and min(image.shape[:2]) == SHORT
+    assert kinds["good"] <= names
+    counts = manifest["splits"]
+    assert counts["train"]["images"] + counts["val"]["images"] == 8 + len(kinds["good"])
+    assert counts["test"]["images"] == 8
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["skipped"] == manifest["skipped"]
+
+
+def test_strict_fails_and_leaves_nothing_behind(tmp_path):
+    make_messy_tree(tmp_path / "chest_xray")
+    with pytest.raises(XrayError, match="strict=true"):
+        convert(tmp_path / "chest_xray", tmp_path / "out", short_side=SHORT, strict=True, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest_xray"]  # no out, no temp dir
+
+
+def test_mean_std_come_from_train_only(tmp_path):
+    copy_sample(tmp_path / "cx", per_class=5)
+    m = convert(tmp_path / "cx", tmp_path / "out", short_side=SHORT, workers=1)
+    pixels = {}
+    for split in ("train", "val", "test"):
+        d = ds.MindDataset(str(tmp_path / "out" / f"{split}.mindrecord"), columns_list=["image"],
+                           shuffle=False)
+        pixels[split] = np.concatenate([decode_png(r["image"]).ravel() / 255.0
+                                        for r in d.create_dict_iterator(output_numpy=True)])
+    assert m["mean"] == pytest.approx(pixels["train"].mean(), rel=1e-6)
+    assert m["std"] == pytest.approx(pixels["train"].std(), rel=1e-4)
+    everything = np.concatenate(list(pixels.values()))
+    assert m["mean"] != pytest.approx(everything.mean(), rel=1e-6)
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path):
+    copy_sample(tmp_path / "cx", per_class=3)
+    convert(tmp_path / "cx", tmp_path / "out", short_side=SHORT, workers=1, seed=1)
+    before = (tmp_path / "out" / "manifest.json").read_text()
+    with pytest.raises(XrayError, match="overwrite=true"):
+        convert(tmp_path / "cx", tmp_path / "out", short_side=SHORT, workers=1)
+    assert (tmp_path / "out" / "manifest.json").read_text() == before
+    convert(tmp_path / "cx", tmp_path / "out", short_side=40, workers=1, overwrite=True)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["short_side"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cx", "out"]
+
+
+@pytest.mark.parametrize("layout, message", [
+    (None, "does not exist"),
+    ("nothing", "train is missing"),
+    ("no_pneumonia", "PNEUMONIA is missing"),
+    ("nested", "use data.root="),
+])
+def test_bad_roots_fail_at_once(tmp_path, layout, message):
+    root = tmp_path / "root"
+    if layout == "nothing":
+        root.mkdir()
+    elif layout == "no_pneumonia":
+        (root / "train" / "NORMAL").mkdir(parents=True)
+    elif layout == "nested":
+        (root / "chest_xray" / "train" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(XrayError, match=message):
+        convert(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "xray.convert", f"data.root={tmp_path / 'nowhere'}",
+         f"data.dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: data.root={tmp_path / 'nowhere'} does not exist; expected "
+        "<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg (Kaggle chest-xray-pneumonia)"]
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -1,0 +1,85 @@
+import mindspore as ms
+import numpy as np
+import pytest
+
+from conftest import make_cfg
+from xray.errors import XrayError
+from xray.losses import SoftmaxCrossEntropy, SoftmaxMSE, class_weights
+from xray.model import AlexNet, LocalResponseNorm, build_model
+
+ms.set_device("CPU")
+
+
+@pytest.mark.parametrize("size", [227, 96])
+@pytest.mark.parametrize("lrn, dropout", [(True, 0.5), (False, 0.0)])
+def test_output_shape(size, lrn, dropout):
+    net = AlexNet(num_classes=2, in_channels=1, lrn=lrn, dropout=dropout)
+    net.set_train(False)
+    out = net(ms.Tensor(np.random.rand(2, 1, size, size).astype(np.float32)))
+    assert out.shape == (2, 2)
+
+
+def test_switches_change_the_layers():
+    layers = lambda net: [type(c).__name__ for _, c in net.cells_and_names()]  # noqa: E731
+    assert layers(AlexNet(lrn=True, dropout=0.5)).count("LocalResponseNorm") == 2
+    assert layers(AlexNet(lrn=True, dropout=0.5)).count("Dropout") == 2
+    assert "LocalResponseNorm" not in layers(AlexNet(lrn=False, dropout=0.0))
+    assert "Dropout" not in layers(AlexNet(lrn=False, dropout=0.0))
+
+
+def test_three_input_channels():
+    net = AlexNet(in_channels=3)
+    net.set_train(False)
+    assert net(ms.Tensor(np.zeros((1, 3, 80, 80), np.float32))).shape == (1, 2)
+
+
+def test_dropout_only_in_training():
+    net = AlexNet(lrn=False, dropout=0.5)
+    x = ms.Tensor(np.random.rand(2, 1, 96, 96).astype(np.float32))
+    net.set_train(False)
+    assert np.array_equal(net(x).asnumpy(), net(x).asnumpy())
+
+
+def test_lrn_is_the_papers_formula():
+    """b_c = a_c / (k + alpha * sum_{|c'-c|<=2} a_c'^2)^beta, computed here in numpy."""
+    a = np.random.rand(2, 16, 5, 5).astype(np.float32) * 30
+    ours = LocalResponseNorm(size=5, k=2.0, alpha=1e-4, beta=0.75)(ms.Tensor(a)).asnumpy()
+    expected = np.empty_like(a)
+    for c in range(16):
+        window = (a[:, max(0, c - 2):c + 3] ** 2).sum(axis=1)
+        expected[:, c] = a[:, c] / (2.0 + 1e-4 * window) ** 0.75
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    assert not np.allclose(ours, a)  # it does normalize
+
+
+def test_too_small_input_is_a_config_error():
+    cfg = make_cfg("config", ["data=sample"])
+    with pytest.raises(XrayError, match="image_size=64 is too small"):
+        build_model(cfg.model, 64)
+    assert build_model(cfg.model, 67) is not None
+
+
+def test_softmax_mse_is_mse_of_probabilities_and_one_hot():
+    logits = np.array([[2.0, -1.0], [0.5, 0.5], [-3.0, 1.0]], np.float32)
+    labels = np.array([0, 1, 1], np.int32)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    onehot = np.eye(2)[labels]
+    expected = ((p - onehot) ** 2).sum(1).mean()
+    got = SoftmaxMSE(2)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    assert got == pytest.approx(expected, rel=1e-5)
+    w = [0.5, 2.0]
+    per = ((p - onehot) ** 2).sum(1) * np.array(w)[labels]
+    got_w = SoftmaxMSE(2, w)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    assert got_w == pytest.approx(per.sum() / np.array(w)[labels].sum(), rel=1e-5)
+
+
+def test_cross_entropy_and_class_weights():
+    logits = np.array([[2.0, -1.0], [0.5, 0.5]], np.float32)
+    labels = np.array([0, 1], np.int32)
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -logp[[0, 1], labels].mean()
+    got = SoftmaxCrossEntropy()(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert class_weights([1000, 3000]) == pytest.approx([2.0, 2 / 3])
+    with pytest.raises(XrayError, match="empty class"):
+        class_weights([0, 10])

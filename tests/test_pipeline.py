@@ -1,0 +1,173 @@
+"""End to end on the shipped sample: convert -> train -> evaluate -> predict, TensorBoard
+contents, resume after a kill, divergence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import SAMPLE, TINY, make_cfg
+from xray.checkpoint import load_trained_model
+from xray.evaluate import evaluate
+from xray.predict import format_results, list_images, predict_images
+from xray.train import build_optimizer, load_resume_state, lr_schedule, train
+
+METRIC_KEYS = {"accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "ppv", "npv"}
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_train_writes_metrics_history_checkpoints(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["epochs_completed"] == 2
+    assert metrics["best_epoch"] in (1, 2)
+    assert set(metrics["best_val"]) >= METRIC_KEYS | {"loss"}
+    assert metrics["train_images_per_s"] > 0 and metrics["wall_time_s"] > 0
+    history = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in history)
+    assert (trained_run / "checkpoints" / "best.ckpt").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert not list((trained_run / "checkpoints").glob(".*"))  # no temp files left
+
+
+def test_tensorboard_has_the_expected_tags(trained_run):
+    acc = events(trained_run)
+    tags = acc.Tags()
+    steps_per_epoch = 32 // 8  # 32 train images in the converted sample, batch 8
+    for tag in ("train/loss", "train/lr"):
+        assert [e.step for e in acc.Scalars(tag)] == list(range(2 * steps_per_epoch))
+    for tag in ("val/loss", "val/accuracy", "val/auc", "val/sensitivity", "val/specificity",
+                "val/balanced_accuracy", "train/epoch_loss"):
+        assert len(acc.Scalars(tag)) == 2, tag
+    assert len(acc.Images("val/confusion_matrix")) == 2
+    assert "val/pr_curve" in tags["tensors"]
+    # HParams in the run's own folder (no time-stamped sub-run)
+    assert [p for p in trained_run.iterdir() if p.is_dir()] == [trained_run / "checkpoints"]
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert {"lr", "momentum", "loss", "batch_size", "epochs", "seed", "schedule", "status"} <= set(hp)
+    assert hp["loss"].string_value == "softmax_ce" and hp["status"].string_value == "ok"
+    assert acc.Scalars("hparam/best_val_auc")[0].value == pytest.approx(
+        json.loads((trained_run / "metrics.json").read_text())["best_val"]["auc"])
+
+
+def test_evaluate_writes_metrics_with_ci_and_plots(trained_run):
+    result = evaluate(trained_run / "checkpoints" / "best.ckpt", "test", bootstrap=200, workers=1)
+    on_disk = json.loads((trained_run / "eval_test.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert result["images"] == 20 and result["positives"] == 10
+    for key in ("youden", "at_0.5"):
+        block = result[key]
+        assert set(block) >= METRIC_KEYS | {"confusion_matrix", "threshold"}
+        for m in METRIC_KEYS:
+            lo, hi = block[m]["ci95"]
+            value = block[m]["value"]
+            assert np.isnan(value) or lo - 1e-9 <= value <= hi + 1e-9 or lo == hi
+        assert np.array(block["confusion_matrix"]).sum() == 20
+    assert result["at_0.5"]["threshold"] == 0.5
+    assert result["youden"]["chosen_on"] == "val"
+    for name in ("roc_test.png", "confusion_test.png", "predictions_test.csv"):
+        assert (trained_run / name).stat().st_size > 0
+    lines = (trained_run / "predictions_test.csv").read_text().splitlines()
+    assert lines[0] == "file_name,label,p_pneumonia" and len(lines) == 21
+
+
+def test_predict_file_and_folder_match_evaluation(trained_run, tmp_path):
+    model = load_trained_model(trained_run / "checkpoints" / "best.ckpt")
+    folder = SAMPLE / "test" / "PNEUMONIA"
+    results = predict_images(model, list_images(folder), plot_dir=tmp_path)
+    assert len(results) == 10 and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in results)
+    assert len(list(tmp_path.glob("*.png"))) == 10
+    # the same probabilities as the evaluation pipeline gives for those files
+    csv = (trained_run / "predictions_test.csv").read_text().splitlines()[1:]
+    evaluated = {line.split(",")[0]: float(line.split(",")[2]) for line in csv}
+    for r in results:
+        assert r["p_pneumonia"] == pytest.approx(evaluated[Path(r["file"]).name], abs=1e-5)
+    table = format_results(results).splitlines()
+    assert table[0].split() == ["file", "label", "p(pneumonia)"] and len(table) == 11
+
+
+def test_predict_cli_prints_table_and_plots(trained_run, tmp_path):
+    image = sorted((SAMPLE / "test" / "NORMAL").glob("*.jpeg"))[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "xray.predict", f"ckpt={trained_run}/checkpoints/best.ckpt",
+         f"image={image}", "plot=true", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith(str(image))]
+    assert len(row) == 1 and row[0].split()[1] in ("NORMAL", "PNEUMONIA")
+    assert 0.0 <= float(row[0].split()[2]) <= 1.0
+    assert (tmp_path / f"{image.stem}.png").stat().st_size > 0
+
+
+def test_resume_after_kill_continues_from_saved_epoch(sample_data, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = TINY + [f"data.dir={sample_data}", "epochs=3"]
+    proc = subprocess.Popen([sys.executable, "-m", "xray.train", *overrides,
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # like a node failure: no chance to clean up
+    proc.wait()
+    assert last.exists(), "the first epoch never finished"
+    saved_epoch = int(ms.load_checkpoint(str(last))["epoch"].asnumpy())
+    assert 1 <= saved_epoch < 3  # killed mid-run, so there is something to resume
+
+    cfg = make_cfg("config", overrides + ["train.resume=true"])
+    result = train(cfg, run_dir)
+    assert result["status"] == "ok" and result["epochs_completed"] == 3
+    history = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    steps = [e.step for e in events(run_dir).Scalars("train/loss")]
+    assert sorted(set(steps)) == list(range(3 * 4))  # the TensorBoard step continues
+
+
+def test_resume_restores_weights_and_optimizer_state(trained_run):
+    from xray.model import build_model
+    cfg = make_cfg("config", TINY)
+    net = build_model(cfg.model, 72)
+    opt = build_optimizer(net, cfg, lr_schedule(cfg.lr, cfg.optim, 2, 4))
+    meta = load_resume_state(trained_run / "checkpoints" / "last.ckpt", opt)
+    saved = ms.load_checkpoint(str(trained_run / "checkpoints" / "last.ckpt"))
+    assert meta["epoch"] == 2
+    assert int(opt.global_step.asnumpy()) == 2 * 4
+    for p in list(opt.moments)[:3] + net.trainable_params()[:3]:
+        assert np.array_equal(p.asnumpy(), saved[p.name].asnumpy()), p.name
+
+
+def test_nan_loss_stops_cleanly_as_diverged(sample_data, tmp_path):
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "lr=1e12", "momentum=0.99",
+                                     "optim.warmup_epochs=0", "epochs=3"])
+    result = train(cfg, tmp_path)
+    assert result["status"] == "diverged"
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+    hp = plugin_data_pb2.HParamsPluginData.FromString(
+        events(tmp_path).PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert hp.session_start_info.hparams["status"].string_value == "diverged"
+
+
+def test_lr_schedules():
+    cfg = make_cfg("config", ["optim.warmup_epochs=1"])
+    lr = lr_schedule(0.1, cfg.optim, epochs=4, steps_per_epoch=10)
+    assert len(lr) == 40 and lr[0] == pytest.approx(0.01) and max(lr) <= 0.1 + 1e-7
+    assert lr[-1] < 0.01  # cosine decays to ~0
+    step = lr_schedule(0.1, make_cfg("config", ["optim.schedule=step", "optim.step_epochs=2",
+                                                "optim.warmup_epochs=0"]).optim, 4, 10)
+    assert step[0] == pytest.approx(0.1) and step[25] == pytest.approx(0.01)

@@ -1,0 +1,270 @@
+"""Kaggle chest_xray folders -> {train,val,test}.mindrecord + manifest.json.
+
+    python -m xray.convert data.root=/data/chest_xray [data.dir=...] [overwrite=true]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from xray.errors import XrayError, one_line_errors
+from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name
+from xray.preprocess import encode_png, load_image
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+LAYOUT = "<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg (Kaggle chest-xray-pneumonia)"
+SCHEMA = {
+    "file_name": {"type": "string"},
+    "label": {"type": "int32"},
+    "subtype": {"type": "string"},
+    "patient_id": {"type": "string"},
+    "image": {"type": "bytes"},
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    source_split: str  # the folder it came from
+    label: int
+    subtype: str
+    patient_id: str
+
+
+def scan(root: Path) -> dict[str, list[Item]]:
+    """List the class folders of each split present under root (train is required)."""
+    if not root.is_dir():
+        raise XrayError(f"data.root={root} does not exist; expected {LAYOUT}")
+    if not (root / "train").is_dir() and (root / "chest_xray" / "train").is_dir():
+        raise XrayError(f"data.root={root} holds chest_xray/; use data.root={root / 'chest_xray'}")
+    found: dict[str, list[Item]] = {}
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        items = []
+        for cls in CLASSES:
+            folder = root / split / cls
+            if not folder.is_dir():
+                raise XrayError(f"{folder} is missing; expected {LAYOUT}")
+            for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                subtype, patient = parse_file_name(path.name, cls)
+                items.append(Item(path, split, LABEL_TO_INDEX[cls], subtype, patient))
+        found[split] = items
+    if "train" not in found:
+        raise XrayError(f"{root / 'train'} is missing; expected {LAYOUT}")
+    return found
+
+
+def split_by_patient(items: list[Item], fraction: float, seed: int) -> set[str]:
+    """Pick validation patients: per class, whole patients in seeded random order until
+    `fraction` of that class's images is reached (stratified, no patient in two splits)."""
+    val: set[str] = set()
+    rng = random.Random(seed)
+    for label in sorted({it.label for it in items}):
+        counts = Counter(it.patient_id for it in items if it.label == label)
+        patients = sorted(counts)
+        rng.shuffle(patients)
+        target, taken = fraction * sum(counts.values()), 0
+        for patient in patients:
+            if taken >= target:
+                break
+            val.add(patient)
+            taken += counts[patient]
+    return val
+
+
+def assign_splits(found: dict[str, list[Item]], val_source: str, val_fraction: float,
+                  seed: int) -> dict[str, list[Item]]:
+    """Final split -> items. `val_source=patients` carves val out of train+official val."""
+    if val_source == "official":
+        if "val" not in found:
+            raise XrayError("data.val_source=official but there is no val/ folder; "
+                            "use data.val_source=patients")
+        return {s: found[s] for s in SPLITS if s in found}
+    if val_source != "patients":
+        raise XrayError(f"data.val_source={val_source} is unknown; use patients or official")
+    if not 0.0 < val_fraction < 1.0:
+        raise XrayError(f"data.val_fraction={val_fraction} must be between 0 and 1")
+    pool = found["train"] + found.get("val", [])
+    val_patients = split_by_patient(pool, val_fraction, seed)
+    splits = {
+        "train": [it for it in pool if it.patient_id not in val_patients],
+        "val": [it for it in pool if it.patient_id in val_patients],
+    }
+    if "test" in found:
+        splits["test"] = found["test"]
+    return splits
+
+
+def _decode(job: tuple[int, str, int]) -> tuple[int, Optional[bytes], str, tuple[float, float, int]]:
+    """Worker: decode one file. Returns (index, png or None, error, (sum, sum_sq, n_pixels))."""
+    index, path, short_side = job
+    try:
+        image = load_image(path, short_side)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        return index, None, reason, (0.0, 0.0, 0)
+    x = image.astype(np.float64) / 255.0
+    return index, encode_png(image), "", (float(x.sum()), float((x * x).sum()), x.size)
+
+
+class Progress:
+    """Log 'what: done/total (pct), rate, eta' at most every `every_s` seconds."""
+
+    def __init__(self, what: str, total: int, every_s: float = 5.0) -> None:
+        self.what, self.total, self.every_s = what, total, every_s
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        log.info("%s: %d/%d (%.0f%%), %.1f/s, eta %.0f s", self.what, done, self.total,
+                 100.0 * done / max(self.total, 1), rate, eta)
+
+
+def _split_summary(items: list[Item]) -> dict:
+    return {
+        "images": len(items),
+        "patients": len({it.patient_id for it in items}),
+        "classes": {c: sum(it.label == i for it in items) for i, c in enumerate(CLASSES)},
+        "subtypes": dict(sorted(Counter(it.subtype for it in items).items())),
+        "file": None,
+    }
+
+
+def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = "patients",
+            val_fraction: float = 0.1, seed: int = 42, workers: int = 0, strict: bool = False,
+            overwrite: bool = False) -> dict:
+    """Convert the Kaggle layout under `root` into `out_dir`; returns the manifest."""
+    from mindspore.mindrecord import FileWriter  # heavy import, only where needed
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise XrayError(f"data.dir={out_dir} already exists; pass overwrite=true to replace it")
+    if short_side < 32:
+        raise XrayError(f"data.short_side={short_side} is too small (>= 32)")
+    splits = assign_splits(scan(Path(root)), val_source, val_fraction, seed)
+    jobs = [(it, split) for split, items in splits.items() for it in items]
+    log.info("convert: %d files (%s) from %s", len(jobs),
+             ", ".join(f"{s} {len(v)}" for s, v in splits.items()), root)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writers = {}
+        for split in splits:
+            writers[split] = FileWriter(str(tmp / f"{split}.mindrecord"), shard_num=1, overwrite=True)
+            writers[split].add_schema(SCHEMA, "chest_xray")
+        kept: dict[str, list[Item]] = {s: [] for s in splits}
+        skipped: list[dict] = []
+        stats = np.zeros(3)  # train pixel sum, sum of squares, count
+        pending: dict[str, list[dict]] = {s: [] for s in splits}
+        workers = workers or len(os.sched_getaffinity(0))
+        progress = Progress("convert", len(jobs))
+        # spawn: workers only need Pillow, and must not inherit MindSpore's threads
+        with mp.get_context("spawn").Pool(workers) as pool:
+            tasks = [(i, str(it.path), short_side) for i, (it, _) in enumerate(jobs)]
+            for done, (i, png, error, pixel_stats) in enumerate(
+                    pool.imap(_decode, tasks, chunksize=8), start=1):
+                item, split = jobs[i]
+                if png is None:
+                    if strict:
+                        raise XrayError(f"{item.path}: {error} (strict=true; remove the file "
+                                        "or run without strict to skip it)")
+                    log.warning("skip %s: %s", item.path, error)
+                    skipped.append({"file": str(item.path), "reason": error})
+                else:
+                    kept[split].append(item)
+                    pending[split].append({
+                        "file_name": item.path.name, "label": item.label,
+                        "subtype": item.subtype, "patient_id": item.patient_id, "image": png,
+                    })
+                    if split == "train":
+                        stats += pixel_stats
+                    if len(pending[split]) >= 256:
+                        writers[split].write_raw_data(pending[split])
+                        pending[split] = []
+                progress.update(done)
+        for split, writer in writers.items():
+            if pending[split]:
+                writer.write_raw_data(pending[split])
+            writer.commit()
+        if not kept["train"]:
+            raise XrayError(f"no readable training image under {root}/train")
+        mean = stats[0] / stats[2]
+        std = float(np.sqrt(max(stats[1] / stats[2] - mean * mean, 1e-12)))
+        summary = {}
+        for split, items in kept.items():
+            summary[split] = _split_summary(items)
+            summary[split]["file"] = f"{split}.mindrecord" if items else None
+        manifest = {
+            "format": 1,
+            "source": str(Path(root).resolve()),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "classes": list(CLASSES),
+            "short_side": short_side,
+            "val_source": val_source,
+            "val_fraction": val_fraction if val_source == "patients" else None,
+            "seed": seed,
+            "mean": float(mean),
+            "std": std,
+            "splits": summary,
+            "skipped": skipped,
+            "wall_time_s": round(time.perf_counter() - start, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("convert: wrote %s (%s; %d skipped) in %.1f s", out_dir,
+             ", ".join(f"{s} {v['images']}" for s, v in summary.items()), len(skipped),
+             manifest["wall_time_s"])
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move a finished folder into place; an existing one is removed only afterwards."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="convert")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    if cfg.data.root is None:
+        raise XrayError("data.root is not set; point it at the Kaggle chest_xray folder, "
+                        "e.g. data.root=/data/chest_xray")
+    convert(Path(cfg.data.root), Path(cfg.data.dir), short_side=cfg.data.short_side,
+            val_source=cfg.data.val_source, val_fraction=cfg.data.val_fraction,
+            seed=cfg.data.seed, workers=cfg.workers, strict=cfg.strict,
+            overwrite=cfg.overwrite)
+
+
+if __name__ == "__main__":
+    main()

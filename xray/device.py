@@ -1,0 +1,23 @@
+"""Device and execution mode, from config (device_target, mode)."""
+from __future__ import annotations
+
+import mindspore as ms
+
+from xray.errors import XrayError
+
+DEVICES = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
+MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+
+
+def setup_device(device_target: str, mode: str = "graph") -> None:
+    """Select the device and execution mode; a missing accelerator fails at once."""
+    target = DEVICES.get(str(device_target).lower())
+    if target is None:
+        raise XrayError(f"device_target={device_target} is unknown; use CPU, GPU or Ascend")
+    if mode not in MODES:
+        raise XrayError(f"mode={mode} is unknown; use graph or pynative")
+    if target != "CPU" and not ms.hal.is_available(target):
+        raise XrayError(f"device_target={target} but MindSpore cannot see a {target} on this node "
+                        f"(check the job's GPU request and CUDA setup, or use device_target=CPU)")
+    ms.set_device(target)
+    ms.set_context(mode=MODES[mode])

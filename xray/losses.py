@@ -1,0 +1,60 @@
+"""Losses on the two logits. Targets are always integer class ids from xray.labels."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from xray.errors import XrayError
+
+
+class SoftmaxCrossEntropy(nn.Cell):
+    """-log softmax(logits)[y], optionally class-weighted (weighted mean over the batch)."""
+
+    def __init__(self, class_weights: Optional[Sequence[float]] = None) -> None:
+        super().__init__()
+        weight = ms.Tensor(class_weights, ms.float32) if class_weights is not None else None
+        self.ce = nn.CrossEntropyLoss(weight=weight)
+
+    def construct(self, logits, labels):
+        return self.ce(logits, labels)
+
+
+class SoftmaxMSE(nn.Cell):
+    """sum_c (softmax(logits)_c - onehot(y)_c)^2, averaged over the batch (weighted mean if
+    class-weighted). Bounded in [0, 2]; its gradient vanishes when the softmax saturates,
+    which is why it learns more slowly than cross-entropy."""
+
+    def __init__(self, num_classes: int, class_weights: Optional[Sequence[float]] = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        weights = class_weights if class_weights is not None else [1.0] * num_classes
+        self.weights = ms.Tensor(weights, ms.float32)
+
+    def construct(self, logits, labels):
+        probs = ops.softmax(logits, axis=1)
+        target = ops.one_hot(labels, self.num_classes, ms.Tensor(1.0, ms.float32),
+                             ms.Tensor(0.0, ms.float32))
+        per_sample = ((probs - target) ** 2).sum(axis=1)
+        w = ops.gather(self.weights, labels, 0)
+        return (per_sample * w).sum() / w.sum()
+
+
+def class_weights(class_counts: Sequence[int]) -> list[float]:
+    """n / (C * n_c): each class contributes equally to the loss."""
+    total, k = float(sum(class_counts)), len(class_counts)
+    if min(class_counts) == 0:
+        raise XrayError(f"class counts {list(class_counts)} contain an empty class; "
+                        "set loss.class_weighted=false")
+    return [total / (k * c) for c in class_counts]
+
+
+def build_loss(cfg, num_classes: int, class_counts: Sequence[int]) -> nn.Cell:
+    """The loss from its config group (cfg.loss) and the train split's class counts."""
+    weights = class_weights(class_counts) if cfg.class_weighted else None
+    if cfg.name == "softmax_ce":
+        return SoftmaxCrossEntropy(weights)
+    if cfg.name == "mse":
+        return SoftmaxMSE(num_classes, weights)
+    raise XrayError(f"loss={cfg.name} is unknown; use softmax_ce or mse")

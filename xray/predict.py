@@ -1,0 +1,96 @@
+"""Predict single images (or every image in a folder) with a trained checkpoint.
+
+    python -m xray.predict ckpt=<run>/checkpoints/best.ckpt image=some.jpeg [plot=true]
+
+Prints `file  label  p(pneumonia)`; plot=true saves <image name>.png (the X-ray titled with
+its prediction) into the run's output folder.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from xray.checkpoint import TrainedModel, load_trained_model
+from xray.device import setup_device
+from xray.errors import XrayError, one_line_errors
+from xray.labels import CLASSES
+from xray.plots import prediction_figure, save_figure
+from xray.preprocess import load_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+def list_images(path: Path) -> list[Path]:
+    """A file, or the image files directly inside a folder (sorted)."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise XrayError(f"image={path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files
+    raise XrayError(f"image={path} does not exist; pass an image file or a folder of images")
+
+
+def predict_images(model: TrainedModel, paths: list[Path], threshold: float = 0.5,
+                   plot_dir: Optional[Path] = None, batch_size: int = 32) -> list[dict]:
+    """[{file, label, p_pneumonia}] per readable image; unreadable ones get label 'error'."""
+    results = []
+    for start in range(0, len(paths), batch_size):
+        images, tensors, ok = [], [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                image = load_image(path, model.spec.short_side)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other images
+                results.append({"file": str(path), "label": "error", "p_pneumonia": None,
+                                "error": f"{type(e).__name__}: {e}".splitlines()[0]})
+                continue
+            images.append(image)
+            tensors.append(to_tensor(image, model.spec))
+            ok.append(path)
+        if not tensors:
+            continue
+        probs = model.probabilities(np.stack(tensors))
+        for path, image, p in zip(ok, images, probs):
+            label = CLASSES[int(p >= threshold)]
+            results.append({"file": str(path), "label": label, "p_pneumonia": float(p)})
+            if plot_dir is not None:
+                title = f"{path.name}\n{label}  p(pneumonia) = {p:.3f}"
+                save_figure(prediction_figure(image, title), plot_dir / f"{path.stem}.png")
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    width = max([len("file")] + [len(r["file"]) for r in results])
+    lines = [f"{'file':<{width}}  {'label':<9}  p(pneumonia)"]
+    for r in results:
+        p = "-" if r["p_pneumonia"] is None else f"{r['p_pneumonia']:.4f}"
+        extra = f"  ({r['error']})" if "error" in r else ""
+        lines.append(f"{r['file']:<{width}}  {r['label']:<9}  {p}{extra}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    if cfg.ckpt is None or cfg.image is None:
+        raise XrayError("set both ckpt=<run>/checkpoints/best.ckpt and image=<file or folder>")
+    setup_device(cfg.device_target, cfg.mode)
+    model = load_trained_model(Path(cfg.ckpt))
+    plot_dir = Path(HydraConfig.get().runtime.output_dir) if cfg.plot else None
+    results = predict_images(model, list_images(Path(cfg.image)), cfg.threshold, plot_dir)
+    print(format_results(results))
+    if plot_dir is not None:
+        log.info("plots: %s", plot_dir)
+
+
+if __name__ == "__main__":
+    main()

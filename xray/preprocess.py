@@ -1,0 +1,109 @@
+"""The one preprocessing path, shared by convert, train, evaluate and predict.
+
+An image goes through two steps:
+1. `load_image`: any file Pillow reads -> upright 8-bit grayscale, shorter side = short_side.
+   Convert stores this array (lossless PNG) in MindRecord; predict applies it to a raw file.
+2. `to_tensor`: that array (possibly augmented during training) -> the model input, a
+   normalized float32 CHW tensor. Evaluate's pipeline and predict call the same function.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+MIN_IMAGE_SIZE = 67  # AlexNet's three 3/2 max-pools need at least a 1x1 map at the end
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything that defines the model input; saved with every training run."""
+
+    short_side: int  # shorter side of the stored image (set at conversion)
+    image_size: int  # square model input
+    mean: float  # train-split pixel mean, pixels in [0, 1]
+    std: float  # train-split pixel std
+    channels: int = 1  # 1 = grayscale; 3 = grayscale repeated (for RGB-shaped models)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _to_grayscale(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit 'L' (16-bit is scaled, not clipped)."""
+    if im.mode == "L":
+        return im
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (e.g. PNG): full range 0..65535 -> 0..255
+        arr = np.asarray(im, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.rint(arr).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # flatten transparency onto black, the background of an X-ray
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, rgba)
+    if im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")  # CMYK, YCbCr, P, 1, ...
+    return im.convert("L")
+
+
+def load_image(source: Union[str, Path, bytes], short_side: int) -> np.ndarray:
+    """Decode an image file (path or bytes) into an upright uint8 HxW array whose shorter
+    side is `short_side`. Raises OSError/ValueError for anything that is not a valid image."""
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(fp) as im:
+        if im.format == "JPEG":
+            # decode at a reduced scale (1/2, 1/4, 1/8) that is still >= short_side
+            im.draft("L", (short_side, short_side))
+        im.load()  # raises on truncated / corrupt data
+        im = ImageOps.exif_transpose(im)
+        im = _to_grayscale(im)
+        w, h = im.size
+        scale = short_side / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if size != im.size:
+            im = im.resize(size, Image.Resampling.LANCZOS)
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless storage of a uint8 HxW array (what MindRecord holds)."""
+    buf = io.BytesIO()
+    Image.fromarray(image, "L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: Union[bytes, np.ndarray]) -> np.ndarray:
+    """MindRecord image bytes -> uint8 HxWx1 array (HWC, as MindSpore vision ops expect)."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else data
+    with Image.open(io.BytesIO(raw)) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8)[:, :, None]
+
+
+def to_tensor(image: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """uint8 HxW or HxWx1 -> normalized float32 CxSxS, S = spec.image_size."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[:, :, 0]
+    if image.shape != (spec.image_size, spec.image_size):
+        # squash to a square: keeps the whole chest in view rather than cropping its sides
+        resized = Image.fromarray(image, "L").resize(
+            (spec.image_size, spec.image_size), Image.Resampling.BILINEAR
+        )
+        image = np.asarray(resized)
+    x = (image.astype(np.float32) / 255.0 - spec.mean) / spec.std
+    return np.repeat(x[None], spec.channels, axis=0).astype(np.float32)
+
+
+def preprocess_file(path: Union[str, Path], spec: Preprocess) -> np.ndarray:
+    """A raw image file -> model input, exactly as training and evaluation see it."""
+    return to_tensor(load_image(path, spec.short_side), spec)

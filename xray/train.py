@@ -1,0 +1,287 @@
+"""Train AlexNet on a converted data set; logs to TensorBoard, checkpoints best/last.
+
+    python -m xray.train lr=0.01 momentum=0.9 loss=softmax_ce [data=sample] [epochs=..]
+    python -m xray.train -m lr=1e-3,1e-2 loss=mse,softmax_ce momentum=0.9,0.99
+
+Everything lands in the Hydra run dir: config.yaml, history.jsonl, metrics.json,
+checkpoints/{last,best}.ckpt and the TensorBoard event file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import mindspore as ms
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from mindspore import nn, ops
+from omegaconf import DictConfig, OmegaConf
+from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams as hparams_summary
+
+from xray.data import make_dataset, preprocess_spec, read_manifest, split_file
+from xray.device import setup_device
+from xray.errors import XrayError, one_line_errors
+from xray.files import write_json, write_text
+from xray.labels import CLASSES, POSITIVE
+from xray.losses import build_loss
+from xray.metrics import binary_metrics, confusion
+from xray.model import build_model
+from xray.plots import confusion_figure
+
+log = logging.getLogger(__name__)
+
+def lr_schedule(base_lr: float, optim: DictConfig, epochs: int, steps_per_epoch: int) -> np.ndarray:
+    """Learning rate of every step: warm-up from base_lr/10, then constant, step or cosine."""
+    total = epochs * steps_per_epoch
+    step = np.arange(total, dtype=np.float64)
+    epoch = step / steps_per_epoch
+    if optim.schedule == "constant":
+        lr = np.full(total, base_lr)
+    elif optim.schedule == "step":
+        lr = base_lr * optim.gamma ** np.floor(epoch / optim.step_epochs)
+    elif optim.schedule == "cosine":
+        lr = 0.5 * base_lr * (1 + np.cos(np.pi * step / max(total, 1)))
+    else:
+        raise XrayError(f"optim.schedule={optim.schedule} is unknown; use constant, step or cosine")
+    warmup = optim.warmup_epochs * steps_per_epoch
+    if warmup > 0:
+        lr = np.where(step < warmup, base_lr * (0.1 + 0.9 * step / warmup), lr)
+    return lr.astype(np.float32)
+
+
+def build_optimizer(net: nn.Cell, cfg: DictConfig, lr: np.ndarray) -> nn.Momentum:
+    """nn.Momentum with weight decay on weights only (biases are not decayed)."""
+    params = net.trainable_params()
+    weights = [p for p in params if p.name.endswith("weight")]
+    others = [p for p in params if not p.name.endswith("weight")]
+    groups = [{"params": weights, "weight_decay": cfg.optim.weight_decay},
+              {"params": others, "weight_decay": 0.0},
+              {"order_params": params}]
+    return nn.Momentum(groups, learning_rate=ms.Tensor(lr), momentum=cfg.momentum,
+                       use_nesterov=cfg.optim.nesterov)
+
+
+def predict_split(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels, p(pneumonia), mean loss) over a whole eval dataset."""
+    net.set_train(False)
+    labels, probs, loss_sum = [], [], 0.0
+    for x, y in dataset.create_tuple_iterator(num_epochs=1):
+        logits = net(x)
+        loss_sum += float(loss_fn(logits, y).asnumpy()) * len(y)
+        probs.append(ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy())
+        labels.append(y.asnumpy())
+    y, p = np.concatenate(labels), np.concatenate(probs)
+    return y, p, loss_sum / max(len(y), 1)
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    """The run's hyper-parameters for TensorBoard's HParams dashboard (same keys every run)."""
+    return {
+        "lr": float(cfg.lr), "momentum": float(cfg.momentum), "loss": str(cfg.loss.name),
+        "class_weighted": bool(cfg.loss.class_weighted), "batch_size": int(cfg.batch_size),
+        "epochs": int(cfg.epochs), "seed": int(cfg.seed), "schedule": str(cfg.optim.schedule),
+        "warmup_epochs": int(cfg.optim.warmup_epochs),
+        "weight_decay": float(cfg.optim.weight_decay), "image_size": int(cfg.data.image_size),
+        "lrn": bool(cfg.model.lrn), "dropout": float(cfg.model.dropout),
+        "augment": bool(cfg.data.augment.enabled), "data": str(cfg.data.name),
+    }
+
+
+def write_hparams(writer: SummaryWriter, cfg: DictConfig, result: dict, step: int) -> None:
+    """HParams into the run's own event file (tensorboardX's add_hparams would make a
+    time-stamped sub-run)."""
+    best = result.get("best_val") or {}
+    metrics = {
+        "hparam/best_val_auc": best.get("auc", float("nan")),
+        "hparam/best_val_accuracy": best.get("accuracy", float("nan")),
+        "hparam/final_train_loss": result.get("final_train_loss") or float("nan"),
+        "hparam/diverged": float(result["status"] == "diverged"),
+    }
+    exp, ssi, sei = hparams_summary({**hparams_of(cfg), "status": result["status"]}, metrics)
+    for summary in (exp, ssi, sei):
+        writer.file_writer.add_summary(summary)
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, step)
+
+
+def save_ckpt(obj: nn.Cell, path: Path, meta: dict) -> None:
+    """save_checkpoint to a temp name, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.stem}.tmp.ckpt")
+    ms.save_checkpoint(obj, str(tmp), append_dict=meta)
+    tmp.replace(path)
+
+
+def load_resume_state(path: Path, optimizer: nn.Cell) -> dict:
+    """Load weights + optimizer state from last.ckpt; returns its bookkeeping values."""
+    params = ms.load_checkpoint(str(path))
+    meta = {k: float(params.pop(k).asnumpy()) for k in ("epoch", "best_auc", "best_epoch")}
+    params.pop("learning_rate", None)  # the schedule comes from the config, not the file
+    ms.load_param_into_net(optimizer, params, strict_load=True)
+    return meta
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train per `cfg`, writing everything into `run_dir`; returns the metrics.json content."""
+    start_time = time.perf_counter()
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    setup_device(cfg.device_target, cfg.mode)
+    ms.set_seed(cfg.seed)
+    ms.dataset.config.set_seed(cfg.seed)
+
+    data_dir = Path(cfg.data.dir)
+    manifest = read_manifest(data_dir)
+    spec = preprocess_spec(manifest, cfg.data.image_size, cfg.model.in_channels)
+    train_counts = [manifest["splits"]["train"]["classes"][c] for c in CLASSES]
+    train_ds = make_dataset(split_file(data_dir, manifest, "train"), spec, cfg.batch_size,
+                            train=True, augment=cfg.data.augment, workers=cfg.data.workers)
+    val_ds = make_dataset(split_file(data_dir, manifest, "val"), spec, cfg.batch_size,
+                          train=False, workers=cfg.data.workers)
+    steps_per_epoch = train_ds.get_dataset_size()
+    if steps_per_epoch == 0:
+        raise XrayError(f"batch_size={cfg.batch_size} is larger than the train split "
+                        f"({sum(train_counts)} images); lower batch_size")
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(cfg.train.max_steps_per_epoch))
+
+    # the run's resolved config + preprocessing: all evaluate/predict need to rebuild the input
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["preprocess"] = spec.to_dict()
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+
+    net = build_model(cfg.model, cfg.data.image_size)
+    loss_fn = build_loss(cfg.loss, cfg.model.num_classes, train_counts)
+    lr = lr_schedule(cfg.lr, cfg.optim, cfg.epochs, steps_per_epoch)
+    optimizer = build_optimizer(net, cfg, lr)
+
+    def forward(x, y):
+        return loss_fn(net(x), y)
+
+    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+
+    def train_step(x, y):
+        loss, grads = grad_fn(x, y)
+        optimizer(grads)
+        return loss
+
+    if cfg.mode == "graph":
+        train_step = ms.jit(train_step)
+
+    first_epoch, best_auc, best_epoch = 0, -1.0, -1
+    last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    history_path = run_dir / "history.jsonl"
+    history = []
+    if cfg.train.resume and last_ckpt.exists():
+        meta = load_resume_state(last_ckpt, optimizer)
+        first_epoch, best_auc, best_epoch = int(meta["epoch"]), meta["best_auc"], int(meta["best_epoch"])
+        if history_path.exists():
+            history = [json.loads(line) for line in history_path.read_text().splitlines()]
+            history = [h for h in history if h["epoch"] <= first_epoch]
+        log.info("resume: %s at epoch %d (best val AUC %.4f at epoch %d)",
+                 last_ckpt, first_epoch, best_auc, best_epoch)
+    elif cfg.train.resume:
+        log.info("resume: no %s yet, starting from scratch", last_ckpt)
+    global_step = first_epoch * steps_per_epoch
+    # purge_step: on resume, TensorBoard drops events an interrupted run logged after the checkpoint
+    writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step if first_epoch else None,
+                           flush_secs=10)
+
+    log.info("train: %s, %d train / %d val images, %d steps/epoch, input %dx%d, loss=%s lr=%g "
+             "momentum=%g, device %s (%s mode)", data_dir, sum(train_counts),
+             manifest["splits"]["val"]["images"], steps_per_epoch, spec.image_size,
+             spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode)
+    status, train_time, train_images = "ok", 0.0, 0
+    for epoch in range(first_epoch + 1, cfg.epochs + 1):
+        net.set_train(True)
+        epoch_start, losses = time.perf_counter(), []
+        for step, (x, y) in enumerate(train_ds.create_tuple_iterator(num_epochs=1)):
+            if step >= steps_per_epoch:
+                break
+            loss = float(train_step(x, y).asnumpy())
+            if not math.isfinite(loss):
+                status = "diverged"
+                log.warning("epoch %d step %d: loss is %s, stopping (status: diverged)",
+                            epoch, step + 1, loss)
+                break
+            losses.append(loss)
+            writer.add_scalar("train/loss", loss, global_step)
+            writer.add_scalar("train/lr", float(lr[min(global_step, len(lr) - 1)]), global_step)
+            global_step += 1
+            if (step + 1) % cfg.train.log_every == 0:
+                log.info("epoch %d step %d/%d  loss %.4f", epoch, step + 1, steps_per_epoch, loss)
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        train_images += len(losses) * cfg.batch_size
+        if status == "diverged":
+            break
+
+        y, p, val_loss = predict_split(net, loss_fn, val_ds)
+        val = binary_metrics(y, p, 0.5)
+        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                 **{f"val_{k}": v for k, v in val.items()},
+                 "lr": float(lr[min(global_step, len(lr)) - 1]), "time_s": round(epoch_time, 2)}
+        history.append(entry)
+        write_text(history_path, "".join(json.dumps(h) + "\n" for h in history))
+        writer.add_scalar("train/epoch_loss", entry["train_loss"], global_step)
+        writer.add_scalar("val/loss", val_loss, global_step)
+        for k in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
+            writer.add_scalar(f"val/{k}", val[k], global_step)
+        cm = confusion(y, p, 0.5)
+        writer.add_figure("val/confusion_matrix", confusion_figure(cm, f"val, epoch {epoch}"),
+                          global_step)
+        writer.add_pr_curve("val/pr_curve", y, p, global_step)
+
+        improved = not math.isnan(val["auc"]) and val["auc"] > best_auc
+        if improved:
+            best_auc, best_epoch = val["auc"], epoch
+            save_ckpt(net, best_ckpt, {"epoch": epoch, "val_auc": best_auc})
+        save_ckpt(optimizer, last_ckpt, {"epoch": epoch, "best_auc": best_auc,
+                                         "best_epoch": best_epoch})
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  "
+                 "sens %.3f  spec %.3f  lr %.2e  %.1f img/s  %.1f s%s", epoch, cfg.epochs,
+                 entry["train_loss"], val_loss, val["auc"], val["accuracy"],
+                 val["sensitivity"], val["specificity"], entry["lr"],
+                 len(losses) * cfg.batch_size / epoch_time, epoch_time,
+                 "  *best*" if improved else "")
+
+    best_val = next((
+        {k[4:]: v for k, v in h.items() if k.startswith("val_")}
+        for h in history if h["epoch"] == best_epoch), None)
+    result = {
+        "status": status,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch if best_epoch > 0 else None,
+        "best_val": best_val,
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "wall_time_s": round(time.perf_counter() - start_time, 2),
+        "train_images_per_s": round(train_images / train_time, 2) if train_time else None,
+        "best_checkpoint": str(best_ckpt) if best_ckpt.exists() else None,
+        "hparams": hparams_of(cfg),
+    }
+    write_hparams(writer, cfg, result, global_step)
+    writer.close()
+    write_json(run_dir / "metrics.json", result)
+    log.info("done: status %s, best val AUC %s at epoch %s, %.0f s -> %s", status,
+             f"{best_auc:.4f}" if best_epoch > 0 else "n/a", result["best_epoch"],
+             result["wall_time_s"], run_dir)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@one_line_errors
+def main(cfg: DictConfig) -> Optional[float]:
+    result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    best = result["best_val"] or {}
+    return best.get("auc")  # for Hydra sweepers that optimize the return value
+
+
+if __name__ == "__main__":
+    main()
