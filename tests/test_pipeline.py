@@ -153,7 +153,7 @@ def test_resume_restores_weights_and_optimizer_state(trained_run):
 
 
 def test_nan_loss_stops_cleanly_as_diverged(sample_data, tmp_path):
-    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "lr=1e12", "momentum=0.99",
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "lr=1e30", "momentum=0.99",
                                      "optim.warmup_epochs=0", "epochs=3"])
     result = train(cfg, tmp_path)
     assert result["status"] == "diverged"

@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xray.errors import XrayError, one_line_errors
+from xray.files import replace_dir
 from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name
 from xray.preprocess import encode_png, load_image
 
@@ -235,7 +236,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
             "wall_time_s": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -243,15 +244,6 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
              ", ".join(f"{s} {v['images']}" for s, v in summary.items()), len(skipped),
              manifest["wall_time_s"])
     return manifest
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move a finished folder into place; an existing one is removed only afterwards."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="convert")

@@ -11,7 +11,8 @@ class XrayError(Exception):
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Hydra task: an XrayError becomes one line on stderr and exit code 2."""
+    """Wrap a Hydra task: an XrayError becomes one line on stderr and exit code 2. In a
+    multirun it is raised instead, so Hydra marks that member failed and runs the others."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -19,6 +20,15 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except XrayError as e:
             print(f"error: {e}", file=sys.stderr)
+            if _in_multirun():
+                raise
             sys.exit(2)
 
     return wrapper
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

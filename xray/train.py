@@ -127,9 +127,22 @@ def load_resume_state(path: Path, optimizer: nn.Cell) -> dict:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train per `cfg`, writing everything into `run_dir`; returns the metrics.json content."""
-    start_time = time.perf_counter()
+    """Train per `cfg`, writing everything into `run_dir`; returns the metrics.json content.
+    A run that raises still leaves metrics.json and HParams saying `failed`, then re-raises."""
     run_dir = Path(run_dir)
+    try:
+        return _train(cfg, run_dir)
+    except Exception as e:
+        result = {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0],
+                  "epochs": cfg.epochs, "hparams": hparams_of(cfg)}
+        with SummaryWriter(logdir=str(run_dir)) as writer:
+            write_hparams(writer, cfg, result, 0)
+        write_json(run_dir / "metrics.json", result)
+        raise
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    start_time = time.perf_counter()
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     setup_device(cfg.device_target, cfg.mode)
@@ -198,45 +211,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              manifest["splits"]["val"]["images"], steps_per_epoch, spec.image_size,
              spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode)
     status, train_time, train_images = "ok", 0.0, 0
+
     for epoch in range(first_epoch + 1, cfg.epochs + 1):
-        net.set_train(True)
-        epoch_start, losses = time.perf_counter(), []
-        for step, (x, y) in enumerate(train_ds.create_tuple_iterator(num_epochs=1)):
-            if step >= steps_per_epoch:
-                break
-            loss = float(train_step(x, y).asnumpy())
-            if not math.isfinite(loss):
-                status = "diverged"
-                log.warning("epoch %d step %d: loss is %s, stopping (status: diverged)",
-                            epoch, step + 1, loss)
-                break
-            losses.append(loss)
-            writer.add_scalar("train/loss", loss, global_step)
-            writer.add_scalar("train/lr", float(lr[min(global_step, len(lr) - 1)]), global_step)
-            global_step += 1
-            if (step + 1) % cfg.train.log_every == 0:
-                log.info("epoch %d step %d/%d  loss %.4f", epoch, step + 1, steps_per_epoch, loss)
+        epoch_start = time.perf_counter()
+        losses, global_step = train_epoch(train_step, net, train_ds, steps_per_epoch, lr,
+                                          writer, global_step, epoch, cfg.train.log_every)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
         train_images += len(losses) * cfg.batch_size
-        if status == "diverged":
+        if not all(map(math.isfinite, losses)):
+            status = "diverged"
+            log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, losses[-1])
             break
 
         y, p, val_loss = predict_split(net, loss_fn, val_ds)
-        val = binary_metrics(y, p, 0.5)
+        val = log_validation(writer, y, p, val_loss, global_step, epoch)
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                  **{f"val_{k}": v for k, v in val.items()},
                  "lr": float(lr[min(global_step, len(lr)) - 1]), "time_s": round(epoch_time, 2)}
         history.append(entry)
         write_text(history_path, "".join(json.dumps(h) + "\n" for h in history))
         writer.add_scalar("train/epoch_loss", entry["train_loss"], global_step)
-        writer.add_scalar("val/loss", val_loss, global_step)
-        for k in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
-            writer.add_scalar(f"val/{k}", val[k], global_step)
-        cm = confusion(y, p, 0.5)
-        writer.add_figure("val/confusion_matrix", confusion_figure(cm, f"val, epoch {epoch}"),
-                          global_step)
-        writer.add_pr_curve("val/pr_curve", y, p, global_step)
 
         improved = not math.isnan(val["auc"]) and val["auc"] > best_auc
         if improved:
@@ -251,9 +246,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  len(losses) * cfg.batch_size / epoch_time, epoch_time,
                  "  *best*" if improved else "")
 
-    best_val = next((
-        {k[4:]: v for k, v in h.items() if k.startswith("val_")}
-        for h in history if h["epoch"] == best_epoch), None)
+    best_val = next(({k[4:]: v for k, v in h.items() if k.startswith("val_")}
+                     for h in history if h["epoch"] == best_epoch), None)
     result = {
         "status": status,
         "epochs_completed": history[-1]["epoch"] if history else 0,
@@ -273,6 +267,40 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              f"{best_auc:.4f}" if best_epoch > 0 else "n/a", result["best_epoch"],
              result["wall_time_s"], run_dir)
     return result
+
+
+def train_epoch(train_step, net: nn.Cell, dataset, steps: int, lr: np.ndarray,
+                writer: SummaryWriter, global_step: int, epoch: int, log_every: int
+                ) -> tuple[list[float], int]:
+    """One pass over the training set; stops at the first non-finite loss (returned last)."""
+    net.set_train(True)
+    losses: list[float] = []
+    for step, (x, y) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
+        if step >= steps:
+            break
+        loss = float(train_step(x, y).asnumpy())
+        losses.append(loss)
+        if not math.isfinite(loss):
+            break
+        writer.add_scalar("train/loss", loss, global_step)
+        writer.add_scalar("train/lr", float(lr[min(global_step, len(lr) - 1)]), global_step)
+        global_step += 1
+        if (step + 1) % log_every == 0:
+            log.info("epoch %d step %d/%d  loss %.4f", epoch, step + 1, steps, loss)
+    return losses, global_step
+
+
+def log_validation(writer: SummaryWriter, y: np.ndarray, p: np.ndarray, val_loss: float,
+                   step: int, epoch: int) -> dict:
+    """Validation metrics at threshold 0.5, written to TensorBoard; returns them."""
+    val = binary_metrics(y, p, 0.5)
+    writer.add_scalar("val/loss", val_loss, step)
+    for k in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
+        writer.add_scalar(f"val/{k}", val[k], step)
+    writer.add_figure("val/confusion_matrix",
+                      confusion_figure(confusion(y, p, 0.5), f"val, epoch {epoch}"), step)
+    writer.add_pr_curve("val/pr_curve", y, p, step)
+    return val
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,0 +1,128 @@
+"""Sweeps: the smoke sweep through Hydra's multirun (basic launcher), HParams with the same
+keys for every member (diverged and failed ones too), the report's ranking, best-model export."""
+import json
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import SAMPLE
+from xray.checkpoint import load_trained_model
+from xray.evaluate import evaluate
+from xray.predict import predict_images
+from xray.preprocess import preprocess_file
+from xray.report import collect, report
+
+
+def hparams_of_run(run_dir) -> dict:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(sample_data, tmp_path_factory):
+    """+sweep=smoke with an lr that overflows to NaN and an image size AlexNet cannot take:
+    2 losses x 2 lrs x 2 sizes = 8 members: 2 ok, 2 diverged, 4 failed."""
+    root = tmp_path_factory.mktemp("sweep")
+    sweep_dir = root / "multirun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "xray.train", "-m", "+sweep=smoke", f"data.dir={sample_data}",
+         "lr=0.01,1e30", "momentum=0.99", "optim.warmup_epochs=0", "data.image_size=72,60",
+         "train.max_steps_per_epoch=2", f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True, text=True, cwd=root, timeout=900)
+    return root, sweep_dir, proc
+
+
+def test_smoke_sweep_runs_every_member_even_after_failures(smoke_sweep):
+    _, sweep_dir, proc = smoke_sweep
+    members = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(members) == 8, proc.stderr[-3000:]
+    assert "0_data.image_size=72,loss=mse,lr=0.01,momentum=0.99,optim.warmup_epochs=0," \
+           "train.max_steps_per_epoch=2" in members
+    assert proc.returncode != 0  # Hydra reports the failed members at the end
+    assert "data.image_size=60 is too small" in proc.stderr
+    for m in members:
+        metrics = json.loads((sweep_dir / m / "metrics.json").read_text())
+        hp = metrics["hparams"]
+        expected = ("failed" if hp["image_size"] == 60 else "diverged" if hp["lr"] > 1 else "ok")
+        assert metrics["status"] == expected, (m, metrics)
+    assert len([m for m in members if "lr=1e+30" in m]) == 4  # readable member names
+
+
+def test_every_member_has_the_same_hparams_keys(smoke_sweep):
+    _, sweep_dir, _ = smoke_sweep
+    runs = [p for p in sweep_dir.iterdir() if p.is_dir()]
+    keys = [set(hparams_of_run(r)) for r in runs]
+    assert all(k == keys[0] for k in keys)
+    assert {"lr", "momentum", "loss", "batch_size", "epochs", "seed", "schedule", "status"} <= keys[0]
+    statuses = sorted(hparams_of_run(r)["status"] for r in runs)
+    assert statuses == ["diverged"] * 2 + ["failed"] * 4 + ["ok"] * 2
+
+
+def test_report_ranks_and_exports_the_best(smoke_sweep, capsys):
+    root, sweep_dir, _ = smoke_sweep
+    best_root = root / "best"
+    members = report(sweep_dir, best_root)
+    ok = [m for m in members if m.status == "ok"]
+    assert [m.status for m in members[:2]] == ["ok", "ok"]  # finished members first
+    assert ok[0].best_val_auc >= ok[1].best_val_auc
+    assert {m.status for m in members[2:]} == {"diverged", "failed"}
+    printed = capsys.readouterr().out
+    assert "2 ok, 2 diverged, 4 failed" in printed
+    for name in ("report.csv", "report.md", "heatmap_auc.png", "loss_curves.png"):
+        assert (sweep_dir / name).stat().st_size > 0
+    csv = (sweep_dir / "report.csv").read_text().splitlines()
+    assert csv[0].startswith("rank,member,status") and len(csv) == 9
+    best = best_root / "smoke"
+    assert {p.name for p in best.iterdir()} == {"best.ckpt", "config.yaml", "manifest.json",
+                                                "metrics.json", "model.mindir"}
+    assert json.loads((best / "metrics.json").read_text())["source"] == str(ok[0].path)
+
+    # a worse candidate does not replace it; --force does
+    before = (best / "metrics.json").read_text()
+    members[0].metrics["best_val"]["auc"] = -1.0
+    from xray.report import export_best
+    assert export_best([members[1]], best_root) is None
+    assert (best / "metrics.json").read_text() == before
+    assert export_best([members[1]], best_root, force=True) == best
+    assert json.loads((best / "metrics.json").read_text())["source"] == str(members[1].path)
+
+
+def test_best_folder_works_with_evaluate_predict_and_mindir(smoke_sweep):
+    root, sweep_dir, _ = smoke_sweep
+    best = root / "best" / "smoke"
+    if not best.exists():
+        report(sweep_dir, root / "best")
+    result = evaluate(best, "test", bootstrap=50, workers=1)
+    assert (best / "eval_test.json").exists() and result["images"] == 20
+    model = load_trained_model(best)
+    images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:4]
+    from_ckpt = predict_images(model, images)
+    graph = ms.nn.GraphCell(ms.load(str(best / "model.mindir")))
+    for image, r in zip(images, from_ckpt):
+        x = preprocess_file(image, model.spec)[None]
+        logits = graph(ms.Tensor(x)).asnumpy()
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        assert p[0, 1] == pytest.approx(r["p_pneumonia"], abs=1e-5)
+        assert ("PNEUMONIA" if p[0, 1] >= 0.5 else "NORMAL") == r["label"]
+
+
+def test_report_on_an_unfinished_sweep(smoke_sweep, tmp_path):
+    import shutil
+    _, sweep_dir, _ = smoke_sweep
+    partial = tmp_path / "partial"
+    shutil.copytree(sweep_dir, partial, ignore=shutil.ignore_patterns("*.ckpt"))
+    member = next(p for p in partial.iterdir() if p.is_dir() and "image_size=72" in p.name
+                  and "lr=0.01" in p.name)
+    (member / "metrics.json").unlink()  # still running
+    members = collect(partial)
+    assert [m.status for m in members].count("unfinished") == 1
+    report(partial, best_root=None)
+    assert "unfinished" in (partial / "report.md").read_text()

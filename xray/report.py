@@ -1,0 +1,290 @@
+"""Rank the members of a sweep, plot them, and pull the best checkpoint out of outputs/.
+
+    python -m xray.report outputs/multirun/<sweep>            # table + report.{csv,md} + PNGs
+    python -m xray.report outputs/multirun/<sweep> --force    # replace outputs/best/<name> even if not better
+
+Works on a sweep that is still running or partly failed: members without metrics.json are
+`unfinished`; a member whose training raised is `failed`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from xray.errors import XrayError
+from xray.files import replace_dir, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["rank", "member", "status", "loss", "lr", "momentum", "best_val_auc",
+           "best_val_accuracy", "best_epoch", "final_train_loss", "wall_time_s", "checkpoint"]
+
+
+@dataclass
+class Member:
+    name: str
+    path: Path
+    status: str  # ok | diverged | failed | unfinished
+    hparams: dict
+    sweep_name: str
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def best_val_auc(self) -> Optional[float]:
+        return (self.metrics.get("best_val") or {}).get("auc")
+
+    def row(self) -> dict:
+        best = self.metrics.get("best_val") or {}
+        ckpt = self.path / "checkpoints" / "best.ckpt"
+        return {
+            "member": self.name, "status": self.status, "loss": self.hparams.get("loss"),
+            "lr": self.hparams.get("lr"), "momentum": self.hparams.get("momentum"),
+            "best_val_auc": best.get("auc"), "best_val_accuracy": best.get("accuracy"),
+            "best_epoch": self.metrics.get("best_epoch"),
+            "final_train_loss": self.metrics.get("final_train_loss"),
+            "wall_time_s": self.metrics.get("wall_time_s"),
+            "checkpoint": str(ckpt) if ckpt.exists() else None,
+        }
+
+
+def collect(sweep_dir: Path) -> list[Member]:
+    """Every member folder (one with .hydra/config.yaml) of a sweep, ranked by best val AUC."""
+    from xray.train import hparams_of  # the same keys TensorBoard's HParams tab shows
+
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise XrayError(f"{sweep_dir} is not a folder; pass a sweep folder, e.g. outputs/multirun/<sweep>")
+    members = []
+    for config in sorted(sweep_dir.glob("*/.hydra/config.yaml")):
+        path = config.parent.parent
+        cfg = OmegaConf.load(config)
+        metrics_file = path / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        members.append(Member(path.name, path, metrics.get("status", "unfinished"),
+                              hparams_of(cfg), str(cfg.get("sweep_name", "sweep")), metrics))
+    if not members:
+        raise XrayError(f"{sweep_dir} has no sweep members (no */.hydra/config.yaml); "
+                        "pass the folder a `python -m xray.train -m ...` wrote")
+
+    def key(m: Member) -> tuple:
+        auc = m.best_val_auc
+        return (auc is None or math.isnan(auc), -(auc or 0.0), m.name)
+
+    return sorted(members, key=key)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table(members: list[Member], markdown: bool = False) -> str:
+    rows = [{"rank": i + 1, **m.row()} for i, m in enumerate(members)]
+    cols = [c for c in COLUMNS if c != "checkpoint"] if not markdown else COLUMNS
+    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out) + "\n"
+
+
+def write_csv(members: list[Member], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    for i, m in enumerate(members):
+        writer.writerow({"rank": i + 1, **m.row()})
+    write_text(path, buf.getvalue())
+
+
+def train_loss_curve(member: Member) -> tuple[np.ndarray, np.ndarray]:
+    """(step, loss) of a member: per-step losses from its TensorBoard file, else per epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(member.path), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/loss" in acc.Tags().get("scalars", []):
+        events = acc.Scalars("train/loss")
+        return np.array([e.step for e in events]), np.array([e.value for e in events])
+    return np.array([]), np.array([])
+
+
+def heatmap_figure(members: list[Member]):
+    """Best val AUC over lr x momentum, one panel per loss; diverged/failed cells say so."""
+    import matplotlib.pyplot as plt
+
+    losses = sorted({m.hparams["loss"] for m in members})
+    lrs = sorted({m.hparams["lr"] for m in members})
+    moms = sorted({m.hparams["momentum"] for m in members})
+    fig, axes = plt.subplots(1, len(losses), figsize=(1.6 + 1.3 * len(lrs) * len(losses), 1.2 + 0.8 * len(moms)),
+                             dpi=110, squeeze=False)
+    for ax, loss in zip(axes[0], losses):
+        grid = np.full((len(moms), len(lrs)), np.nan)
+        labels = [["" for _ in lrs] for _ in moms]
+        for m in members:
+            if m.hparams["loss"] != loss:
+                continue
+            i, j = moms.index(m.hparams["momentum"]), lrs.index(m.hparams["lr"])
+            auc = m.best_val_auc
+            if auc is not None and not math.isnan(auc):
+                grid[i, j] = auc
+            labels[i][j] = (f"{auc:.3f}" if auc is not None and not math.isnan(auc) else "") + (
+                "" if m.status == "ok" else f"\n{m.status}")
+        image = ax.imshow(grid, cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto")
+        for i in range(len(moms)):
+            for j in range(len(lrs)):
+                ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8,
+                        color="white" if np.isnan(grid[i, j]) or grid[i, j] < 0.8 else "black")
+        ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs])
+        ax.set_yticks(range(len(moms)), [f"{v:g}" for v in moms])
+        ax.set_xlabel("lr")
+        ax.set_ylabel("momentum")
+        ax.set_title(f"loss={loss}: best val AUC", fontsize=10)
+        ax.set_facecolor("#444444")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    return fig
+
+
+def curves_figure(members: list[Member]):
+    """Training-loss curves, one panel per (lr, momentum), the losses overlaid."""
+    import matplotlib.pyplot as plt
+
+    lrs = sorted({m.hparams["lr"] for m in members})
+    moms = sorted({m.hparams["momentum"] for m in members})
+    fig, axes = plt.subplots(len(moms), len(lrs), figsize=(3.2 * len(lrs), 2.4 * len(moms)),
+                             dpi=100, squeeze=False, sharex=True)
+    for m in members:
+        ax = axes[moms.index(m.hparams["momentum"])][lrs.index(m.hparams["lr"])]
+        steps, loss = train_loss_curve(m)
+        if len(loss) == 0:
+            continue
+        window = max(1, len(loss) // 25)  # light smoothing: a moving average
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5,
+                label=f"{m.hparams['loss']}" + ("" if m.status == "ok" else f" ({m.status})"))
+    for i, mom in enumerate(moms):
+        for j, lr in enumerate(lrs):
+            ax = axes[i][j]
+            ax.set_title(f"lr={lr:g}, momentum={mom:g}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+            if i == len(moms) - 1:
+                ax.set_xlabel("step")
+            if j == 0:
+                ax.set_ylabel("train loss")
+    fig.tight_layout()
+    return fig
+
+
+def export_best(members: list[Member], best_root: Path, force: bool = False) -> Optional[Path]:
+    """Copy the winner into <best_root>/<sweep name>/ with a MindIR export; an existing
+    folder is only replaced by a better member, or with force. Returns the folder if written."""
+    winner = next((m for m in members if m.status == "ok" and m.best_val_auc is not None
+                   and not math.isnan(m.best_val_auc)
+                   and (m.path / "checkpoints" / "best.ckpt").exists()), None)
+    if winner is None:
+        log.info("best: no finished member with a checkpoint yet")
+        return None
+    target = Path(best_root) / winner.sweep_name
+    if (target / "metrics.json").exists() and not force:
+        current = json.loads((target / "metrics.json").read_text())
+        current_auc = (current.get("best_val") or {}).get("auc") or -1.0
+        if winner.best_val_auc <= current_auc:
+            log.info("best: %s keeps its model (val AUC %.4f >= %.4f of %s); --force replaces it",
+                     target, current_auc, winner.best_val_auc, winner.name)
+            return None
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copy2(winner.path / "checkpoints" / "best.ckpt", tmp / "best.ckpt")
+        shutil.copy2(winner.path / "config.yaml", tmp / "config.yaml")
+        cfg = OmegaConf.load(tmp / "config.yaml")
+        manifest = Path(cfg.data.dir) / "manifest.json"
+        if manifest.exists():
+            shutil.copy2(manifest, tmp / "manifest.json")
+        write_json(tmp / "metrics.json", {**winner.metrics, "source": str(winner.path)})
+        export_mindir(tmp / "best.ckpt", tmp / "model.mindir")
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("best: %s (val AUC %.4f) -> %s", winner.name, winner.best_val_auc, target)
+    return target
+
+
+def export_mindir(checkpoint: Path, path: Path) -> None:
+    """The network graph + weights as MindIR: loadable with mindspore.load, no xray code needed."""
+    import mindspore as ms
+
+    from xray.checkpoint import load_trained_model
+
+    model = load_trained_model(checkpoint)
+    s = model.spec
+    example = ms.Tensor(np.zeros((1, s.channels, s.image_size, s.image_size), np.float32))
+    ms.export(model.net, example, file_name=str(path.with_suffix("")), file_format="MINDIR")
+
+
+def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), force: bool = False,
+           out=None) -> list[Member]:
+    """Print the ranking, write report.{csv,md}, heatmap_auc.png, loss_curves.png into the
+    sweep folder, and export the best member (unless best_root is None)."""
+    from xray.plots import save_figure
+
+    out = out or sys.stdout
+    sweep_dir = Path(sweep_dir)
+    members = collect(sweep_dir)
+    text = table(members)
+    out.write(text)
+    counts = {s: sum(m.status == s for m in members) for s in ("ok", "diverged", "failed", "unfinished")}
+    out.write(", ".join(f"{n} {s}" for s, n in counts.items() if n) + "\n")
+    write_csv(members, sweep_dir / "report.csv")
+    write_text(sweep_dir / "report.md", f"# Sweep {sweep_dir.name}\n\n" + table(members, markdown=True))
+    save_figure(heatmap_figure(members), sweep_dir / "heatmap_auc.png")
+    save_figure(curves_figure(members), sweep_dir / "loss_curves.png")
+    if best_root is not None:
+        from xray.device import setup_device
+
+        setup_device("CPU")
+        export_best(members, best_root, force)
+    return members
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m xray.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep folder, e.g. outputs/multirun/<sweep>")
+    parser.add_argument("--best-root", type=Path, default=Path("outputs/best"),
+                        help="where the winner is copied (default outputs/best)")
+    parser.add_argument("--no-best", action="store_true", help="only report, copy nothing")
+    parser.add_argument("--force", action="store_true", help="replace the best folder even if not better")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..." noise
+    try:
+        report(args.sweep_dir, None if args.no_best else args.best_root, args.force)
+    except XrayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
