@@ -21,6 +21,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from xray import CONF_DIR
 from xray.errors import XrayError, one_line_errors
 from xray.files import replace_dir
 from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name
@@ -246,7 +247,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
     return manifest
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="convert")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="convert")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     if cfg.data.root is None:
@@ -259,4 +260,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # call the module imported under its real name: submitit then pickles the task by
+    # reference, and MindSpore's jit can read the source of what it compiles
+    from xray.convert import main as entrypoint
+
+    entrypoint()

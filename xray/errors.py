@@ -1,8 +1,11 @@
-"""One-line errors for users: raise XrayError, entrypoints print it without a traceback."""
+"""User-facing errors: raise XrayError with a message that says what to do; entrypoints
+print it as one line instead of a traceback."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from typing import Any, Callable
 
 
@@ -11,20 +14,36 @@ class XrayError(Exception):
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Hydra task: an XrayError becomes one line on stderr and exit code 2. In a
-    multirun it is raised instead, so Hydra marks that member failed and runs the others."""
+    """Wrap a Hydra task function.
+
+    - An XrayError becomes one line on stderr and exit code 2.
+    - In a Slurm/submitit job any failure exits the process with code 1, so that the scheduler
+      records the job as FAILED (Hydra's launcher would otherwise report it COMPLETED).
+    - In a local multirun the error is raised, so Hydra marks that member failed and runs the rest.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except XrayError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            if _in_batch_job():
+                sys.exit(1)
             if _in_multirun():
                 raise
             sys.exit(2)
+        except Exception:
+            if _in_batch_job():
+                traceback.print_exc()
+                sys.exit(1)
+            raise
 
     return wrapper
+
+
+def _in_batch_job() -> bool:
+    return "SUBMITIT_FOLDER" in os.environ  # set by submitit inside every job it runs
 
 
 def _in_multirun() -> bool:

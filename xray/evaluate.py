@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from xray.checkpoint import TrainedModel, load_trained_model
 from xray.data import make_dataset, read_manifest, split_file
 from xray.device import setup_device
+from xray import CONF_DIR
 from xray.errors import XrayError, one_line_errors
 from xray.files import write_json, write_text
 from xray.metrics import binary_metrics, bootstrap_ci, confusion, roc_curve, youden_threshold
@@ -104,7 +105,7 @@ def _log_summary(result: dict) -> None:
             log.info("    %-18s %.3f  [%.3f, %.3f]", name, r[name]["value"], lo, hi)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     if cfg.ckpt is None:
@@ -115,4 +116,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # call the module imported under its real name: submitit then pickles the task by
+    # reference, and MindSpore's jit can read the source of what it compiles
+    from xray.evaluate import main as entrypoint
+
+    entrypoint()

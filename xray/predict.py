@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from xray.checkpoint import TrainedModel, load_trained_model
 from xray.device import setup_device
+from xray import CONF_DIR
 from xray.errors import XrayError, one_line_errors
 from xray.labels import CLASSES
 from xray.plots import prediction_figure, save_figure
@@ -78,7 +79,7 @@ def format_results(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     if cfg.ckpt is None or cfg.image is None:
@@ -93,4 +94,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # call the module imported under its real name: submitit then pickles the task by
+    # reference, and MindSpore's jit can read the source of what it compiles
+    from xray.predict import main as entrypoint
+
+    entrypoint()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +29,7 @@ from tensorboardX.summary import hparams as hparams_summary
 
 from xray.data import make_dataset, preprocess_spec, read_manifest, split_file
 from xray.device import setup_device
+from xray import CONF_DIR
 from xray.errors import XrayError, one_line_errors
 from xray.files import write_json, write_text
 from xray.labels import CLASSES, POSITIVE
@@ -110,6 +114,25 @@ def write_hparams(writer: SummaryWriter, cfg: DictConfig, result: dict, step: in
         writer.add_scalar(tag, value, step)
 
 
+class PreemptionGuard:
+    """Under submitit, SIGUSR2 means "time limit near, or preempted". Remember it so that the
+    training loop can save last.ckpt at the next step boundary, then hand over to submitit's
+    own handler, which requeues the job and exits. Outside submitit it does nothing."""
+
+    def __init__(self) -> None:
+        self.pending: Optional[tuple] = None
+        self.previous = signal.getsignal(signal.SIGUSR2)
+        if callable(self.previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR2, self._remember)
+
+    def _remember(self, signum, frame) -> None:
+        self.pending = (signum, frame)
+
+    def hand_over(self) -> None:
+        signal.signal(signal.SIGUSR2, self.previous)
+        self.previous(*self.pending)  # requeues and raises SystemExit
+
+
 def save_ckpt(obj: nn.Cell, path: Path, meta: dict) -> None:
     """save_checkpoint to a temp name, then rename: a crash never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.stem}.tmp.ckpt")
@@ -120,7 +143,8 @@ def save_ckpt(obj: nn.Cell, path: Path, meta: dict) -> None:
 def load_resume_state(path: Path, optimizer: nn.Cell) -> dict:
     """Load weights + optimizer state from last.ckpt; returns its bookkeeping values."""
     params = ms.load_checkpoint(str(path))
-    meta = {k: float(params.pop(k).asnumpy()) for k in ("epoch", "best_auc", "best_epoch")}
+    keys = ("epoch", "best_auc", "best_epoch", "step_in_epoch", "epoch_loss_sum")
+    meta = {k: float(params.pop(k).asnumpy()) if k in params else 0.0 for k in keys}
     params.pop("learning_rate", None)  # the schedule comes from the config, not the file
     ms.load_param_into_net(optimizer, params, strict_load=True)
     return meta
@@ -187,21 +211,24 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.mode == "graph":
         train_step = ms.jit(train_step)
 
-    first_epoch, best_auc, best_epoch = 0, -1.0, -1
+    # first_epoch = epochs completed; step_in_epoch > 0 when a job was stopped mid-epoch
+    first_epoch, best_auc, best_epoch, step_in_epoch, carried_loss = 0, -1.0, -1, 0, 0.0
     last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
     history_path = run_dir / "history.jsonl"
     history = []
     if cfg.train.resume and last_ckpt.exists():
         meta = load_resume_state(last_ckpt, optimizer)
         first_epoch, best_auc, best_epoch = int(meta["epoch"]), meta["best_auc"], int(meta["best_epoch"])
+        step_in_epoch, carried_loss = int(meta["step_in_epoch"]), meta["epoch_loss_sum"]
         if history_path.exists():
             history = [json.loads(line) for line in history_path.read_text().splitlines()]
             history = [h for h in history if h["epoch"] <= first_epoch]
-        log.info("resume: %s at epoch %d (best val AUC %.4f at epoch %d)",
-                 last_ckpt, first_epoch, best_auc, best_epoch)
+        log.info("resume: %s after epoch %d step %d (best val AUC %.4f at epoch %d)",
+                 last_ckpt, first_epoch, step_in_epoch, best_auc, best_epoch)
     elif cfg.train.resume:
         log.info("resume: no %s yet, starting from scratch", last_ckpt)
-    global_step = first_epoch * steps_per_epoch
+    global_step = first_epoch * steps_per_epoch + step_in_epoch
+    guard = PreemptionGuard()
     # purge_step: on resume, TensorBoard drops events an interrupted run logged after the checkpoint
     writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step if first_epoch else None,
                            flush_secs=10)
@@ -214,8 +241,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     for epoch in range(first_epoch + 1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
-        losses, global_step = train_epoch(train_step, net, train_ds, steps_per_epoch, lr,
-                                          writer, global_step, epoch, cfg.train.log_every)
+        done_before, step_in_epoch = step_in_epoch, 0
+        losses, global_step = train_epoch(train_step, net, train_ds, steps_per_epoch - done_before,
+                                          lr, writer, global_step, epoch, cfg.train.log_every, guard)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
         train_images += len(losses) * cfg.batch_size
@@ -223,15 +251,27 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             status = "diverged"
             log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, losses[-1])
             break
+        if guard.pending:  # time limit or preemption: save where we are, let submitit requeue
+            done = done_before + len(losses)
+            save_ckpt(optimizer, last_ckpt, {
+                "epoch": epoch - 1, "step_in_epoch": done, "best_auc": best_auc,
+                "best_epoch": best_epoch, "epoch_loss_sum": carried_loss + float(np.sum(losses))})
+            writer.close()
+            log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch, done, last_ckpt)
+            guard.hand_over()
+        epoch_loss = (carried_loss + float(np.sum(losses))) / (done_before + len(losses))
+        carried_loss = 0.0
 
+        # epoch-level events at the epoch's last step, so that a resume (purge_step =
+        # the next step) never drops them
         y, p, val_loss = predict_split(net, loss_fn, val_ds)
-        val = log_validation(writer, y, p, val_loss, global_step, epoch)
-        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+        val = log_validation(writer, y, p, val_loss, global_step - 1, epoch)
+        entry = {"epoch": epoch, "train_loss": epoch_loss, "val_loss": val_loss,
                  **{f"val_{k}": v for k, v in val.items()},
                  "lr": float(lr[min(global_step, len(lr)) - 1]), "time_s": round(epoch_time, 2)}
         history.append(entry)
         write_text(history_path, "".join(json.dumps(h) + "\n" for h in history))
-        writer.add_scalar("train/epoch_loss", entry["train_loss"], global_step)
+        writer.add_scalar("train/epoch_loss", entry["train_loss"], global_step - 1)
 
         improved = not math.isnan(val["auc"]) and val["auc"] > best_auc
         if improved:
@@ -270,13 +310,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def train_epoch(train_step, net: nn.Cell, dataset, steps: int, lr: np.ndarray,
-                writer: SummaryWriter, global_step: int, epoch: int, log_every: int
-                ) -> tuple[list[float], int]:
-    """One pass over the training set; stops at the first non-finite loss (returned last)."""
+                writer: SummaryWriter, global_step: int, epoch: int, log_every: int,
+                guard: Optional["PreemptionGuard"] = None) -> tuple[list[float], int]:
+    """`steps` steps over the shuffled training set; stops early at a non-finite loss
+    (returned last) or when the guard has a pending stop request."""
     net.set_train(True)
     losses: list[float] = []
     for step, (x, y) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
-        if step >= steps:
+        if step >= steps or (guard is not None and guard.pending):
             break
         loss = float(train_step(x, y).asnumpy())
         losses.append(loss)
@@ -303,13 +344,35 @@ def log_validation(writer: SummaryWriter, y: np.ndarray, p: np.ndarray, val_loss
     return val
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def link_job_logs(run_dir: Path) -> None:
+    """Inside a submitit (Slurm) job: slurm.out / slurm.err in the run folder point at the
+    job's log files, so every run says where its logs are."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return
+    import submitit
+
+    paths = submitit.JobEnvironment().paths
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, target in (("slurm.out", paths.stdout), ("slurm.err", paths.stderr)):
+        link = run_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @one_line_errors
 def main(cfg: DictConfig) -> Optional[float]:
-    result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    link_job_logs(run_dir)
+    result = train(cfg, run_dir)
     best = result["best_val"] or {}
     return best.get("auc")  # for Hydra sweepers that optimize the return value
 
 
 if __name__ == "__main__":
-    main()
+    # call the module imported under its real name: submitit then pickles the task by
+    # reference, and MindSpore's jit can read the source of what it compiles
+    from xray.train import main as entrypoint
+
+    entrypoint()

@@ -1,0 +1,1 @@
+"""Cluster jobs: the Slurm pipeline (jobs.pipeline) and its status (jobs.status)."""

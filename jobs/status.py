@@ -1,0 +1,95 @@
+"""Where a pipeline is: each job's Slurm state, the sweep's progress, where the logs are.
+
+    python -m jobs.status outputs/pipeline/<time>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id: state} from sacct (array tasks as <array>_<task>) and squeue (one line per
+    pending array task). A job in neither never ran: cancelled while pending, or its
+    dependency failed."""
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    states: dict[str, str] = {}
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ids, "--format=JobID,State"],
+                         capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        job, _, state = line.partition("|")
+        states[job] = state.split()[0] if state else "UNKNOWN"
+    out = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], capture_output=True,
+                         text=True)
+    for line in out.stdout.splitlines():
+        job, _, state = line.partition("|")
+        states[job] = state  # squeue is the fresher source while a job is queued or running
+    for job in job_ids:
+        states.setdefault(job, "NOT_RUN")
+    return states
+
+
+ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "NOT_RUN")
+
+
+def member_status(run_dir: Path, slurm_state: str) -> str:
+    """What the member's own outputs say, or else what Slurm says happened to it."""
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        return json.loads(metrics.read_text()).get("status", "unknown")
+    if slurm_state in ENDED_BADLY:
+        return slurm_state.lower()
+    return "running" if run_dir.exists() else "waiting"
+
+
+def status(pipeline_dir: Path) -> str:
+    record_file = Path(pipeline_dir) / "jobs.json"
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{record_file} not found; pass the folder jobs.pipeline printed")
+    record = json.loads(record_file.read_text())
+    members = record["members"]
+    states = slurm_states(list(record["jobs"].values()) + list(members.values()))
+    lines = [f"pipeline {pipeline_dir}"]
+    for step, job_id in record["jobs"].items():
+        if step == "train":
+            counted = Counter(states[j] for j in members.values())
+            summary = ", ".join(f"{n} {s}" for s, n in sorted(counted.items()))
+            lines.append(f"  {step:<9} {job_id:<8} array of {len(members)}: {summary}")
+        else:
+            lines.append(f"  {step:<9} {job_id:<8} {states[job_id]}")
+    lines.append(f"sweep {record['sweep_dir']}")
+    sweep = Path(record["sweep_dir"])
+    done = Counter()
+    for name, job_id in members.items():
+        state = states[job_id]
+        st = member_status(sweep / name, state)
+        done[st] += 1
+        log = Path(record["logs"]) / job_id / f"{job_id}_0_log.err"
+        show_log = st not in ("ok", "diverged", "waiting") or state in ENDED_BADLY
+        lines.append(f"  {state:<10} {st:<9} {name}" + (f"   log: {log}" if show_log else ""))
+    lines.append("progress: " + ", ".join(f"{n} {s}" for s, n in sorted(done.items())))
+    best = Path(record["best_dir"])
+    if (best / "eval_test.json").exists():
+        auc = json.loads((best / "eval_test.json").read_text())["youden"]["auc"]
+        lines.append(f"best: {best} (test AUC {auc['value']:.4f}, 95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f})")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__.split("\n")[0])
+    parser.add_argument("pipeline_dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        print(status(args.pipeline_dir))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
