@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   := outputs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# a real single-node Slurm on this machine (root, Debian): the `slurm` tests use it
+slurm-up:
+	bash jobs/slurm-up.sh
+
+slurm-down:
+	bash jobs/slurm-down.sh
 
 clean:
 	rm -rf $(VENV) outputs/demo .pytest_cache

@@ -169,7 +169,7 @@ def curves_figure(members: list[Member]):
 
     lrs = sorted({m.hparams["lr"] for m in members})
     moms = sorted({m.hparams["momentum"] for m in members})
-    fig, axes = plt.subplots(len(moms), len(lrs), figsize=(3.2 * len(lrs), 2.4 * len(moms)),
+    fig, axes = plt.subplots(len(moms), len(lrs), figsize=(4.0 * len(lrs), 3.0 * len(moms)),
                              dpi=100, squeeze=False, sharex=True)
     for m in members:
         ax = axes[moms.index(m.hparams["momentum"])][lrs.index(m.hparams["lr"])]
