@@ -15,9 +15,7 @@ Cluster settings (partitions, account, time limits, setup lines) come from conf/
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from xray import CONF_DIR
-from xray.errors import XrayError
+from xray.errors import XrayError, one_line_errors
 from xray.files import write_json
 
 
@@ -56,7 +54,6 @@ class TrainMember(submitit.helpers.Checkpointable):
     training loop saves last.ckpt, then submitit requeues this same call, which resumes."""
 
     def __call__(self, overrides: list[str], run_dir: str) -> dict:
-        from xray.device import setup_device  # noqa: F401 (import MindSpore inside the job)
         from xray.train import link_job_logs, train
 
         cfg = compose_train(overrides)
@@ -157,6 +154,7 @@ def _convert(root: str, out_dir: str, short_side: int, val_source: str, val_frac
                    workers=len(os.sched_getaffinity(0)), overwrite=True)
 
 
+@one_line_errors
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="training overrides, Hydra multirun syntax")
@@ -165,11 +163,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--split", default="test", help="split the best model is evaluated on")
     args = parser.parse_args(argv)
     out = args.out or Path("outputs/pipeline") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        record = submit_pipeline(args.overrides, out, args.split)
-    except XrayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    record = submit_pipeline(args.overrides, out, args.split)
     print(f"submitted to Slurm (returns now; follow with: python -m jobs.status {out}):")
     for step, job_id in record["jobs"].items():
         print(f"  {step:<9} {job_id}")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
+
+from xray.errors import XrayError, one_line_errors
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -50,7 +51,7 @@ def member_status(run_dir: Path, slurm_state: str) -> str:
 def status(pipeline_dir: Path) -> str:
     record_file = Path(pipeline_dir) / "jobs.json"
     if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file} not found; pass the folder jobs.pipeline printed")
+        raise XrayError(f"{record_file} not found; pass the folder jobs.pipeline printed")
     record = json.loads(record_file.read_text())
     members = record["members"]
     states = slurm_states(list(record["jobs"].values()) + list(members.values()))
@@ -80,15 +81,11 @@ def status(pipeline_dir: Path) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__.split("\n")[0])
     parser.add_argument("pipeline_dir", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        print(status(args.pipeline_dir))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    print(status(parser.parse_args(argv).pipeline_dir))
 
 
 if __name__ == "__main__":

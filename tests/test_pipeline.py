@@ -1,7 +1,6 @@
 """End to end on the shipped sample: convert -> train -> evaluate -> predict, TensorBoard
 contents, resume after a kill, divergence."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import logging
 import multiprocessing as mp
 import os
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 
 from xray import CONF_DIR
 from xray.errors import XrayError, one_line_errors
-from xray.files import replace_dir
+from xray.files import atomic_dir
 from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name
 from xray.preprocess import encode_png, load_image
 
@@ -171,10 +170,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
     log.info("convert: %d files (%s) from %s", len(jobs),
              ", ".join(f"{s} {len(v)}" for s, v in splits.items()), root)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:  # out_dir appears only when complete
         writers = {}
         for split in splits:
             writers[split] = FileWriter(str(tmp / f"{split}.mindrecord"), shard_num=1, overwrite=True)
@@ -237,10 +233,6 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
             "wall_time_s": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("convert: wrote %s (%s; %d skipped) in %.1f s", out_dir,
              ", ".join(f"{s} {v['images']}" for s, v in summary.items()), len(skipped),
              manifest["wall_time_s"])

@@ -23,8 +23,8 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from xray.errors import XrayError
-from xray.files import replace_dir, write_json, write_text
+from xray.errors import XrayError, one_line_errors
+from xray.files import atomic_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,7 @@ def export_best(members: list[Member], best_root: Path, force: bool = False) -> 
             log.info("best: %s keeps its model (val AUC %.4f >= %.4f of %s); --force replaces it",
                      target, current_auc, winner.best_val_auc, winner.name)
             return None
-    tmp = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(target) as tmp:
         shutil.copy2(winner.path / "checkpoints" / "best.ckpt", tmp / "best.ckpt")
         shutil.copy2(winner.path / "config.yaml", tmp / "config.yaml")
         cfg = OmegaConf.load(tmp / "config.yaml")
@@ -224,10 +221,6 @@ def export_best(members: list[Member], best_root: Path, force: bool = False) -> 
             shutil.copy2(manifest, tmp / "manifest.json")
         write_json(tmp / "metrics.json", {**winner.metrics, "source": str(winner.path)})
         export_mindir(tmp / "best.ckpt", tmp / "model.mindir")
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("best: %s (val AUC %.4f) -> %s", winner.name, winner.best_val_auc, target)
     return target
 
@@ -269,6 +262,7 @@ def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), fo
     return members
 
 
+@one_line_errors
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m xray.report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep folder, e.g. outputs/multirun/<sweep>")
@@ -279,11 +273,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..." noise
-    try:
-        report(args.sweep_dir, None if args.no_best else args.best_root, args.force)
-    except XrayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report(args.sweep_dir, None if args.no_best else args.best_root, args.force)
 
 
 if __name__ == "__main__":
