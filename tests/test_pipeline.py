@@ -170,3 +170,13 @@ def test_lr_schedules():
     step = lr_schedule(0.1, make_cfg("config", ["optim.schedule=step", "optim.step_epochs=2",
                                                 "optim.warmup_epochs=0"]).optim, 4, 10)
     assert step[0] == pytest.approx(0.1) and step[25] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("override", ["momentum=0", "lr=1", "optim.weight_decay=0"])
+def test_integer_sweep_values_are_accepted(override):
+    """Hydra parses momentum=0 as an int; the optimizer must still be built."""
+    from xray.model import build_model
+    cfg = make_cfg("config", TINY + [override])
+    net = build_model(cfg.model, 72)
+    opt = build_optimizer(net, cfg, lr_schedule(float(cfg.lr), cfg.optim, 2, 4))
+    assert float(opt.momentum.asnumpy()) == pytest.approx(float(cfg.momentum))

@@ -67,7 +67,8 @@ def build_optimizer(net: nn.Cell, cfg: DictConfig, lr: np.ndarray) -> nn.Momentu
     groups = [{"params": weights, "weight_decay": cfg.optim.weight_decay},
               {"params": others, "weight_decay": 0.0},
               {"order_params": params}]
-    return nn.Momentum(groups, learning_rate=ms.Tensor(lr), momentum=cfg.momentum,
+    # float(): a sweep value like momentum=0 arrives as an int, which nn.Momentum rejects
+    return nn.Momentum(groups, learning_rate=ms.Tensor(lr), momentum=float(cfg.momentum),
                        use_nesterov=cfg.optim.nesterov)
 
 
@@ -195,7 +196,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     net = build_model(cfg.model, cfg.data.image_size)
     loss_fn = build_loss(cfg.loss, cfg.model.num_classes, train_counts)
-    lr = lr_schedule(cfg.lr, cfg.optim, cfg.epochs, steps_per_epoch)
+    lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
     optimizer = build_optimizer(net, cfg, lr)
 
     def forward(x, y):
