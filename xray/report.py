@@ -156,7 +156,8 @@ def heatmap_figure(members: list[Member]):
         ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs])
         ax.set_yticks(range(len(moms)), [f"{v:g}" for v in moms])
         ax.set_xlabel("lr")
-        ax.set_ylabel("momentum")
+        if ax is axes[0][0]:
+            ax.set_ylabel("momentum")
         ax.set_title(f"loss={loss}: best val AUC", fontsize=10)
         ax.set_facecolor("#444444")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
@@ -171,15 +172,16 @@ def curves_figure(members: list[Member]):
     moms = sorted({m.hparams["momentum"] for m in members})
     fig, axes = plt.subplots(len(moms), len(lrs), figsize=(4.0 * len(lrs), 3.0 * len(moms)),
                              dpi=100, squeeze=False, sharex=True)
+    losses = sorted({m.hparams["loss"] for m in members})
     for m in members:
         ax = axes[moms.index(m.hparams["momentum"])][lrs.index(m.hparams["lr"])]
         steps, loss = train_loss_curve(m)
-        if len(loss) == 0:
-            continue
-        window = max(1, len(loss) // 25)  # light smoothing: a moving average
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, lw=1.5,
-                label=f"{m.hparams['loss']}" + ("" if m.status == "ok" else f" ({m.status})"))
+        window = max(1, min(len(loss), len(loss) // 25))  # light smoothing: a moving average
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid") if len(loss) else loss
+        label = m.hparams["loss"] + ("" if m.status == "ok" else f" ({m.status})")
+        # one colour per loss in every panel; a member without a curve still gets its legend entry
+        ax.plot(steps[window - 1:] if len(loss) else [], smooth, lw=1.5, label=label,
+                color=f"C{losses.index(m.hparams['loss'])}")
     for i, mom in enumerate(moms):
         for j, lr in enumerate(lrs):
             ax = axes[i][j]
