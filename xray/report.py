@@ -173,6 +173,7 @@ def curves_figure(members: list[Member]):
     fig, axes = plt.subplots(len(moms), len(lrs), figsize=(4.0 * len(lrs), 3.0 * len(moms)),
                              dpi=100, squeeze=False, sharex=True)
     losses = sorted({m.hparams["loss"] for m in members})
+    limits: dict[int, tuple[float, float]] = {}  # per panel: a blow-up spike must not flatten the rest
     for m in members:
         ax = axes[moms.index(m.hparams["momentum"])][lrs.index(m.hparams["lr"])]
         steps, loss = train_loss_curve(m)
@@ -182,10 +183,16 @@ def curves_figure(members: list[Member]):
         # one colour per loss in every panel; a member without a curve still gets its legend entry
         ax.plot(steps[window - 1:] if len(loss) else [], smooth, lw=1.5, label=label,
                 color=f"C{losses.index(m.hparams['loss'])}")
+        if len(smooth):
+            lo, hi = limits.get(id(ax), (np.inf, -np.inf))
+            limits[id(ax)] = (min(lo, 0.9 * float(np.percentile(smooth, 1))),
+                              max(hi, 1.2 * float(np.percentile(smooth, 95))))
     for i, mom in enumerate(moms):
         for j, lr in enumerate(lrs):
             ax = axes[i][j]
             ax.set_title(f"lr={lr:g}, momentum={mom:g}", fontsize=9)
+            if id(ax) in limits:
+                ax.set_ylim(*limits[id(ax)])
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
