@@ -83,3 +83,16 @@ def test_cross_entropy_and_class_weights():
     assert class_weights([1000, 3000]) == pytest.approx([2.0, 2 / 3])
     with pytest.raises(XrayError, match="empty class"):
         class_weights([0, 10])
+
+
+def test_gpu_requested_on_a_node_without_one_fails_fast():
+    """device_target=GPU must never fall back to training on the CPU silently."""
+    import mindspore as ms
+    from xray.device import setup_device
+    if ms.hal.is_available("GPU"):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(XrayError, match="device_target=GPU but MindSpore cannot see a GPU"):
+        setup_device("GPU")
+    with pytest.raises(XrayError, match="device_target=TPU is unknown"):
+        setup_device("TPU")
+    setup_device("cpu")  # case-insensitive, and CPU always works
