@@ -231,7 +231,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     global_step = first_epoch * steps_per_epoch + step_in_epoch
     guard = PreemptionGuard()
     # purge_step: on resume, TensorBoard drops events an interrupted run logged after the checkpoint
-    writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step if first_epoch else None,
+    writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step or None,
                            flush_secs=10)
 
     log.info("train: %s, %d train / %d val images, %d steps/epoch, input %dx%d, loss=%s lr=%g "
