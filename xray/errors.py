@@ -28,13 +28,13 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except XrayError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            if _in_batch_job():
+            if in_batch_job():
                 sys.exit(1)
             if _in_multirun():
                 raise
             sys.exit(2)
         except Exception:
-            if _in_batch_job():
+            if in_batch_job():
                 traceback.print_exc()
                 sys.exit(1)
             raise
@@ -42,8 +42,9 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _in_batch_job() -> bool:
-    return "SUBMITIT_FOLDER" in os.environ  # set by submitit inside every job it runs
+def in_batch_job() -> bool:
+    """True inside a job that submitit runs (Slurm or its local executor)."""
+    return "SUBMITIT_FOLDER" in os.environ
 
 
 def _in_multirun() -> bool:

@@ -15,10 +15,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from xray import CONF_DIR
 from xray.checkpoint import TrainedModel, load_trained_model
 from xray.data import make_dataset, read_manifest, split_file
 from xray.device import setup_device
-from xray import CONF_DIR
 from xray.errors import XrayError, one_line_errors
 from xray.files import write_json, write_text
 from xray.metrics import binary_metrics, bootstrap_ci, confusion, roc_curve, youden_threshold

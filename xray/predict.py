@@ -16,9 +16,9 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from xray import CONF_DIR
 from xray.checkpoint import TrainedModel, load_trained_model
 from xray.device import setup_device
-from xray import CONF_DIR
 from xray.errors import XrayError, one_line_errors
 from xray.labels import CLASSES
 from xray.plots import prediction_figure, save_figure

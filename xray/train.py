@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -27,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as hparams_summary
 
+from xray import CONF_DIR
 from xray.data import make_dataset, preprocess_spec, read_manifest, split_file
 from xray.device import setup_device
-from xray import CONF_DIR
-from xray.errors import XrayError, one_line_errors
+from xray.errors import XrayError, in_batch_job, one_line_errors
 from xray.files import write_json, write_text
 from xray.labels import CLASSES, POSITIVE
 from xray.losses import build_loss
@@ -348,7 +347,7 @@ def log_validation(writer: SummaryWriter, y: np.ndarray, p: np.ndarray, val_loss
 def link_job_logs(run_dir: Path) -> None:
     """Inside a submitit (Slurm) job: slurm.out / slurm.err in the run folder point at the
     job's log files, so every run says where its logs are."""
-    if "SUBMITIT_FOLDER" not in os.environ:
+    if not in_batch_job():
         return
     import submitit
 
