@@ -128,6 +128,12 @@ class PreemptionGuard:
     def _remember(self, signum, frame) -> None:
         self.pending = (signum, frame)
 
+    def release(self) -> None:
+        """Training is done: a late "time is up" signal must not kill the finished job while
+        it writes its result (SIG_IGN, unlike a Python handler, survives interpreter shutdown)."""
+        if self.previous is not signal.getsignal(signal.SIGUSR2) and callable(self.previous):
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
     def hand_over(self) -> None:
         signal.signal(signal.SIGUSR2, self.previous)
         self.previous(*self.pending)  # requeues and raises SystemExit
@@ -303,6 +309,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     write_hparams(writer, cfg, result, global_step)
     writer.close()
     write_json(run_dir / "metrics.json", result)
+    guard.release()
     log.info("done: status %s, best val AUC %s at epoch %s, %.0f s -> %s", status,
              f"{best_auc:.4f}" if best_epoch > 0 else "n/a", result["best_epoch"],
              result["wall_time_s"], run_dir)
