@@ -75,7 +75,7 @@ def evaluate_best(sweep_dir: str, split: str, best_root: str) -> dict:
     winner = next((m for m in members if m.status == "ok"), None)
     if winner is None:
         raise XrayError(f"no member of {sweep_dir} finished; see jobs.status for their logs")
-    return evaluate(Path(best_root) / winner.sweep_name, split)
+    return evaluate([Path(best_root) / winner.sweep_name], split)
 
 
 def executor(folder: Path, cfg: DictConfig, partition: str, cpus: int, gpus: int = 0,

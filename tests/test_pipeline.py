@@ -65,7 +65,7 @@ def test_tensorboard_has_the_expected_tags(trained_run):
 
 
 def test_evaluate_writes_metrics_with_ci_and_plots(trained_run):
-    result = evaluate(trained_run / "checkpoints" / "best.ckpt", "test", bootstrap=200, workers=1)
+    result = evaluate([trained_run / "checkpoints" / "best.ckpt"], "test", bootstrap=200, workers=1)
     on_disk = json.loads((trained_run / "eval_test.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert result["images"] == 20 and result["positives"] == 10
@@ -88,7 +88,7 @@ def test_evaluate_writes_metrics_with_ci_and_plots(trained_run):
 def test_predict_file_and_folder_match_evaluation(trained_run, tmp_path):
     model = load_trained_model(trained_run / "checkpoints" / "best.ckpt")
     folder = SAMPLE / "test" / "PNEUMONIA"
-    results = predict_images(model, list_images(folder), plot_dir=tmp_path)
+    results = predict_images([model], list_images(folder), plot_dir=tmp_path)
     assert len(results) == 10 and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in results)
     assert len(list(tmp_path.glob("*.png"))) == 10
     # the same probabilities as the evaluation pipeline gives for those files

@@ -6,24 +6,27 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE
-from xray.data import make_dataset, preprocess_spec, read_manifest, split_file
+from xray.data import (make_eval_dataset, make_train_dataset, preprocess_spec, read_labels,
+                       read_manifest, split_file)
 from xray.errors import XrayError
 from xray.preprocess import Preprocess, preprocess_file, to_tensor
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_eval_pipeline_equals_predict_on_raw_jpeg(sample_data, channels):
+@pytest.mark.parametrize("channels, equalize, tta", [(1, "none", 1), (3, "none", 1),
+                                                     (1, "clahe", 1), (1, "hist", 3)])
+def test_eval_pipeline_equals_predict_on_raw_jpeg(sample_data, channels, equalize, tta):
     manifest = read_manifest(sample_data)
-    spec = preprocess_spec(manifest, image_size=96, channels=channels)
-    dataset = make_dataset(split_file(sample_data, manifest, "test"), spec, batch_size=4,
-                           train=False, workers=2, with_names=True)
+    spec = preprocess_spec(manifest, image_size=96, channels=channels, equalize=equalize)
+    dataset = make_eval_dataset(split_file(sample_data, manifest, "test"), spec, batch_size=4,
+                                workers=2, with_names=True, tta=tta)
     seen = 0
+    shape = (channels, 96, 96) if tta == 1 else (tta, channels, 96, 96)
     for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
         for image, label, name in zip(batch["image"], batch["label"], batch["file_name"]):
             cls = "PNEUMONIA" if label == 1 else "NORMAL"
             raw = SAMPLE / "test" / cls / str(name)
-            direct = preprocess_file(raw, spec)
-            assert image.dtype == np.float32 and image.shape == (channels, 96, 96)
+            direct = preprocess_file(raw, spec, tta)
+            assert image.dtype == np.float32 and image.shape == shape
             assert np.array_equal(image, direct), name
             seen += 1
     assert seen == manifest["splits"]["test"]["images"] == 20
@@ -36,8 +39,9 @@ def test_training_pipeline_augments_but_keeps_shape_and_scale(sample_data):
     from omegaconf import OmegaConf
     augment = OmegaConf.create({"enabled": True, "scale": [0.75, 1.0], "ratio": [0.8, 1.25],
                                 "degrees": 7})
-    train = make_dataset(path, spec, 8, train=True, augment=augment, workers=1)
-    plain = make_dataset(path, spec, 8, train=False, workers=1)
+    train = make_train_dataset(path, spec, 8, read_labels(path), seed=0, epoch=1, augment=augment,
+                               workers=1)
+    plain = make_eval_dataset(path, spec, 8, workers=1)
     x_train = next(train.create_tuple_iterator(output_numpy=True))[0]
     x_plain = next(plain.create_tuple_iterator(output_numpy=True))[0]
     assert x_train.shape == x_plain.shape == (8, 1, 80, 80)

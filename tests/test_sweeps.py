@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import SAMPLE
-from xray.checkpoint import load_trained_model
+from xray.checkpoint import load_trained_model, resolve_checkpoints
+from xray.errors import XrayError
 from xray.evaluate import evaluate
 from xray.predict import predict_images
 from xray.preprocess import preprocess_file
@@ -100,11 +101,11 @@ def test_best_folder_works_with_evaluate_predict_and_mindir(smoke_sweep):
     best = root / "best" / "smoke"
     if not best.exists():
         report(sweep_dir, root / "best")
-    result = evaluate(best, "test", bootstrap=50, workers=1)
+    result = evaluate([best], "test", bootstrap=50, workers=1)
     assert (best / "eval_test.json").exists() and result["images"] == 20
     model = load_trained_model(best)
     images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:4]
-    from_ckpt = predict_images(model, images)
+    from_ckpt = predict_images([model], images)
     graph = ms.nn.GraphCell(ms.load(str(best / "model.mindir")))
     for image, r in zip(images, from_ckpt):
         x = preprocess_file(image, model.spec)[None]
@@ -126,3 +127,29 @@ def test_report_on_an_unfinished_sweep(smoke_sweep, tmp_path):
     assert [m.status for m in members].count("unfinished") == 1
     report(partial, best_root=None)
     assert "unfinished" in (partial / "report.md").read_text()
+
+
+def test_report_shows_test_columns_ranks_by_them_and_exports_top_k(smoke_sweep, capsys):
+    root, sweep_dir, _ = smoke_sweep
+    best_root = root / "best_topk"
+    members = report(sweep_dir, best_root, rank_by="test_auc", top_k=2)
+    ok = [m for m in members if m.status == "ok"]
+    assert len(ok) == 2 and all(set(m.evals) == {"val", "test"} for m in ok)
+    assert ok[0].evals["test"]["youden"]["auc"]["value"] >= ok[1].evals["test"]["youden"]["auc"]["value"]
+    header = (sweep_dir / "report.csv").read_text().splitlines()[0].split(",")
+    assert {"test_auc", "test_accuracy", "test_sensitivity", "test_specificity",
+            "val_auc", "best_val_auc"} <= set(header)
+    assert {"loss", "lr", "image_size"} <= set(header)  # the levers that vary
+    assert "ranked by test_auc" in capsys.readouterr().out
+    assert (sweep_dir / "val_vs_test.png").stat().st_size > 0
+    # the export chose by val AUC, whatever the ranking shown
+    by_val = max(ok, key=lambda m: m.best_val_auc)
+    best = best_root / "smoke"
+    assert json.loads((best / "metrics.json").read_text())["source"] == str(by_val.path)
+    assert sorted(p.name for p in (best / "members").iterdir()) == ["1", "2"]
+    assert json.loads((best / "members" / "1" / "metrics.json").read_text())["source"] == str(by_val.path)
+    result = evaluate(resolve_checkpoints(str(best), 2), "test", bootstrap=0, workers=1,
+                      out_dir=root / "ensemble")
+    assert len(result["checkpoint"]) == 2 and (root / "ensemble" / "eval_test.json").exists()
+    with pytest.raises(XrayError, match="--rank-by nope is not a column"):
+        collect(sweep_dir, rank_by="nope")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import mindspore as ms
 import numpy as np
@@ -24,9 +25,13 @@ class TrainedModel:
     checkpoint: Path
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """p(pneumonia) for a float32 NxCxSxS batch made by preprocess.to_tensor."""
-        logits = self.net(ms.Tensor(np.ascontiguousarray(batch, dtype=np.float32)))
-        return ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy()
+        """p(pneumonia) for a float32 NxCxSxS batch made by preprocess.model_input; for
+        NxVxCxSxS (V test-time views per image) the mean over the views."""
+        views = batch.shape[1] if batch.ndim == 5 else 1
+        flat = batch.reshape(-1, *batch.shape[-3:])
+        logits = self.net(ms.Tensor(np.ascontiguousarray(flat, dtype=np.float32)))
+        p = ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy()
+        return p.reshape(-1, views).mean(axis=1)
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -61,3 +66,29 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
                         f"(missing {len(missing)} parameters, e.g. {missing[0]})")
     net.set_train(False)
     return TrainedModel(net, cfg, spec, run_dir, checkpoint)
+
+
+def resolve_checkpoints(ckpt, top_k: Optional[int] = None) -> list[Path]:
+    """The checkpoints a `ckpt=` (and `top_k=`) option names: a file, a list of files (an
+    ensemble), or a best folder (outputs/best/<sweep>: its best.ckpt, or with top_k its
+    members/1..top_k written by `xray.report --top-k`)."""
+    if ckpt is None or (isinstance(ckpt, str) and not ckpt.strip()):
+        raise XrayError("ckpt is not set; e.g. ckpt=outputs/train/<run>/checkpoints/best.ckpt, "
+                        "ckpt=[a.ckpt,b.ckpt] or ckpt=outputs/best/<sweep> top_k=3")
+    if not isinstance(ckpt, str):  # a list from the command line: ckpt=[a,b]
+        if top_k:
+            raise XrayError("top_k works with a best folder (ckpt=outputs/best/<sweep>), not a list")
+        return [Path(str(c)) for c in ckpt]
+    path = Path(ckpt)
+    if not top_k:
+        return [path]
+    if int(top_k) < 1:
+        raise XrayError(f"top_k={top_k} must be >= 1")
+    members = path / "members"
+    if not path.is_dir():
+        raise XrayError(f"top_k needs a best folder (outputs/best/<sweep>), but ckpt={ckpt} is not a folder")
+    found = [members / str(i) for i in range(1, int(top_k) + 1) if (members / str(i) / "best.ckpt").is_file()]
+    if len(found) < int(top_k):
+        raise XrayError(f"{path} holds {len(found)} ranked members, not top_k={top_k}; run "
+                        f"`python -m xray.report <sweep> --top-k {top_k}` first")
+    return [m / "best.ckpt" for m in found]

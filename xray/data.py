@@ -1,5 +1,9 @@
 """MindRecord -> mindspore.dataset pipelines. Training adds augmentation; everything else
-goes through exactly the transform that `predict` applies to a raw file."""
+goes through exactly the transform that `predict` applies to a raw file.
+
+Training epochs are planned in numpy (xray.data.epoch_plan), not by the pipeline's own
+shuffle and random ops: those repeat themselves in every epoch that starts a fresh iterator
+under one seed, and are not reproducible with several workers."""
 from __future__ import annotations
 
 import json
@@ -7,11 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 import mindspore.dataset as ds
-import mindspore.dataset.vision as vision
-from omegaconf import DictConfig
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
+from xray.augment import augment
 from xray.errors import XrayError
-from xray.preprocess import Preprocess, decode_png, to_tensor
+from xray.preprocess import EQUALIZE, Preprocess, decode_png, model_input, standardize, to_tensor
 
 
 def read_manifest(data_dir: Path) -> dict:
@@ -23,10 +28,13 @@ def read_manifest(data_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def preprocess_spec(manifest: dict, image_size: int, channels: int) -> Preprocess:
+def preprocess_spec(manifest: dict, image_size: int, channels: int, equalize: str = "none") -> Preprocess:
     """The model-input definition for a converted data set."""
+    if equalize not in EQUALIZE:
+        raise XrayError(f"data.equalize={equalize} is unknown; use {', '.join(EQUALIZE)}")
     return Preprocess(short_side=manifest["short_side"], image_size=image_size,
-                      mean=manifest["mean"], std=manifest["std"], channels=channels)
+                      mean=manifest["mean"], std=manifest["std"], channels=channels,
+                      equalize=equalize)
 
 
 def split_file(data_dir: Path, manifest: dict, split: str) -> Path:
@@ -37,37 +45,82 @@ def split_file(data_dir: Path, manifest: dict, split: str) -> Path:
     return Path(data_dir) / info["file"]
 
 
-class ToTensor:
-    """Picklable pipeline op around preprocess.to_tensor."""
+def read_labels(path: Path) -> np.ndarray:
+    """The label of every record of a .mindrecord file, in file order."""
+    data = ds.MindDataset(str(path), columns_list=["label"], shuffle=False)
+    return np.array([int(row[0]) for row in data.create_tuple_iterator(num_epochs=1, output_numpy=True)],
+                    dtype=np.int64)
 
-    def __init__(self, spec: Preprocess) -> None:
+
+def epoch_plan(labels: np.ndarray, seed: int, epoch: int, sampling: str = "shuffle"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(record order, one augmentation seed per position) of training epoch `epoch`.
+
+    A function of (seed, epoch) only: every epoch has its own order and draws, a rerun with
+    the same seed repeats them, and a resumed run starts at any position of any epoch.
+    `balanced` draws len(labels) records with replacement, each class equally likely."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    n = len(labels)
+    if sampling == "shuffle":
+        order = rng.permutation(n)
+    elif sampling == "balanced":
+        counts = np.bincount(labels)
+        weights = 1.0 / counts[labels]
+        order = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+    else:
+        raise XrayError(f"data.sampling={sampling} is unknown; use shuffle or balanced")
+    return order, rng.integers(0, 2**62, size=n, dtype=np.int64)
+
+
+class TrainTransform:
+    """PNG bytes + per-sample seed -> standardized, augmented model input (picklable)."""
+
+    def __init__(self, spec: Preprocess, augment: Optional[DictConfig]) -> None:
         self.spec = spec
+        self.augment = OmegaConf.to_container(augment) if augment is not None and augment.enabled else None
 
-    def __call__(self, image):
+    def __call__(self, data, seed):
+        image = standardize(decode_png(data), self.spec)
+        if self.augment is not None:
+            image = augment(image, np.random.default_rng(int(seed)), self.augment, self.spec.image_size)
         return to_tensor(image, self.spec)
 
 
-def augmentations(spec: Preprocess, augment: Optional[DictConfig]) -> list:
-    """Mild, label-preserving training augmentation (MindSpore vision ops on HWC uint8)."""
-    if not augment or not augment.enabled:
-        return []
-    return [
-        vision.RandomResizedCrop(spec.image_size, scale=tuple(augment.scale),
-                                 ratio=tuple(augment.ratio)),
-        vision.RandomRotation(degrees=float(augment.degrees)),
-    ]
+class EvalTransform:
+    """PNG bytes -> model input (CxSxS), or tta > 1 views of it (VxCxSxS) (picklable)."""
+
+    def __init__(self, spec: Preprocess, tta: int = 1) -> None:
+        self.spec, self.tta = spec, tta
+
+    def __call__(self, data):
+        return model_input(decode_png(data), self.spec, self.tta)
 
 
-def make_dataset(path: Path, spec: Preprocess, batch_size: int, train: bool,
-                 augment: Optional[DictConfig] = None, workers: int = 2,
-                 with_names: bool = False, drop_remainder: Optional[bool] = None) -> ds.Dataset:
-    """Batches of (image float32 NxCxSxS, label int32 N[, file_name]) from a .mindrecord.
+def make_train_dataset(path: Path, spec: Preprocess, batch_size: int, labels: np.ndarray,
+                       seed: int, epoch: int, start_batch: int = 0,
+                       augment: Optional[DictConfig] = None, sampling: str = "shuffle",
+                       workers: int = 2) -> ds.Dataset:
+    """Batches (image float32 NxCxSxS, label int32 N) of training epoch `epoch` (1-based),
+    from batch `start_batch` on (a resumed run continues where it stopped)."""
+    order, seeds = epoch_plan(labels, seed, epoch, sampling)
+    start = start_batch * batch_size
+    records = ds.MindDataset(str(path), columns_list=["image", "label"],
+                             sampler=ds.SubsetSampler(order[start:].tolist()),
+                             num_parallel_workers=workers)
+    keys = ds.NumpySlicesDataset({"seed": seeds[start:]}, shuffle=False)
+    data = ds.zip((records, keys)).map(
+        operations=TrainTransform(spec, augment), input_columns=["image", "seed"],
+        output_columns=["image"], num_parallel_workers=workers)
+    return data.project(["image", "label"]).batch(batch_size, drop_remainder=True)
 
-    Training shuffles (seeded by ds.config.set_seed) and augments; evaluation keeps file order."""
+
+def make_eval_dataset(path: Path, spec: Preprocess, batch_size: int, workers: int = 2,
+                      with_names: bool = False, tta: int = 1) -> ds.Dataset:
+    """Batches (image float32 NxCxSxS or NxVxCxSxS with tta > 1, label int32 N[, file_name])
+    of a .mindrecord in file order, exactly as predict sees those images."""
     columns = ["image", "label"] + (["file_name"] if with_names else [])
-    data = ds.MindDataset(str(path), columns_list=columns, shuffle=train,
+    data = ds.MindDataset(str(path), columns_list=columns, shuffle=False,
                           num_parallel_workers=workers)
-    ops = [decode_png, *(augmentations(spec, augment) if train else []), ToTensor(spec)]
-    data = data.map(operations=ops, input_columns=["image"], num_parallel_workers=workers)
-    drop = train if drop_remainder is None else drop_remainder
-    return data.batch(batch_size, drop_remainder=drop)
+    data = data.map(operations=EvalTransform(spec, tta), input_columns=["image"],
+                    num_parallel_workers=workers)
+    return data.batch(batch_size, drop_remainder=False)

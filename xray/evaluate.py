@@ -1,23 +1,28 @@
-"""Evaluate a checkpoint on a split, with bootstrap CIs, at the val-chosen threshold and 0.5.
+"""Evaluate a checkpoint (or an ensemble) on a split, with bootstrap CIs, at the
+val-chosen threshold and 0.5.
 
-    python -m xray.evaluate ckpt=<run>/checkpoints/best.ckpt split=test
+    python -m xray.evaluate ckpt=<run>/checkpoints/best.ckpt split=test [tta=4]
+    python -m xray.evaluate ckpt=[<run1>/checkpoints/best.ckpt,<run2>/...] split=test
+    python -m xray.evaluate ckpt=outputs/best/<sweep> top_k=3 split=test
 
 Writes eval_<split>.json, predictions_<split>.csv, roc_<split>.png and confusion_<split>.png
-into the checkpoint's run folder.
+(with tta > 1: eval_<split>_tta<K>.json, ...) into the checkpoint's run folder; an ensemble
+writes them into this command's own output folder (outputs/evaluate/<time>/).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import hydra
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from xray import CONF_DIR
-from xray.checkpoint import TrainedModel, load_trained_model
-from xray.data import make_dataset, read_manifest, split_file
+from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
+from xray.data import make_eval_dataset, read_manifest, split_file
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.files import write_json, write_text
@@ -27,11 +32,11 @@ from xray.plots import confusion_figure, roc_figure, save_figure
 log = logging.getLogger(__name__)
 
 
-def predict_records(model: TrainedModel, path: Path, batch_size: int, workers: int = 2
-                    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+def predict_records(model: TrainedModel, path: Path, batch_size: int, workers: int = 2,
+                    tta: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(file names, labels, p(pneumonia)) for every record of a .mindrecord file, in order."""
-    dataset = make_dataset(path, model.spec, batch_size, train=False, workers=workers,
-                           with_names=True)
+    dataset = make_eval_dataset(path, model.spec, batch_size, workers=workers, with_names=True,
+                                tta=tta)
     names, labels, probs = [], [], []
     for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
         probs.append(model.probabilities(batch["image"]))
@@ -40,36 +45,52 @@ def predict_records(model: TrainedModel, path: Path, batch_size: int, workers: i
     return names, np.concatenate(labels), np.concatenate(probs)
 
 
+def predict_split(models: Sequence[TrainedModel], data_dir: Path, manifest: dict, split: str,
+                  batch_size: int, workers: int, tta: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The models' mean p(pneumonia) on a split, each model through its own preprocessing."""
+    path = split_file(data_dir, manifest, split)
+    runs = [predict_records(m, path, batch_size, workers, tta) for m in models]
+    names, y, _ = runs[0]
+    return names, y, np.mean([p for _, _, p in runs], axis=0)
+
+
 def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
-    """Every metric as {value, ci95} plus the confusion matrix, at one threshold."""
+    """Every metric as {value, ci95} plus the confusion matrix, at one threshold (n_boot = 0:
+    no CI, ci95 null)."""
     point = binary_metrics(y, p, threshold)
-    ci = bootstrap_ci(y, p, lambda yy, pp: binary_metrics(yy, pp, threshold), n=n_boot, seed=seed)
+    ci = (bootstrap_ci(y, p, lambda yy, pp: binary_metrics(yy, pp, threshold), n=n_boot, seed=seed)
+          if n_boot > 0 else {})
     out = {"threshold": threshold}
-    out.update({k: {"value": v, "ci95": ci[k]} for k, v in point.items()})
+    out.update({k: {"value": v, "ci95": ci.get(k)} for k, v in point.items()})
     out["confusion_matrix"] = confusion(y, p, threshold).tolist()
     return out
 
 
-def evaluate(checkpoint: Path, split: str = "test", data_dir: Optional[Path] = None,
-             batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2) -> dict:
-    """Evaluate `checkpoint` on `split`; writes the result files beside the run and returns
-    the eval_<split>.json content."""
-    model = load_trained_model(checkpoint)
-    data_dir = Path(data_dir or model.cfg.data.dir)
+def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
+             batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
+             tta: int = 1, out_dir: Optional[Path] = None) -> dict:
+    """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
+    with tta test-time views per image. Writes eval_<split>.json, predictions, ROC and
+    confusion PNGs into the run folder (one checkpoint) or `out_dir`, and returns the JSON."""
+    models = [load_trained_model(Path(c)) for c in checkpoints]
+    if not models:
+        raise XrayError("ckpt is empty; pass a checkpoint, a list [a.ckpt,b.ckpt] or a best folder")
+    data_dir = Path(data_dir or models[0].cfg.data.dir)
     manifest = read_manifest(data_dir)
-    if manifest["short_side"] != model.spec.short_side:
-        raise XrayError(f"data.dir={data_dir} was converted at short_side={manifest['short_side']} "
-                        f"but the model was trained on short_side={model.spec.short_side}")
-    names, y, p = predict_records(model, split_file(data_dir, manifest, split), batch_size, workers)
+    for model in models:
+        if manifest["short_side"] != model.spec.short_side:
+            raise XrayError(f"data.dir={data_dir} was converted at short_side={manifest['short_side']} "
+                            f"but {model.checkpoint} was trained on short_side={model.spec.short_side}")
+    names, y, p = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
     if split == "val":
         y_val, p_val = y, p
     else:
-        _, y_val, p_val = predict_records(model, split_file(data_dir, manifest, "val"),
-                                          batch_size, workers)
+        _, y_val, p_val = predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
     threshold = youden_threshold(y_val, p_val)
     result = {
         "split": split,
-        "checkpoint": str(model.checkpoint),
+        "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
+        "tta": tta,
         "data_dir": str(data_dir),
         "images": int(len(y)),
         "positives": int(y.sum()),
@@ -78,20 +99,35 @@ def evaluate(checkpoint: Path, split: str = "test", data_dir: Optional[Path] = N
         "at_0.5": metrics_with_ci(y, p, 0.5, bootstrap, seed),
     }
     result["youden"]["chosen_on"] = "val"
-    out = model.run_dir
-    write_json(out / f"eval_{split}.json", result)
-    write_text(out / f"predictions_{split}.csv", "file_name,label,p_pneumonia\n" + "".join(
+    if len(models) == 1:
+        out = models[0].run_dir
+    elif out_dir is None:
+        raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
+    else:
+        out = Path(out_dir)
+    tag = split + (f"_tta{tta}" if tta > 1 else "")
+    write_json(out / f"eval_{tag}.json", result)
+    write_text(out / f"predictions_{tag}.csv", "file_name,label,p_pneumonia\n" + "".join(
         f"{n},{int(t)},{q:.6f}\n" for n, t, q in zip(names, y, p)))
     fpr, tpr, _ = roc_curve(y, p)
     cm = np.array(result["youden"]["confusion_matrix"])
     sens, spec = result["youden"]["sensitivity"]["value"], result["youden"]["specificity"]["value"]
     auc = result["youden"]["auc"]["value"]
-    save_figure(roc_figure(fpr, tpr, auc, f"{split}: ROC ({len(y)} images)", (1 - spec, sens)),
-                out / f"roc_{split}.png")
-    save_figure(confusion_figure(cm, f"{split}, threshold {threshold:.3f} (Youden on val)"),
-                out / f"confusion_{split}.png")
+    what = f"{split}" + (f", {len(models)} models" if len(models) > 1 else "") + (f", tta {tta}" if tta > 1 else "")
+    save_figure(roc_figure(fpr, tpr, auc, f"{what}: ROC ({len(y)} images)", (1 - spec, sens)),
+                out / f"roc_{tag}.png")
+    save_figure(confusion_figure(cm, f"{what}, threshold {threshold:.3f} (Youden on val)"),
+                out / f"confusion_{tag}.png")
     _log_summary(result)
+    log.info("  -> %s", out / f"eval_{tag}.json")
     return result
+
+
+def summary(result: dict) -> dict:
+    """The point values of an eval_<split>.json: {youden: {metric: value}, at_0.5: {...}}."""
+    return {key: {"threshold": result[key]["threshold"],
+                  **{k: v["value"] for k, v in result[key].items() if isinstance(v, dict) and "value" in v}}
+            for key in ("youden", "at_0.5")}
 
 
 def _log_summary(result: dict) -> None:
@@ -101,18 +137,17 @@ def _log_summary(result: dict) -> None:
         r = result[key]
         log.info("  threshold %.3f (%s):", r["threshold"], "Youden on val" if key == "youden" else "fixed")
         for name in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv"):
-            lo, hi = r[name]["ci95"]
-            log.info("    %-18s %.3f  [%.3f, %.3f]", name, r[name]["value"], lo, hi)
+            ci = r[name]["ci95"]
+            log.info("    %-18s %.3f%s", name, r[name]["value"], f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    if cfg.ckpt is None:
-        raise XrayError("ckpt is not set; e.g. ckpt=outputs/train/<run>/checkpoints/best.ckpt")
+    checkpoints = resolve_checkpoints(cfg.ckpt, cfg.top_k)
     setup_device(cfg.device_target, cfg.mode)
-    evaluate(Path(cfg.ckpt), cfg.split, cfg.data_dir, cfg.batch_size, cfg.bootstrap, cfg.seed,
-             cfg.workers)
+    evaluate(checkpoints, cfg.split, cfg.data_dir, cfg.batch_size, cfg.bootstrap, cfg.seed,
+             cfg.workers, cfg.tta, out_dir=Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from xray.errors import XrayError
 
 
 class SoftmaxCrossEntropy(nn.Cell):
-    """-log softmax(logits)[y], optionally class-weighted (weighted mean over the batch)."""
+    """-log softmax(logits)[y], optionally class-weighted (weighted mean over the batch) and
+    label-smoothed (target (1 - s) onehot + s / classes)."""
 
-    def __init__(self, class_weights: Optional[Sequence[float]] = None) -> None:
+    def __init__(self, class_weights: Optional[Sequence[float]] = None,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         weight = ms.Tensor(class_weights, ms.float32) if class_weights is not None else None
-        self.ce = nn.CrossEntropyLoss(weight=weight)
+        self.ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=float(label_smoothing))
 
     def construct(self, logits, labels):
         return self.ce(logits, labels)
@@ -23,19 +25,22 @@ class SoftmaxCrossEntropy(nn.Cell):
 
 class SoftmaxMSE(nn.Cell):
     """sum_c (softmax(logits)_c - onehot(y)_c)^2, averaged over the batch (weighted mean if
-    class-weighted). Bounded in [0, 2]; its gradient vanishes when the softmax saturates,
+    class-weighted; label smoothing as for cross-entropy). Bounded in [0, 2]; its gradient vanishes when the softmax saturates,
     which is why it learns more slowly than cross-entropy."""
 
-    def __init__(self, num_classes: int, class_weights: Optional[Sequence[float]] = None) -> None:
+    def __init__(self, num_classes: int, class_weights: Optional[Sequence[float]] = None,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.on = 1.0 - label_smoothing + label_smoothing / num_classes
+        self.off = label_smoothing / num_classes
         weights = class_weights if class_weights is not None else [1.0] * num_classes
         self.weights = ms.Tensor(weights, ms.float32)
 
     def construct(self, logits, labels):
         probs = ops.softmax(logits, axis=1)
-        target = ops.one_hot(labels, self.num_classes, ms.Tensor(1.0, ms.float32),
-                             ms.Tensor(0.0, ms.float32))
+        target = ops.one_hot(labels, self.num_classes, ms.Tensor(self.on, ms.float32),
+                             ms.Tensor(self.off, ms.float32))
         per_sample = ((probs - target) ** 2).sum(axis=1)
         w = ops.gather(self.weights, labels, 0)
         return (per_sample * w).sum() / w.sum()
@@ -53,8 +58,11 @@ def class_weights(class_counts: Sequence[int]) -> list[float]:
 def build_loss(cfg, num_classes: int, class_counts: Sequence[int]) -> nn.Cell:
     """The loss from its config group (cfg.loss) and the train split's class counts."""
     weights = class_weights(class_counts) if cfg.class_weighted else None
+    smoothing = float(cfg.get("label_smoothing", 0.0))
+    if not 0 <= smoothing < 1:
+        raise XrayError(f"loss.label_smoothing={smoothing} must be in [0, 1)")
     if cfg.name == "softmax_ce":
-        return SoftmaxCrossEntropy(weights)
+        return SoftmaxCrossEntropy(weights, smoothing)
     if cfg.name == "mse":
-        return SoftmaxMSE(num_classes, weights)
+        return SoftmaxMSE(num_classes, weights, smoothing)
     raise XrayError(f"loss={cfg.name} is unknown; use softmax_ce or mse")

@@ -1,6 +1,7 @@
 """AlexNet as nn.Cell: the seed's layers plus the paper's LRN and dropout as switches."""
 from __future__ import annotations
 
+import numpy as np
 from mindspore import nn, ops
 
 from xray.errors import XrayError
@@ -37,17 +38,18 @@ class AlexNet(nn.Cell):
     """conv 96@11/4, 256@5, 384@3, 384@3, 256@3, overlapping max-pool 3/2, FC 4096-4096-classes.
 
     Adaptive average pooling to 6x6 before fc1 lets any input size >= 67 px work
-    (227 gives exactly 6x6, as in the paper)."""
+    (227 gives exactly 6x6, as in the paper).
 
-    def __init__(self, num_classes: int = 2, in_channels: int = 1, lrn: bool = True,
-                 dropout: float = 0.5) -> None:
+    Dropout (on fc1 and fc2) takes its masks as inputs, `net(x, mask1, mask2)`, drawn by the
+    training loop from (seed, step) (see `dropout_masks`): a resumed run then draws exactly
+    the masks an uninterrupted one would, which a stateful random op cannot restore.
+    `net(x)` is the network at inference."""
+
+    def __init__(self, num_classes: int = 2, in_channels: int = 1, lrn: bool = True) -> None:
         super().__init__()
 
         def norm() -> list[nn.Cell]:
             return [LocalResponseNorm(size=5, k=2.0, alpha=1e-4, beta=0.75)] if lrn else []
-
-        def drop() -> list[nn.Cell]:
-            return [nn.Dropout(p=dropout)] if dropout > 0 else []
 
         pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2)  # noqa: E731
         self.features = nn.SequentialCell(
@@ -59,14 +61,31 @@ class AlexNet(nn.Cell):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.flatten = nn.Flatten()
-        self.classifier = nn.SequentialCell(
-            [nn.Dense(256 * 6 * 6, 4096), nn.ReLU(), *drop(),
-             nn.Dense(4096, 4096), nn.ReLU(), *drop(),
-             nn.Dense(4096, num_classes)]
-        )
+        self.fc1 = nn.Dense(256 * 6 * 6, 4096)
+        self.fc2 = nn.Dense(4096, 4096)
+        self.fc3 = nn.Dense(4096, num_classes)
+        self.relu = nn.ReLU()
 
-    def construct(self, x):
-        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+    def construct(self, x, mask1=None, mask2=None):
+        x = self.relu(self.fc1(self.flatten(self.avgpool(self.features(x)))))
+        if mask1 is not None:
+            x = x * mask1
+        x = self.relu(self.fc2(x))
+        if mask2 is not None:
+            x = x * mask2
+        return self.fc3(x)
+
+
+def dropout_masks(p: float, batch: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverted-dropout masks for fc1 and fc2 of one training step: 0 with probability p,
+    else 1/(1-p); a function of (seed, step) only. p = 0 gives masks of ones."""
+    if p <= 0:
+        ones = np.ones((batch, 4096), np.float32)
+        return ones, ones
+    rng = np.random.default_rng([int(seed), int(step), 1])
+    keep = rng.random((2, batch, 4096)) >= p
+    masks = keep.astype(np.float32) / np.float32(1 - p)
+    return masks[0], masks[1]
 
 
 def build_model(cfg, image_size: int) -> AlexNet:
@@ -78,4 +97,6 @@ def build_model(cfg, image_size: int) -> AlexNet:
                         f"(its pooling needs >= {MIN_IMAGE_SIZE} px)")
     if cfg.in_channels not in (1, 3):
         raise XrayError(f"model.in_channels={cfg.in_channels} must be 1 or 3")
-    return AlexNet(cfg.num_classes, cfg.in_channels, cfg.lrn, cfg.dropout)
+    if not 0 <= cfg.dropout < 1:
+        raise XrayError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+    return AlexNet(cfg.num_classes, cfg.in_channels, cfg.lrn)

@@ -1,6 +1,7 @@
 """Predict single images (or every image in a folder) with a trained checkpoint.
 
-    python -m xray.predict ckpt=<run>/checkpoints/best.ckpt image=some.jpeg [plot=true]
+    python -m xray.predict ckpt=<run>/checkpoints/best.ckpt image=some.jpeg [plot=true] [tta=4]
+    python -m xray.predict ckpt=outputs/best/<sweep> top_k=3 image=<folder>      # an ensemble
 
 Prints `file  label  p(pneumonia)`; plot=true saves <image name>.png (the X-ray titled with
 its prediction) into the run's output folder.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import hydra
 import numpy as np
@@ -17,12 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from xray import CONF_DIR
-from xray.checkpoint import TrainedModel, load_trained_model
+from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.labels import CLASSES
 from xray.plots import prediction_figure, save_figure
-from xray.preprocess import load_image, to_tensor
+from xray.preprocess import load_image, model_input
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +42,33 @@ def list_images(path: Path) -> list[Path]:
     raise XrayError(f"image={path} does not exist; pass an image file or a folder of images")
 
 
-def predict_images(model: TrainedModel, paths: list[Path], threshold: float = 0.5,
-                   plot_dir: Optional[Path] = None, batch_size: int = 32) -> list[dict]:
-    """[{file, label, p_pneumonia}] per readable image; unreadable ones get label 'error'."""
+def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold: float = 0.5,
+                   plot_dir: Optional[Path] = None, batch_size: int = 32, tta: int = 1) -> list[dict]:
+    """[{file, label, p_pneumonia}] per readable image (the models' mean probability, each
+    model through its own preprocessing); unreadable ones get label 'error'."""
     results = []
     for start in range(0, len(paths), batch_size):
-        images, tensors, ok = [], [], []
+        loaded, ok = [], []  # per image: {short_side: image}
         for path in paths[start:start + batch_size]:
             try:
-                image = load_image(path, model.spec.short_side)
+                images = {s: load_image(path, s) for s in sorted({m.spec.short_side for m in models})}
             except Exception as e:  # noqa: BLE001 - report and go on with the other images
                 results.append({"file": str(path), "label": "error", "p_pneumonia": None,
                                 "error": f"{type(e).__name__}: {e}".splitlines()[0]})
                 continue
-            images.append(image)
-            tensors.append(to_tensor(image, model.spec))
+            loaded.append(images)
             ok.append(path)
-        if not tensors:
+        if not ok:
             continue
-        probs = model.probabilities(np.stack(tensors))
-        for path, image, p in zip(ok, images, probs):
+        probs = np.mean([m.probabilities(np.stack([model_input(images[m.spec.short_side], m.spec, tta)
+                                                   for images in loaded]))
+                         for m in models], axis=0)
+        for path, images, p in zip(ok, loaded, probs):
             label = CLASSES[int(p >= threshold)]
             results.append({"file": str(path), "label": label, "p_pneumonia": float(p)})
             if plot_dir is not None:
                 title = f"{path.name}\n{label}  p(pneumonia) = {p:.3f}"
+                image = images[models[0].spec.short_side]
                 save_figure(prediction_figure(image, title), plot_dir / f"{path.stem}.png")
     return results
 
@@ -82,12 +86,14 @@ def format_results(results: list[dict]) -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    if cfg.ckpt is None or cfg.image is None:
-        raise XrayError("set both ckpt=<run>/checkpoints/best.ckpt and image=<file or folder>")
+    if cfg.image is None:
+        raise XrayError("set image=<file or folder> (and ckpt=<run>/checkpoints/best.ckpt)")
+    checkpoints = resolve_checkpoints(cfg.ckpt, cfg.top_k)
     setup_device(cfg.device_target, cfg.mode)
-    model = load_trained_model(Path(cfg.ckpt))
+    models = [load_trained_model(c) for c in checkpoints]
     plot_dir = Path(HydraConfig.get().runtime.output_dir) if cfg.plot else None
-    results = predict_images(model, list_images(Path(cfg.image)), cfg.threshold, plot_dir)
+    results = predict_images(models, list_images(Path(cfg.image)), cfg.threshold, plot_dir,
+                             tta=cfg.tta)
     print(format_results(results))
     if plot_dir is not None:
         log.info("plots: %s", plot_dir)

@@ -1,10 +1,13 @@
 """The one preprocessing path, shared by convert, train, evaluate and predict.
 
-An image goes through two steps:
+An image goes through three steps:
 1. `load_image`: any file Pillow reads -> upright 8-bit grayscale, shorter side = short_side.
    Convert stores this array (lossless PNG) in MindRecord; predict applies it to a raw file.
-2. `to_tensor`: that array (possibly augmented during training) -> the model input, a
-   normalized float32 CHW tensor. Evaluate's pipeline and predict call the same function.
+2. `standardize`: the run's optional contrast normalisation (`equalize`: none, hist, clahe),
+   before any augmentation, so that intensity augmentation is not undone by it.
+3. `to_tensor`: that array (possibly augmented during training) -> the model input, a
+   normalized float32 CHW tensor.
+`model_input` = steps 2 + 3: evaluate's pipeline and predict call the same function.
 """
 from __future__ import annotations
 
@@ -28,9 +31,13 @@ class Preprocess:
     mean: float  # train-split pixel mean, pixels in [0, 1]
     std: float  # train-split pixel std
     channels: int = 1  # 1 = grayscale; 3 = grayscale repeated (for RGB-shaped models)
+    equalize: str = "none"  # none | hist (global histogram equalisation) | clahe (local)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+EQUALIZE = ("none", "hist", "clahe")
 
 
 def _to_grayscale(im: Image.Image) -> Image.Image:
@@ -83,10 +90,10 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def decode_png(data: Union[bytes, np.ndarray]) -> np.ndarray:
-    """MindRecord image bytes -> uint8 HxWx1 array (HWC, as MindSpore vision ops expect)."""
+    """MindRecord image bytes -> uint8 HxW array."""
     raw = data.tobytes() if isinstance(data, np.ndarray) else data
     with Image.open(io.BytesIO(raw)) as im:
-        return np.asarray(im.convert("L"), dtype=np.uint8)[:, :, None]
+        return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
 def to_tensor(image: np.ndarray, spec: Preprocess) -> np.ndarray:
@@ -104,6 +111,75 @@ def to_tensor(image: np.ndarray, spec: Preprocess) -> np.ndarray:
     return np.repeat(x[None], spec.channels, axis=0).astype(np.float32)
 
 
-def preprocess_file(path: Union[str, Path], spec: Preprocess) -> np.ndarray:
-    """A raw image file -> model input, exactly as training and evaluation see it."""
-    return to_tensor(load_image(path, spec.short_side), spec)
+
+
+def equalize_hist(image: np.ndarray) -> np.ndarray:
+    """Global histogram equalisation of a uint8 image (Pillow's ImageOps.equalize)."""
+    return np.asarray(ImageOps.equalize(Image.fromarray(image, "L")))
+
+
+def clahe(image: np.ndarray, tiles: int = 8, clip_limit: float = 2.0) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a uint8 HxW image.
+
+    One equalisation curve per tile of a tiles x tiles grid, each histogram clipped at
+    clip_limit x its mean bin count (the excess spread evenly over all bins), then every pixel
+    mapped through the curves of its four nearest tile centres, bilinearly weighted (as in
+    OpenCV's and scikit-image's CLAHE)."""
+    h, w = image.shape
+    ty, tx = min(tiles, h), min(tiles, w)
+    rows = np.minimum(np.arange(h) * ty // h, ty - 1)  # tile row/column of every pixel
+    cols = np.minimum(np.arange(w) * tx // w, tx - 1)
+    tile_of = rows[:, None] * tx + cols[None, :]
+    hist = np.bincount((tile_of * 256 + image).ravel(), minlength=ty * tx * 256)
+    hist = hist.reshape(ty * tx, 256).astype(np.float64)
+    if clip_limit > 0:
+        limit = np.maximum(clip_limit * hist.sum(axis=1, keepdims=True) / 256, 1.0)
+        excess = np.maximum(hist - limit, 0).sum(axis=1, keepdims=True)
+        hist = np.minimum(hist, limit) + excess / 256
+    cdf = np.cumsum(hist, axis=1)
+    lut = (cdf / cdf[:, -1:] * 255.0).reshape(ty, tx, 256)
+
+    def neighbours(n_pixels: int, n_tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # tile centres at (k + 0.5) * size; pixels outside the outer centres clamp to them
+        pos = (np.arange(n_pixels) + 0.5) * n_tiles / n_pixels - 0.5
+        lo = np.clip(np.floor(pos), 0, n_tiles - 1).astype(np.int64)
+        hi = np.minimum(lo + 1, n_tiles - 1)
+        weight = np.clip(pos - lo, 0.0, 1.0)
+        return lo, hi, weight
+
+    y0, y1, wy = neighbours(h, ty)
+    x0, x1, wx = neighbours(w, tx)
+    v = image.astype(np.int64)
+    top = lut[y0[:, None], x0[None, :], v] * (1 - wx) + lut[y0[:, None], x1[None, :], v] * wx
+    bottom = lut[y1[:, None], x0[None, :], v] * (1 - wx) + lut[y1[:, None], x1[None, :], v] * wx
+    out = top * (1 - wy[:, None]) + bottom * wy[:, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def standardize(image: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """The run's contrast normalisation of a stored uint8 HxW (or HxWx1) image -> uint8 HxW."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[:, :, 0]
+    if spec.equalize == "hist":
+        return equalize_hist(image)
+    if spec.equalize == "clahe":
+        return clahe(image)
+    return image
+
+
+def model_input(image: np.ndarray, spec: Preprocess, tta: int = 1) -> np.ndarray:
+    """A stored (or freshly loaded) image -> the model input (CxSxS) as evaluation and predict
+    see it; with tta > 1 its first `tta` test-time views (VxCxSxS), standardized first as in
+    training."""
+    from xray.augment import tta_views
+
+    image = standardize(image, spec)
+    if tta <= 1:
+        return to_tensor(image, spec)
+    return np.stack([to_tensor(view, spec) for view in tta_views(image, tta)])
+
+
+def preprocess_file(path: Union[str, Path], spec: Preprocess, tta: int = 1) -> np.ndarray:
+    """A raw image file -> model input, exactly as evaluation sees it."""
+    return model_input(load_image(path, spec.short_side), spec, tta)

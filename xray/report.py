@@ -2,6 +2,7 @@
 
     python -m xray.report outputs/multirun/<sweep>            # table + report.{csv,md} + PNGs
     python -m xray.report outputs/multirun/<sweep> --force    # replace outputs/best/<name> even if not better
+    python -m xray.report outputs/multirun/<sweep> --rank-by test_auc --top-k 3
 
 Works on a sweep that is still running or partly failed: members without metrics.json are
 `unfinished`; a member whose training raised is `failed`.
@@ -28,8 +29,7 @@ from xray.files import atomic_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["rank", "member", "status", "loss", "lr", "momentum", "best_val_auc",
-           "best_val_accuracy", "best_epoch", "final_train_loss", "wall_time_s", "checkpoint"]
+EVAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity")  # per evaluated split, at the val-chosen threshold
 
 
 @dataclass
@@ -40,27 +40,28 @@ class Member:
     hparams: dict
     sweep_name: str
     metrics: dict = field(default_factory=dict)
+    evals: dict = field(default_factory=dict)  # split -> eval_<split>.json of its best.ckpt
 
     @property
     def best_val_auc(self) -> Optional[float]:
         return (self.metrics.get("best_val") or {}).get("auc")
 
-    def row(self) -> dict:
+    def values(self) -> dict:
+        """Every number the report can show or rank by."""
         best = self.metrics.get("best_val") or {}
-        ckpt = self.path / "checkpoints" / "best.ckpt"
-        return {
-            "member": self.name, "status": self.status, "loss": self.hparams.get("loss"),
-            "lr": self.hparams.get("lr"), "momentum": self.hparams.get("momentum"),
-            "best_val_auc": best.get("auc"), "best_val_accuracy": best.get("accuracy"),
-            "best_epoch": self.metrics.get("best_epoch"),
-            "final_train_loss": self.metrics.get("final_train_loss"),
-            "wall_time_s": self.metrics.get("wall_time_s"),
-            "checkpoint": str(ckpt) if ckpt.exists() else None,
-        }
+        out = {"best_val_auc": best.get("auc"), "best_val_accuracy": best.get("accuracy")}
+        for split, result in self.evals.items():
+            for metric in EVAL_METRICS:
+                out[f"{split}_{metric}"] = result["youden"][metric]["value"]
+        out.update({"best_epoch": self.metrics.get("best_epoch"),
+                    "final_train_loss": self.metrics.get("final_train_loss"),
+                    "wall_time_s": self.metrics.get("wall_time_s")})
+        return out
 
 
-def collect(sweep_dir: Path) -> list[Member]:
-    """Every member folder (one with .hydra/config.yaml) of a sweep, ranked by best val AUC."""
+def collect(sweep_dir: Path, rank_by: str = "best_val_auc") -> list[Member]:
+    """Every member folder (one with .hydra/config.yaml) of a sweep, ranked by `rank_by`
+    (best val AUC by default; e.g. test_auc when the members were evaluated on test)."""
     from xray.train import hparams_of  # the same keys TensorBoard's HParams tab shows
 
     sweep_dir = Path(sweep_dir)
@@ -72,17 +73,55 @@ def collect(sweep_dir: Path) -> list[Member]:
         cfg = OmegaConf.load(config)
         metrics_file = path / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        evals = {f.stem[len("eval_"):]: json.loads(f.read_text())
+                 for f in sorted(path.glob("eval_*.json")) if "_tta" not in f.stem}
         members.append(Member(path.name, path, metrics.get("status", "unfinished"),
-                              hparams_of(cfg), str(cfg.get("sweep_name", "sweep")), metrics))
+                              hparams_of(cfg), str(cfg.get("sweep_name", "sweep")), metrics, evals))
     if not members:
         raise XrayError(f"{sweep_dir} has no sweep members (no */.hydra/config.yaml); "
                         "pass the folder a `python -m xray.train -m ...` wrote")
+    return rank(members, rank_by)
+
+
+def rank(members: list[Member], by: str = "best_val_auc") -> list[Member]:
+    """Members sorted by a column, highest first; members without a value last."""
+    known = sorted({k for m in members for k in m.values()})
+    if by not in known:
+        raise XrayError(f"--rank-by {by} is not a column of this sweep; use one of {', '.join(known)}")
 
     def key(m: Member) -> tuple:
-        auc = m.best_val_auc
-        return (auc is None or math.isnan(auc), -(auc or 0.0), m.name)
+        value = m.values().get(by)
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        return (missing, -(value or 0.0), m.name)
 
     return sorted(members, key=key)
+
+
+def varying_hparams(members: list[Member]) -> list[str]:
+    """The hyper-parameters that tell the members apart (the sweep's levers)."""
+    keys = [k for k in members[0].hparams if k != "status"]
+    return [k for k in keys if len({repr(m.hparams.get(k)) for m in members}) > 1]
+
+
+def eval_splits(members: list[Member]) -> list[str]:
+    """The splits some member was evaluated on, val first."""
+    found = {s for m in members for s in m.evals}
+    return sorted(found, key=lambda s: (s != "val", s != "test", s))
+
+
+def rows(members: list[Member]) -> tuple[list[str], list[dict]]:
+    """(columns, one dict per member in rank order)."""
+    levers = varying_hparams(members)
+    split_cols = [f"{s}_{m}" for s in eval_splits(members) for m in EVAL_METRICS]
+    columns = (["rank", "member", "status", *levers, "best_val_auc", "best_val_accuracy", *split_cols,
+                "best_epoch", "final_train_loss", "wall_time_s", "checkpoint"])
+    out = []
+    for i, m in enumerate(members):
+        ckpt = m.path / "checkpoints" / "best.ckpt"
+        out.append({"rank": i + 1, "member": m.name, "status": m.status,
+                    **{k: m.hparams.get(k) for k in levers}, **m.values(),
+                    "checkpoint": str(ckpt) if ckpt.exists() else None})
+    return columns, out
 
 
 def _fmt(value) -> str:
@@ -94,9 +133,9 @@ def _fmt(value) -> str:
 
 
 def table(members: list[Member], markdown: bool = False) -> str:
-    rows = [{"rank": i + 1, **m.row()} for i, m in enumerate(members)]
-    cols = [c for c in COLUMNS if c != "checkpoint"] if not markdown else COLUMNS
-    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    columns, data = rows(members)
+    cols = [c for c in columns if c != "checkpoint"] if not markdown else columns
+    cells = [[_fmt(r.get(c)) for c in cols] for r in data]
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
@@ -107,11 +146,11 @@ def table(members: list[Member], markdown: bool = False) -> str:
 
 
 def write_csv(members: list[Member], path: Path) -> None:
+    columns, data = rows(members)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    for i, m in enumerate(members):
-        writer.writerow({"rank": i + 1, **m.row()})
+    writer.writerows(data)
     write_text(path, buf.getvalue())
 
 
@@ -165,24 +204,28 @@ def heatmap_figure(members: list[Member]):
 
 
 def curves_figure(members: list[Member]):
-    """Training-loss curves, one panel per (lr, momentum), the losses overlaid."""
+    """Training-loss curves, one panel per (lr, momentum), the members' other levers overlaid
+    (one colour per setting, e.g. per loss)."""
     import matplotlib.pyplot as plt
 
     lrs = sorted({m.hparams["lr"] for m in members})
     moms = sorted({m.hparams["momentum"] for m in members})
     fig, axes = plt.subplots(len(moms), len(lrs), figsize=(4.0 * len(lrs), 3.0 * len(moms)),
                              dpi=100, squeeze=False, sharex=True)
-    losses = sorted({m.hparams["loss"] for m in members})
+    levers = [k for k in varying_hparams(members) if k not in ("lr", "momentum")] or ["loss"]
+    setting = lambda m: ", ".join(f"{m.hparams[k]}" if k == "loss" else f"{k}={m.hparams[k]}"  # noqa: E731
+                                  for k in levers)
+    settings = sorted({setting(m) for m in members})
     limits: dict[int, tuple[float, float]] = {}  # per panel: a blow-up spike must not flatten the rest
     for m in members:
         ax = axes[moms.index(m.hparams["momentum"])][lrs.index(m.hparams["lr"])]
         steps, loss = train_loss_curve(m)
         window = max(1, min(len(loss), len(loss) // 25))  # light smoothing: a moving average
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid") if len(loss) else loss
-        label = m.hparams["loss"] + ("" if m.status == "ok" else f" ({m.status})")
-        # one colour per loss in every panel; a member without a curve still gets its legend entry
+        label = setting(m) + ("" if m.status == "ok" else f" ({m.status})")
+        # one colour per setting in every panel; a member without a curve still gets its legend entry
         ax.plot(steps[window - 1:] if len(loss) else [], smooth, lw=1.5, label=label,
-                color=f"C{losses.index(m.hparams['loss'])}")
+                color=f"C{settings.index(setting(m)) % 10}")
         if len(smooth):
             lo, hi = limits.get(id(ax), (np.inf, -np.inf))
             limits[id(ax)] = (min(lo, 0.9 * float(np.percentile(smooth, 1))),
@@ -204,15 +247,43 @@ def curves_figure(members: list[Member]):
     return fig
 
 
-def export_best(members: list[Member], best_root: Path, force: bool = False) -> Optional[Path]:
-    """Copy the winner into <best_root>/<sweep name>/ with a MindIR export; an existing
-    folder is only replaced by a better member, or with force. Returns the folder if written."""
-    winner = next((m for m in members if m.status == "ok" and m.best_val_auc is not None
-                   and not math.isnan(m.best_val_auc)
-                   and (m.path / "checkpoints" / "best.ckpt").exists()), None)
-    if winner is None:
+def val_vs_split_figure(members: list[Member], split: str):
+    """Best val AUC against the split's AUC and specificity (at the val-chosen threshold), one
+    point per member: how much validation says about new patients."""
+    import matplotlib.pyplot as plt
+
+    done = [(i + 1, m) for i, m in enumerate(members) if split in m.evals and m.best_val_auc is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=110)
+    x = [m.best_val_auc for _, m in done]
+    for ax, metric in zip(axes, ("auc", "specificity")):
+        y = [m.evals[split]["youden"][metric]["value"] for _, m in done]
+        ax.scatter(x, y, s=30, color="C0")
+        for (number, _), xi, yi in zip(done, x, y):
+            ax.annotate(str(number), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel("best val AUC (chooses the checkpoint)")
+        ax.set_ylabel(f"{split} {metric}" + (" at the val-chosen threshold" if metric != "auc" else ""))
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"val vs {split}: AUC", fontsize=10)
+    axes[1].set_title(f"val AUC vs {split} specificity", fontsize=10)
+    fig.suptitle("numbers = rank in report.md", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def export_best(members: list[Member], best_root: Path, force: bool = False,
+                top_k: int = 1) -> Optional[Path]:
+    """Copy the member with the best val AUC into <best_root>/<sweep name>/ with a MindIR
+    export, and the top_k members by val AUC into its members/1..top_k/ (for ensembles:
+    `xray.evaluate ckpt=<folder> top_k=K`); an existing folder is only replaced by a better
+    member, or with force. Returns the folder if written."""
+    ranked = [m for m in rank(members, "best_val_auc") if m.status == "ok" and m.best_val_auc is not None
+              and not math.isnan(m.best_val_auc) and (m.path / "checkpoints" / "best.ckpt").exists()]
+    if not ranked:
         log.info("best: no finished member with a checkpoint yet")
         return None
+    winner = ranked[0]
+    if top_k > len(ranked):
+        raise XrayError(f"--top-k {top_k}: only {len(ranked)} members finished with a checkpoint")
     target = Path(best_root) / winner.sweep_name
     if (target / "metrics.json").exists() and not force:
         current = json.loads((target / "metrics.json").read_text())
@@ -222,16 +293,25 @@ def export_best(members: list[Member], best_root: Path, force: bool = False) -> 
                      target, current_auc, winner.best_val_auc, winner.name)
             return None
     with atomic_dir(target) as tmp:
-        shutil.copy2(winner.path / "checkpoints" / "best.ckpt", tmp / "best.ckpt")
-        shutil.copy2(winner.path / "config.yaml", tmp / "config.yaml")
+        copy_member(winner, tmp)
         cfg = OmegaConf.load(tmp / "config.yaml")
         manifest = Path(cfg.data.dir) / "manifest.json"
         if manifest.exists():
             shutil.copy2(manifest, tmp / "manifest.json")
-        write_json(tmp / "metrics.json", {**winner.metrics, "source": str(winner.path)})
         export_mindir(tmp / "best.ckpt", tmp / "model.mindir")
-    log.info("best: %s (val AUC %.4f) -> %s", winner.name, winner.best_val_auc, target)
+        for i, member in enumerate(ranked[:top_k] if top_k > 1 else [], start=1):
+            copy_member(member, tmp / "members" / str(i))
+    log.info("best: %s (val AUC %.4f) -> %s%s", winner.name, winner.best_val_auc, target,
+             f" (+ top {top_k} in members/)" if top_k > 1 else "")
     return target
+
+
+def copy_member(member: Member, folder: Path) -> None:
+    """best.ckpt, config.yaml and metrics.json (with the member it came from) into folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(member.path / "checkpoints" / "best.ckpt", folder / "best.ckpt")
+    shutil.copy2(member.path / "config.yaml", folder / "config.yaml")
+    write_json(folder / "metrics.json", {**member.metrics, "source": str(member.path)})
 
 
 def export_mindir(checkpoint: Path, path: Path) -> None:
@@ -247,27 +327,33 @@ def export_mindir(checkpoint: Path, path: Path) -> None:
 
 
 def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), force: bool = False,
-           out=None) -> list[Member]:
-    """Print the ranking, write report.{csv,md}, heatmap_auc.png, loss_curves.png into the
-    sweep folder, and export the best member (unless best_root is None)."""
+           out=None, rank_by: str = "best_val_auc", top_k: int = 1) -> list[Member]:
+    """Print the ranking (by `rank_by`), write report.{csv,md}, the plots into the sweep folder,
+    and export the best member by val AUC, whatever the ranking shown (unless best_root is
+    None): the product chooses on validation only."""
     from xray.plots import save_figure
 
     out = out or sys.stdout
     sweep_dir = Path(sweep_dir)
-    members = collect(sweep_dir)
+    members = collect(sweep_dir, rank_by)
     text = table(members)
     out.write(text)
     counts = {s: sum(m.status == s for m in members) for s in ("ok", "diverged", "failed", "unfinished")}
-    out.write(", ".join(f"{n} {s}" for s, n in counts.items() if n) + "\n")
+    out.write(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" (ranked by {rank_by})\n")
     write_csv(members, sweep_dir / "report.csv")
-    write_text(sweep_dir / "report.md", f"# Sweep {sweep_dir.name}\n\n" + table(members, markdown=True))
-    save_figure(heatmap_figure(members), sweep_dir / "heatmap_auc.png")
+    write_text(sweep_dir / "report.md", f"# Sweep {sweep_dir.name}\n\nRanked by {rank_by}.\n\n"
+               + table(members, markdown=True))
+    if {"lr", "momentum"} & set(varying_hparams(members)):
+        save_figure(heatmap_figure(members), sweep_dir / "heatmap_auc.png")
     save_figure(curves_figure(members), sweep_dir / "loss_curves.png")
+    for split in eval_splits(members):
+        if split != "val":
+            save_figure(val_vs_split_figure(members, split), sweep_dir / f"val_vs_{split}.png")
     if best_root is not None:
         from xray.device import setup_device
 
         setup_device("CPU")
-        export_best(members, best_root, force)
+        export_best(members, best_root, force, top_k)
     return members
 
 
@@ -279,10 +365,18 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="where the winner is copied (default outputs/best)")
     parser.add_argument("--no-best", action="store_true", help="only report, copy nothing")
     parser.add_argument("--force", action="store_true", help="replace the best folder even if not better")
+    parser.add_argument("--rank-by", default="best_val_auc",
+                        help="column to rank by, e.g. test_auc (default best_val_auc); the export "
+                             "always takes the best by val AUC")
+    parser.add_argument("--top-k", type=int, default=1,
+                        help="also copy the K best members by val AUC into <best>/members/1..K")
     args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..." noise
-    report(args.sweep_dir, None if args.no_best else args.best_root, args.force)
+    report(args.sweep_dir, None if args.no_best else args.best_root, args.force, rank_by=args.rank_by,
+           top_k=args.top_k)
 
 
 if __name__ == "__main__":

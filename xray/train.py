@@ -27,17 +27,20 @@ from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as hparams_summary
 
 from xray import CONF_DIR
-from xray.data import make_dataset, preprocess_spec, read_manifest, split_file
+from xray.data import (make_eval_dataset, make_train_dataset, preprocess_spec, read_labels,
+                       read_manifest, split_file)
 from xray.device import setup_device
 from xray.errors import XrayError, in_batch_job, one_line_errors
 from xray.files import write_json, write_text
 from xray.labels import CLASSES, POSITIVE
 from xray.losses import build_loss
 from xray.metrics import binary_metrics, confusion
-from xray.model import build_model
+from xray.model import build_model, dropout_masks
 from xray.plots import confusion_figure
 
 log = logging.getLogger(__name__)
+
+INTENSITY = ("brightness", "contrast", "gamma", "blur", "noise")  # data.augment strengths
 
 def lr_schedule(base_lr: float, optim: DictConfig, epochs: int, steps_per_epoch: int) -> np.ndarray:
     """Learning rate of every step: warm-up from base_lr/10, then constant, step or cosine."""
@@ -75,7 +78,7 @@ def predict_split(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, 
     """(labels, p(pneumonia), mean loss) over a whole eval dataset."""
     net.set_train(False)
     labels, probs, loss_sum = [], [], 0.0
-    for x, y in dataset.create_tuple_iterator(num_epochs=1):
+    for x, y in dataset.create_tuple_iterator(num_epochs=1):  # net(x): no dropout masks
         logits = net(x)
         loss_sum += float(loss_fn(logits, y).asnumpy()) * len(y)
         probs.append(ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy())
@@ -88,12 +91,17 @@ def hparams_of(cfg: DictConfig) -> dict:
     """The run's hyper-parameters for TensorBoard's HParams dashboard (same keys every run)."""
     return {
         "lr": float(cfg.lr), "momentum": float(cfg.momentum), "loss": str(cfg.loss.name),
-        "class_weighted": bool(cfg.loss.class_weighted), "batch_size": int(cfg.batch_size),
+        "class_weighted": bool(cfg.loss.class_weighted),
+        "label_smoothing": float(cfg.loss.label_smoothing), "sampling": str(cfg.data.sampling),
+        "batch_size": int(cfg.batch_size),
         "epochs": int(cfg.epochs), "seed": int(cfg.seed), "schedule": str(cfg.optim.schedule),
         "warmup_epochs": int(cfg.optim.warmup_epochs),
         "weight_decay": float(cfg.optim.weight_decay), "image_size": int(cfg.data.image_size),
         "lrn": bool(cfg.model.lrn), "dropout": float(cfg.model.dropout),
-        "augment": bool(cfg.data.augment.enabled), "data": str(cfg.data.name),
+        "augment": bool(cfg.data.augment.enabled),
+        **{f"augment_{k}": float(cfg.data.augment[k]) if cfg.data.augment.enabled else 0.0
+           for k in INTENSITY},
+        "equalize": str(cfg.data.equalize), "data": str(cfg.data.name),
     }
 
 
@@ -106,6 +114,9 @@ def write_hparams(writer: SummaryWriter, cfg: DictConfig, result: dict, step: in
         "hparam/best_val_accuracy": best.get("accuracy", float("nan")),
         "hparam/final_train_loss": result.get("final_train_loss") or float("nan"),
         "hparam/diverged": float(result["status"] == "diverged"),
+        # the val-chosen checkpoint on the test split, at the val-chosen threshold
+        **{f"hparam/test_{k}": ((result.get("eval") or {}).get("test") or {}).get("youden", {}).get(k, float("nan"))
+           for k in ("auc", "accuracy", "sensitivity", "specificity")},
     }
     exp, ssi, sei = hparams_summary({**hparams_of(cfg), "status": result["status"]}, metrics)
     for summary in (exp, ssi, sei):
@@ -176,23 +187,26 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     setup_device(cfg.device_target, cfg.mode)
-    ms.set_seed(cfg.seed)
-    ms.dataset.config.set_seed(cfg.seed)
+    ms.set_seed(cfg.seed)  # weight init; data order, augmentation and dropout come from (seed, step)
 
     data_dir = Path(cfg.data.dir)
     manifest = read_manifest(data_dir)
-    spec = preprocess_spec(manifest, cfg.data.image_size, cfg.model.in_channels)
+    spec = preprocess_spec(manifest, cfg.data.image_size, cfg.model.in_channels, cfg.data.equalize)
     train_counts = [manifest["splits"]["train"]["classes"][c] for c in CLASSES]
-    train_ds = make_dataset(split_file(data_dir, manifest, "train"), spec, cfg.batch_size,
-                            train=True, augment=cfg.data.augment, workers=cfg.data.workers)
-    val_ds = make_dataset(split_file(data_dir, manifest, "val"), spec, cfg.batch_size,
-                          train=False, workers=cfg.data.workers)
-    steps_per_epoch = train_ds.get_dataset_size()
+    train_file = split_file(data_dir, manifest, "train")
+    train_labels = read_labels(train_file)
+    val_ds = make_eval_dataset(split_file(data_dir, manifest, "val"), spec, cfg.batch_size,
+                               workers=cfg.data.workers)
+    steps_per_epoch = len(train_labels) // cfg.batch_size
     if steps_per_epoch == 0:
         raise XrayError(f"batch_size={cfg.batch_size} is larger than the train split "
-                        f"({sum(train_counts)} images); lower batch_size")
+                        f"({len(train_labels)} images); lower batch_size")
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(cfg.train.max_steps_per_epoch))
+
+    def epoch_data(epoch: int, start_batch: int):
+        return make_train_dataset(train_file, spec, cfg.batch_size, train_labels, cfg.seed, epoch,
+                                  start_batch, cfg.data.augment, cfg.data.sampling, cfg.data.workers)
 
     # the run's resolved config + preprocessing: all evaluate/predict need to rebuild the input
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -204,18 +218,22 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
     optimizer = build_optimizer(net, cfg, lr)
 
-    def forward(x, y):
-        return loss_fn(net(x), y)
+    def forward(x, y, mask1, mask2):
+        return loss_fn(net(x, mask1, mask2), y)
 
     grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
 
-    def train_step(x, y):
-        loss, grads = grad_fn(x, y)
+    def train_step(x, y, mask1, mask2):
+        loss, grads = grad_fn(x, y, mask1, mask2)
         optimizer(grads)
         return loss
 
     if cfg.mode == "graph":
         train_step = ms.jit(train_step)
+
+    def step_fn(x, y, global_step: int):
+        masks = dropout_masks(float(cfg.model.dropout), x.shape[0], cfg.seed, global_step)
+        return train_step(x, y, *(ms.Tensor(m) for m in masks))
 
     # first_epoch = epochs completed; step_in_epoch > 0 when a job was stopped mid-epoch
     first_epoch, best_auc, best_epoch, step_in_epoch, carried_loss = 0, -1.0, -1, 0, 0.0
@@ -240,7 +258,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                            flush_secs=10)
 
     log.info("train: %s, %d train / %d val images, %d steps/epoch, input %dx%d, loss=%s lr=%g "
-             "momentum=%g, device %s (%s mode)", data_dir, sum(train_counts),
+             "momentum=%g, device %s (%s mode)", data_dir, len(train_labels),
              manifest["splits"]["val"]["images"], steps_per_epoch, spec.image_size,
              spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode)
     status, train_time, train_images = "ok", 0.0, 0
@@ -248,8 +266,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     for epoch in range(first_epoch + 1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         done_before, step_in_epoch = step_in_epoch, 0
-        losses, global_step = train_epoch(train_step, net, train_ds, steps_per_epoch - done_before,
-                                          lr, writer, global_step, epoch, cfg.train.log_every, guard)
+        losses, global_step = train_epoch(step_fn, net, epoch_data(epoch, done_before),
+                                          steps_per_epoch - done_before, lr, writer, global_step,
+                                          epoch, cfg.train.log_every, guard)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
         train_images += len(losses) * cfg.batch_size
@@ -294,6 +313,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     best_val = next(({k[4:]: v for k, v in h.items() if k.startswith("val_")}
                      for h in history if h["epoch"] == best_epoch), None)
+    train_wall = time.perf_counter() - start_time
+    evaluated = {}
+    if status == "ok" and best_ckpt.exists():
+        evaluated = evaluate_splits(best_ckpt, data_dir, manifest, cfg)
     result = {
         "status": status,
         "epochs_completed": history[-1]["epoch"] if history else 0,
@@ -301,7 +324,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "best_epoch": best_epoch if best_epoch > 0 else None,
         "best_val": best_val,
         "final_train_loss": history[-1]["train_loss"] if history else None,
-        "wall_time_s": round(time.perf_counter() - start_time, 2),
+        "wall_time_s": round(train_wall, 2),
+        "eval": evaluated,
+        "eval_time_s": round(time.perf_counter() - start_time - train_wall, 2),
         "train_images_per_s": round(train_images / train_time, 2) if train_time else None,
         "best_checkpoint": str(best_ckpt) if best_ckpt.exists() else None,
         "hparams": hparams_of(cfg),
@@ -316,17 +341,34 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     return result
 
 
-def train_epoch(train_step, net: nn.Cell, dataset, steps: int, lr: np.ndarray,
+def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictConfig) -> dict:
+    """Evaluate the val-chosen checkpoint on each of train.eval_splits the data set has
+    (eval_<split>.json etc. in the run folder); returns {split: {youden: {..}, at_0.5: {..}}}
+    with the point values. Nothing here feeds back into training or checkpoint choice."""
+    from xray.evaluate import evaluate, summary
+
+    out = {}
+    for split in cfg.train.eval_splits or []:
+        if not (manifest["splits"].get(split) or {}).get("file"):
+            log.info("eval: %s has no %s split, skipped", data_dir, split)
+            continue
+        out[split] = summary(evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
+                                      bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers))
+    return out
+
+
+def train_epoch(step_fn, net: nn.Cell, dataset, steps: int, lr: np.ndarray,
                 writer: SummaryWriter, global_step: int, epoch: int, log_every: int,
                 guard: Optional["PreemptionGuard"] = None) -> tuple[list[float], int]:
-    """`steps` steps over the shuffled training set; stops early at a non-finite loss
-    (returned last) or when the guard has a pending stop request."""
+    """Up to `steps` steps over the epoch's batches (`step_fn(x, y, global_step)` -> loss);
+    stops early at a non-finite loss (returned last) or when the guard has a pending stop
+    request."""
     net.set_train(True)
     losses: list[float] = []
     for step, (x, y) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
         if step >= steps or (guard is not None and guard.pending):
             break
-        loss = float(train_step(x, y).asnumpy())
+        loss = float(step_fn(x, y, global_step).asnumpy())
         losses.append(loss)
         if not math.isfinite(loss):
             break
