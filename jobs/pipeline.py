@@ -26,7 +26,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from xray import CONF_DIR
+from xray import CONF_DIR, folder_name
 from xray.errors import XrayError, one_line_errors
 from xray.files import write_json
 
@@ -117,7 +117,7 @@ def submit_pipeline(overrides: list[str], out_dir: Path, split: str = "test",
 
     convert_job = executor(logs, first, c.cpu_partition, c.cpus_per_cpu_job, name="convert").submit(
         _convert, d.root, d.dir, d.short_side, d.val_source, d.val_fraction, d.seed)
-    names = [f"{i}_{compose_train(m).hydra.job.override_dirname}" for i, m in enumerate(members)]
+    names = [f"{i}_{folder_name(compose_train(m).hydra.job.override_dirname)}" for i, m in enumerate(members)]
     train_ex = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,
                         after=f"afterok:{convert_job.job_id}", name="train")
     train_jobs = train_ex.map_array(TrainMember(), members, [str(sweep_dir / n) for n in names])

@@ -59,7 +59,7 @@ def trained_run(sample_data, tmp_path_factory) -> Path:
     from xray.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}"])
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "train.keep_last=true"])
     result = train(cfg, run_dir)
     assert result["status"] == "ok"
     return run_dir

@@ -55,6 +55,7 @@ def test_two_epochs_see_different_orders_and_augmentations(sample_data):
 
 def test_an_epoch_is_reproducible_whatever_the_number_of_workers(sample_data):
     a, b = epoch_batches(sample_data, 1, workers=2), epoch_batches(sample_data, 1, workers=1)
+    assert len(a) == len(b) == 4
     for (xa, ya), (xb, yb) in zip(a, b):
         assert np.array_equal(ya, yb) and np.array_equal(xa, xb)
 

@@ -16,8 +16,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from conftest import SAMPLE, TINY, make_cfg
 from xray.checkpoint import load_trained_model
 from xray.evaluate import evaluate
+from xray.files import to_json
 from xray.predict import format_results, list_images, predict_images
-from xray.train import build_optimizer, load_resume_state, lr_schedule, train
+from xray.train import build_optimizer, load_state, lr_schedule, train
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "ppv", "npv"}
 
@@ -66,8 +67,9 @@ def test_tensorboard_has_the_expected_tags(trained_run):
 
 def test_evaluate_writes_metrics_with_ci_and_plots(trained_run):
     result = evaluate([trained_run / "checkpoints" / "best.ckpt"], "test", bootstrap=200, workers=1)
-    on_disk = json.loads((trained_run / "eval_test.json").read_text())
-    assert on_disk == json.loads(json.dumps(result))
+    text = (trained_run / "eval_test.json").read_text()
+    assert json.loads(text) == json.loads(to_json(result))
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: undefined metrics are null
     assert result["images"] == 20 and result["positives"] == 10
     for key in ("youden", "at_0.5"):
         block = result[key]
@@ -143,9 +145,9 @@ def test_resume_restores_weights_and_optimizer_state(trained_run):
     cfg = make_cfg("config", TINY)
     net = build_model(cfg.model, 72)
     opt = build_optimizer(net, cfg, lr_schedule(cfg.lr, cfg.optim, 2, 4))
-    meta = load_resume_state(trained_run / "checkpoints" / "last.ckpt", opt)
+    state = load_state(trained_run / "checkpoints" / "last.ckpt", opt)
     saved = ms.load_checkpoint(str(trained_run / "checkpoints" / "last.ckpt"))
-    assert meta["epoch"] == 2
+    assert state.epoch == 2 and state.step_in_epoch == 0 and state.best_epoch in (1, 2)
     assert int(opt.global_step.asnumpy()) == 2 * 4
     for p in list(opt.moments)[:3] + net.trainable_params()[:3]:
         assert np.array_equal(p.asnumpy(), saved[p.name].asnumpy()), p.name
@@ -180,3 +182,24 @@ def test_integer_sweep_values_are_accepted(override):
     net = build_model(cfg.model, 72)
     opt = build_optimizer(net, cfg, lr_schedule(float(cfg.lr), cfg.optim, 2, 4))
     assert float(opt.momentum.asnumpy()) == pytest.approx(float(cfg.momentum))
+
+
+def test_checkpoints_from_before_dropout_masks_still_load(trained_run, tmp_path):
+    """Until dropout masks became inputs, the dense layers were classifier.0/3/6."""
+    import shutil
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained_run / "config.yaml", run / "config.yaml")
+    params = ms.load_checkpoint(str(trained_run / "checkpoints" / "best.ckpt"))
+    old_names = {"fc1.": "classifier.0.", "fc2.": "classifier.3.", "fc3.": "classifier.6."}
+    renamed = []
+    for name, value in params.items():
+        prefix = next((p for p in old_names if name.startswith(p)), None)
+        renamed.append({"name": old_names[prefix] + name[len(prefix):] if prefix else name,
+                        "data": value})
+    assert any(r["name"].startswith("classifier.6.") for r in renamed)
+    ms.save_checkpoint(renamed, str(run / "checkpoints" / "best.ckpt"))
+    old = load_trained_model(run / "checkpoints" / "best.ckpt")
+    new = load_trained_model(trained_run / "checkpoints" / "best.ckpt")
+    x = np.random.default_rng(0).normal(size=(2, 1, 72, 72)).astype(np.float32)
+    np.testing.assert_allclose(old.probabilities(x), new.probabilities(x), rtol=1e-6)

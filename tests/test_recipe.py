@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import SAMPLE, TINY, make_cfg, gray_pattern
-from xray.augment import TTA_VIEWS, adjust_intensity, augment, random_resized_crop, tta_views
+from xray.augment import TTA_VIEWS, adjust_intensity, augment, crop_box, random_resized_crop, tta_views
 from xray.checkpoint import load_trained_model, resolve_checkpoints
 from xray.errors import XrayError
 from xray.evaluate import evaluate
@@ -54,12 +54,20 @@ def test_augment_is_a_function_of_its_seed():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_random_resized_crop_keeps_the_asked_area():
-    image = gray_pattern(100, 100)
-    for seed in range(20):
-        out = random_resized_crop(image, np.random.default_rng(seed), 50, (1.0, 1.0), (1.0, 1.0))
-        resized = np.asarray(Image.fromarray(image).resize((50, 50), Image.Resampling.BILINEAR))
-        assert np.array_equal(out, resized)  # area 1, ratio 1: the whole image
+@pytest.mark.parametrize("h, w", [(100, 100), (256, 400)])
+def test_crop_box_keeps_area_and_relative_aspect_in_range(h, w):
+    areas, aspects = [], []
+    for seed in range(200):
+        left, top, right, bottom = crop_box(h, w, np.random.default_rng(seed), (0.5, 0.9), (0.8, 1.25))
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+        areas.append((right - left) * (bottom - top) / (h * w))
+        aspects.append((right - left) / (bottom - top) / (w / h))  # relative to the image's own
+    assert 0.47 < min(areas) and max(areas) < 0.93 and np.std(areas) > 0.05
+    assert 0.76 < min(aspects) and max(aspects) < 1.31 and np.std(aspects) > 0.05
+    image = gray_pattern(h, w)
+    out = random_resized_crop(image, np.random.default_rng(0), 50, (1.0, 1.0), (1.0, 1.0))
+    whole = np.asarray(Image.fromarray(image).resize((50, 50), Image.Resampling.BILINEAR))
+    assert np.array_equal(out, whole)  # area 1, the image's own aspect: the whole image
 
 
 def test_clahe_with_one_tile_and_no_clip_is_global_equalisation():
@@ -87,7 +95,7 @@ def test_standardize_follows_the_runs_preprocess():
     spec = lambda e: Preprocess(short_side=120, image_size=72, mean=0.5, std=0.25, equalize=e)  # noqa: E731
     assert np.array_equal(standardize(image, spec("none")), image)
     assert np.array_equal(standardize(image, spec("hist")), equalize_hist(image))
-    assert np.array_equal(standardize(image[:, :, None], spec("clahe")), clahe(image))
+    assert np.array_equal(standardize(image, spec("clahe")), clahe(image))
 
 
 def test_tta_views_and_their_tensor_stack():
@@ -118,9 +126,9 @@ def test_label_smoothing_matches_its_formula():
 
 def test_bad_recipe_values_are_config_errors(sample_data, tmp_path):
     from xray.train import train
-    for override, message in [("data.equalize=sharpen", "data.equalize=sharpen is unknown"),
-                              ("data.sampling=stratified", "data.sampling=stratified is unknown"),
-                              ("loss.label_smoothing=1.5", "label_smoothing=1.5 must be in")]:
+    for override, message in [("data.equalize=sharpen", "data.equalize=sharpen must be one of none, hist, clahe"),
+                              ("data.sampling=stratified", "data.sampling=stratified must be one of shuffle, balanced"),
+                              ("loss.label_smoothing=1.5", r"loss.label_smoothing=1.5 must be a number in \[0, 1\)")]:
         cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", override])
         with pytest.raises(XrayError, match=message):
             train(cfg, tmp_path / override.split("=")[0])
@@ -195,9 +203,12 @@ def test_resolve_checkpoints(tmp_path):
             resolve_checkpoints(ckpt)
     (tmp_path / "members" / "1").mkdir(parents=True)
     (tmp_path / "members" / "1" / "best.ckpt").write_bytes(b"x")
-    assert resolve_checkpoints(str(tmp_path), 1) == [tmp_path / "members" / "1" / "best.ckpt"]
-    with pytest.raises(XrayError, match="holds 1 ranked members, not top_k=2; run .*--top-k 2"):
-        resolve_checkpoints(str(tmp_path), 2)
+    assert resolve_checkpoints(str(tmp_path), 1) == [tmp_path]  # its best.ckpt
+    (tmp_path / "members" / "2").mkdir(parents=True)
+    (tmp_path / "members" / "2" / "best.ckpt").write_bytes(b"x")
+    assert resolve_checkpoints(str(tmp_path), 2) == [tmp_path / "members" / str(i) / "best.ckpt" for i in (1, 2)]
+    with pytest.raises(XrayError, match="holds 2 ranked members, not top_k=3; run .*--top-k 3"):
+        resolve_checkpoints(str(tmp_path), 3)
     with pytest.raises(XrayError, match="top_k works with a best folder"):
         resolve_checkpoints(["a.ckpt"], 2)
 
@@ -215,3 +226,20 @@ def test_predict_cli_takes_an_ensemble_and_tta(recipe_run, trained_run, tmp_path
               load_trained_model(recipe_run / "checkpoints" / "best.ckpt")]
     [expected] = predict_images(models, [image], tta=2)
     assert float(row[0].split()[2]) == pytest.approx(expected["p_pneumonia"], abs=1e-4)
+
+
+def test_augment_shifts_intensity_then_standardizes_then_crops():
+    """Evaluation normalises the stored image; training must normalise the shifted stored
+    image the same way (not a crop, not after the shift's effect would be kept)."""
+    image = xray_like(120, 150)
+    seen = []
+
+    def spy(x):
+        seen.append(x.copy())
+        return equalize_hist(x)
+
+    cfg = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "degrees": 0, **OFF, "gamma": 0.5}
+    out = augment(image, np.random.default_rng(1), cfg, 64, standardize=spy)
+    assert seen[0].shape == image.shape and not np.array_equal(seen[0], image)  # shifted, full size
+    expected = np.asarray(Image.fromarray(equalize_hist(seen[0])).resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.array_equal(out, expected)

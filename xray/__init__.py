@@ -15,3 +15,10 @@ SAMPLE_DIR = PACKAGE_DIR / "sample" / "chest_xray"  # the small real sample ship
 
 # ${xray_sample:} in conf/data/sample.yaml -> the sample folder, wherever xray is installed
 OmegaConf.register_new_resolver("xray_sample", lambda: str(SAMPLE_DIR), replace=True)
+# ${xray_dirname:...} in conf/config.yaml: a sweep over a config group (data/augment=intensity)
+# must not put a "/" into a member's folder name
+def folder_name(name: str) -> str:
+    return str(name).replace("/", ".")
+
+
+OmegaConf.register_new_resolver("xray_dirname", folder_name, replace=True)

@@ -60,12 +60,24 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
         params = ms.load_checkpoint(str(checkpoint))
     except (RuntimeError, ValueError) as e:
         raise XrayError(f"ckpt={checkpoint} is not a readable MindSpore checkpoint ({e})") from None
-    missing, _ = ms.load_param_into_net(net, params)
+    missing, _ = ms.load_param_into_net(net, legacy_names(params))
     if missing:
         raise XrayError(f"ckpt={checkpoint} does not match the model in {config} "
                         f"(missing {len(missing)} parameters, e.g. {missing[0]})")
     net.set_train(False)
     return TrainedModel(net, cfg, spec, run_dir, checkpoint)
+
+
+def legacy_names(params: dict) -> dict:
+    """Checkpoints written before dropout masks became inputs name the dense layers
+    classifier.<i> (i = 0, 3, 6 with dropout, 0, 2, 4 without): map them to fc1, fc2, fc3."""
+    indices = sorted({int(k.split(".")[1]) for k in params if k.startswith("classifier.")})
+    names = {f"classifier.{i}.": f"fc{n}." for n, i in enumerate(indices, start=1)}
+    out = {}
+    for key, value in params.items():
+        prefix = next((p for p in names if key.startswith(p)), None)
+        out[names[prefix] + key[len(prefix):] if prefix else key] = value
+    return out
 
 
 def resolve_checkpoints(ckpt, top_k: Optional[int] = None) -> list[Path]:
@@ -80,7 +92,7 @@ def resolve_checkpoints(ckpt, top_k: Optional[int] = None) -> list[Path]:
             raise XrayError("top_k works with a best folder (ckpt=outputs/best/<sweep>), not a list")
         return [Path(str(c)) for c in ckpt]
     path = Path(ckpt)
-    if not top_k:
+    if not top_k or int(top_k) == 1:  # a best folder's top 1 is its best.ckpt
         return [path]
     if int(top_k) < 1:
         raise XrayError(f"top_k={top_k} must be >= 1")

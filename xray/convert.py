@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import multiprocessing as mp
 import os
@@ -21,10 +21,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xray import CONF_DIR
+from xray.checks import CONVERT, check
 from xray.errors import XrayError, one_line_errors
-from xray.files import atomic_dir
+from xray.files import atomic_dir, to_json
 from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name
-from xray.preprocess import encode_png, load_image
+from xray.preprocess import MAX_PIXELS, encode_png, load_image
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def scan(root: Path) -> dict[str, list[Item]]:
             folder = root / split / cls
             if not folder.is_dir():
                 raise XrayError(f"{folder} is missing; expected {LAYOUT}")
-            for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            # links too: a dangling one or a loop is listed under `skipped`, not dropped silently
+            for path in sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink()):
                 subtype, patient = parse_file_name(path.name, cls)
                 items.append(Item(path, split, LABEL_TO_INDEX[cls], subtype, patient))
         found[split] = items
@@ -113,11 +115,18 @@ def assign_splits(found: dict[str, list[Item]], val_source: str, val_fraction: f
     return splits
 
 
-def _decode(job: tuple[int, str, int]) -> tuple[int, Optional[bytes], str, tuple[float, float, int]]:
+def _decode(job: tuple[int, str, int, int]) -> tuple[int, Optional[bytes], str, tuple[float, float, int]]:
     """Worker: decode one file. Returns (index, png or None, error, (sum, sum_sq, n_pixels))."""
-    index, path, short_side = job
+    index, path, short_side, max_pixels = job
+    if os.path.islink(path) and not os.path.exists(path):
+        try:
+            reason = f"dangling symlink -> {os.readlink(path)}"
+            os.stat(path)
+        except OSError as e:  # ELOOP: the link points (through others) back at itself
+            reason = "symlink loop" if e.errno == errno.ELOOP else reason
+        return index, None, reason, (0.0, 0.0, 0)
     try:
-        image = load_image(path, short_side)
+        image = load_image(path, short_side, max_pixels)
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
         return index, None, reason, (0.0, 0.0, 0)
@@ -155,7 +164,7 @@ def _split_summary(items: list[Item]) -> dict:
 
 def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = "patients",
             val_fraction: float = 0.1, seed: int = 42, workers: int = 0, strict: bool = False,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, max_pixels: int = MAX_PIXELS) -> dict:
     """Convert the Kaggle layout under `root` into `out_dir`; returns the manifest."""
     from mindspore.mindrecord import FileWriter  # heavy import, only where needed
 
@@ -183,7 +192,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
         progress = Progress("convert", len(jobs))
         # spawn: workers only need Pillow, and must not inherit MindSpore's threads
         with mp.get_context("spawn").Pool(workers) as pool:
-            tasks = [(i, str(it.path), short_side) for i, (it, _) in enumerate(jobs)]
+            tasks = [(i, str(it.path), short_side, max_pixels) for i, (it, _) in enumerate(jobs)]
             for done, (i, png, error, pixel_stats) in enumerate(
                     pool.imap(_decode, tasks, chunksize=8), start=1):
                 item, split = jobs[i]
@@ -232,7 +241,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
             "skipped": skipped,
             "wall_time_s": round(time.perf_counter() - start, 2),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "manifest.json").write_text(to_json(manifest, indent=2) + "\n")
     log.info("convert: wrote %s (%s; %d skipped) in %.1f s", out_dir,
              ", ".join(f"{s} {v['images']}" for s, v in summary.items()), len(skipped),
              manifest["wall_time_s"])
@@ -242,13 +251,14 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="convert")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    check(cfg, CONVERT)
     if cfg.data.root is None:
         raise XrayError("data.root is not set; point it at the Kaggle chest_xray folder, "
                         "e.g. data.root=/data/chest_xray")
     convert(Path(cfg.data.root), Path(cfg.data.dir), short_side=cfg.data.short_side,
             val_source=cfg.data.val_source, val_fraction=cfg.data.val_fraction,
             seed=cfg.data.seed, workers=cfg.workers, strict=cfg.strict,
-            overwrite=cfg.overwrite)
+            overwrite=cfg.overwrite, max_pixels=cfg.data.max_pixels)
 
 
 if __name__ == "__main__":

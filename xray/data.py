@@ -80,9 +80,11 @@ class TrainTransform:
         self.augment = OmegaConf.to_container(augment) if augment is not None and augment.enabled else None
 
     def __call__(self, data, seed):
-        image = standardize(decode_png(data), self.spec)
-        if self.augment is not None:
-            image = augment(image, np.random.default_rng(int(seed)), self.augment, self.spec.image_size)
+        image = decode_png(data)
+        if self.augment is None:
+            return model_input(image, self.spec)
+        image = augment(image, np.random.default_rng(int(seed)), self.augment, self.spec.image_size,
+                        standardize=lambda x: standardize(x, self.spec))
         return to_tensor(image, self.spec)
 
 

@@ -2,11 +2,12 @@
 print it as one line instead of a traceback."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 class XrayError(Exception):
@@ -26,20 +27,31 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except XrayError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        except Exception as e:
+            message = user_message(e)
+            if message is None:  # a bug: the traceback is what helps
+                if in_batch_job():
+                    traceback.print_exc()
+                    sys.exit(1)
+                raise
+            print(f"error: {message}", file=sys.stderr, flush=True)
             if in_batch_job():
                 sys.exit(1)
             if _in_multirun():
                 raise
             sys.exit(2)
-        except Exception:
-            if in_batch_job():
-                traceback.print_exc()
-                sys.exit(1)
-            raise
 
     return wrapper
+
+
+def user_message(error: Exception) -> Optional[str]:
+    """The one line a user gets for an error they can act on, None for anything else."""
+    if isinstance(error, XrayError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return f"disk full{where}; free some space and rerun (a training run resumes from its last checkpoint)"
+    return None
 
 
 def in_batch_job() -> bool:

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from xray import CONF_DIR
+from xray.checks import EVALUATE, check
 from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
 from xray.data import make_eval_dataset, read_manifest, split_file
 from xray.device import setup_device
@@ -68,10 +69,11 @@ def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int,
 
 def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
              batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
-             tta: int = 1, out_dir: Optional[Path] = None) -> dict:
+             tta: int = 1, out_dir: Optional[Path] = None, threshold: Optional[float] = None) -> dict:
     """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
-    with tta test-time views per image. Writes eval_<split>.json, predictions, ROC and
-    confusion PNGs into the run folder (one checkpoint) or `out_dir`, and returns the JSON."""
+    with tta test-time views per image, at `threshold` (default: chosen on val by Youden's J)
+    and at 0.5. Writes eval_<split>.json, predictions, ROC and confusion PNGs into the run
+    folder (one checkpoint) or `out_dir`, and returns the JSON."""
     models = [load_trained_model(Path(c)) for c in checkpoints]
     if not models:
         raise XrayError("ckpt is empty; pass a checkpoint, a list [a.ckpt,b.ckpt] or a best folder")
@@ -82,11 +84,11 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
             raise XrayError(f"data.dir={data_dir} was converted at short_side={manifest['short_side']} "
                             f"but {model.checkpoint} was trained on short_side={model.spec.short_side}")
     names, y, p = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
-    if split == "val":
-        y_val, p_val = y, p
-    else:
+    if threshold is None and split == "val":
+        threshold = youden_threshold(y, p)
+    elif threshold is None:
         _, y_val, p_val = predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
-    threshold = youden_threshold(y_val, p_val)
+        threshold = youden_threshold(y_val, p_val)
     result = {
         "split": split,
         "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
@@ -144,6 +146,7 @@ def _log_summary(result: dict) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    check(cfg, EVALUATE)
     checkpoints = resolve_checkpoints(cfg.ckpt, cfg.top_k)
     setup_device(cfg.device_target, cfg.mode)
     evaluate(checkpoints, cfg.split, cfg.data_dir, cfg.batch_size, cfg.bootstrap, cfg.seed,

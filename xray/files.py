@@ -3,8 +3,11 @@ so a crash never leaves a half-written file where a complete one was."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,25 +17,39 @@ def write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    write_text(path, to_json(obj, indent=2) + "\n")
 
 
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):  # numpy scalars
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+def to_json(obj: Any, indent: Any = None) -> str:
+    """Strict JSON: NaN and infinities (an undefined metric) become null, which every JSON
+    reader accepts (bare NaN is a Python extension)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _finite(x: Any) -> Any:
+    if hasattr(x, "tolist"):  # numpy arrays and scalars -> Python lists and numbers
+        x = x.tolist()
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def replace_dir(new: Path, target: Path) -> None:
     """Move a finished folder into place; an existing one is removed only afterwards."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{_owner()}"
     if target.exists():
         target.rename(old)
     new.rename(target)
@@ -42,9 +59,11 @@ def replace_dir(new: Path, target: Path) -> None:
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `target`; when the block succeeds it replaces
-    `target`, when it fails it is removed and `target` is left as it was."""
+    `target`, when it fails it is removed and `target` is left as it was. Temp folders that
+    a killed process (kill -9, node failure) left beside `target` are removed first."""
     target = Path(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    remove_stale_temps(target)
+    tmp = target.parent / f".{target.name}.tmp-{_owner()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -53,3 +72,34 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, target)
+
+
+def _owner() -> str:
+    """host-pid: names a temp folder after the process that writes it (folders may be shared
+    between the nodes of a cluster)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove .<name>.tmp-<host>-<pid> / .old- folders beside target whose process, on this
+    host, is gone; returns them. Another host's folders are left alone: their process may live."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.iterdir():
+        m = pattern.match(path.name)
+        if m and m["host"] == socket.gethostname() and not _alive(int(m["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True

@@ -18,12 +18,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from xray import CONF_DIR
+from xray.checks import PREDICT, check
 from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.labels import CLASSES
 from xray.plots import prediction_figure, save_figure
-from xray.preprocess import load_image, model_input
+from xray.preprocess import MAX_PIXELS, load_image, model_input
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,21 @@ def list_images(path: Path) -> list[Path]:
 
 
 def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold: float = 0.5,
-                   plot_dir: Optional[Path] = None, batch_size: int = 32, tta: int = 1) -> list[dict]:
+                   plot_dir: Optional[Path] = None, batch_size: int = 32, tta: int = 1,
+                   max_pixels: int = MAX_PIXELS) -> list[dict]:
     """[{file, label, p_pneumonia}] per readable image (the models' mean probability, each
-    model through its own preprocessing); unreadable ones get label 'error'."""
-    results = []
+    model through its own preprocessing), in the order of `paths`; unreadable ones get
+    label 'error' and the reason."""
+    results: dict[Path, dict] = {}
     for start in range(0, len(paths), batch_size):
         loaded, ok = [], []  # per image: {short_side: image}
         for path in paths[start:start + batch_size]:
             try:
-                images = {s: load_image(path, s) for s in sorted({m.spec.short_side for m in models})}
+                images = {s: load_image(path, s, max_pixels)
+                          for s in sorted({m.spec.short_side for m in models})}
             except Exception as e:  # noqa: BLE001 - report and go on with the other images
-                results.append({"file": str(path), "label": "error", "p_pneumonia": None,
-                                "error": f"{type(e).__name__}: {e}".splitlines()[0]})
+                results[path] = {"file": str(path), "label": "error", "p_pneumonia": None,
+                                 "error": f"{type(e).__name__}: {e}".splitlines()[0]}
                 continue
             loaded.append(images)
             ok.append(path)
@@ -65,12 +69,12 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
                          for m in models], axis=0)
         for path, images, p in zip(ok, loaded, probs):
             label = CLASSES[int(p >= threshold)]
-            results.append({"file": str(path), "label": label, "p_pneumonia": float(p)})
+            results[path] = {"file": str(path), "label": label, "p_pneumonia": float(p)}
             if plot_dir is not None:
                 title = f"{path.name}\n{label}  p(pneumonia) = {p:.3f}"
                 image = images[models[0].spec.short_side]
                 save_figure(prediction_figure(image, title), plot_dir / f"{path.stem}.png")
-    return results
+    return [results[path] for path in paths]
 
 
 def format_results(results: list[dict]) -> str:
@@ -86,6 +90,7 @@ def format_results(results: list[dict]) -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    check(cfg, PREDICT)
     if cfg.image is None:
         raise XrayError("set image=<file or folder> (and ckpt=<run>/checkpoints/best.ckpt)")
     checkpoints = resolve_checkpoints(cfg.ckpt, cfg.top_k)
@@ -93,8 +98,12 @@ def main(cfg: DictConfig) -> None:
     models = [load_trained_model(c) for c in checkpoints]
     plot_dir = Path(HydraConfig.get().runtime.output_dir) if cfg.plot else None
     results = predict_images(models, list_images(Path(cfg.image)), cfg.threshold, plot_dir,
-                             tta=cfg.tta)
-    print(format_results(results))
+                             tta=cfg.tta, max_pixels=cfg.max_pixels)
+    print(format_results(results), flush=True)
+    failed = [r for r in results if r["label"] == "error"]
+    if failed:
+        raise XrayError(f"{len(failed)} of {len(results)} images could not be read "
+                        f"(first: {failed[0]['file']}: {failed[0]['error']})")
     if plot_dir is not None:
         log.info("plots: %s", plot_dir)
 

@@ -12,6 +12,7 @@ An image goes through three steps:
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 MIN_IMAGE_SIZE = 67  # AlexNet's three 3/2 max-pools need at least a 1x1 map at the end
+MAX_PIXELS = 64_000_000  # decoded pixels an input may have (8000 x 8000); chest X-rays are < 10 M
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,27 @@ def _to_grayscale(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
-def load_image(source: Union[str, Path, bytes], short_side: int) -> np.ndarray:
+def load_image(source: Union[str, Path, bytes], short_side: int,
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file (path or bytes) into an upright uint8 HxW array whose shorter
-    side is `short_side`. Raises OSError/ValueError for anything that is not a valid image."""
+    side is `short_side`. Raises OSError/ValueError for anything that is not a valid image,
+    and ValueError for one that would decode to more than max_pixels pixels (a
+    decompression bomb: a small file that fills the memory), before decoding it."""
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skip with a reason
+        return _load(fp, short_side, max_pixels)
+
+
+def _load(fp, short_side: int, max_pixels: int) -> np.ndarray:
     with Image.open(fp) as im:
         if im.format == "JPEG":
             # decode at a reduced scale (1/2, 1/4, 1/8) that is still >= short_side
             im.draft("L", (short_side, short_side))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"{w}x{h} = {w * h / 1e6:.0f} Mpixels is over the limit of "
+                             f"{max_pixels / 1e6:.0f} Mpixels (max_pixels; a decompression bomb?)")
         im.load()  # raises on truncated / corrupt data
         im = ImageOps.exif_transpose(im)
         im = _to_grayscale(im)
@@ -97,10 +112,8 @@ def decode_png(data: Union[bytes, np.ndarray]) -> np.ndarray:
 
 
 def to_tensor(image: np.ndarray, spec: Preprocess) -> np.ndarray:
-    """uint8 HxW or HxWx1 -> normalized float32 CxSxS, S = spec.image_size."""
+    """uint8 HxW -> normalized float32 CxSxS, S = spec.image_size."""
     image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[:, :, 0]
     if image.shape != (spec.image_size, spec.image_size):
         # squash to a square: keeps the whole chest in view rather than cropping its sides
         resized = Image.fromarray(image, "L").resize(
@@ -157,10 +170,7 @@ def clahe(image: np.ndarray, tiles: int = 8, clip_limit: float = 2.0) -> np.ndar
 
 
 def standardize(image: np.ndarray, spec: Preprocess) -> np.ndarray:
-    """The run's contrast normalisation of a stored uint8 HxW (or HxWx1) image -> uint8 HxW."""
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[:, :, 0]
+    """The run's contrast normalisation of a stored uint8 HxW image."""
     if spec.equalize == "hist":
         return equalize_hist(image)
     if spec.equalize == "clahe":

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -26,10 +27,12 @@ from omegaconf import OmegaConf
 
 from xray.errors import XrayError, one_line_errors
 from xray.files import atomic_dir, write_json, write_text
+from xray.hparams import TEST_METRICS, hparams_of  # the same keys TensorBoard's HParams tab shows
 
 log = logging.getLogger(__name__)
 
-EVAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity")  # per evaluated split, at the val-chosen threshold
+EVAL_METRICS = TEST_METRICS  # per evaluated split, at the val-chosen threshold
+LOWER_IS_BETTER = {"final_train_loss", "wall_time_s"}
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Member:
         best = self.metrics.get("best_val") or {}
         out = {"best_val_auc": best.get("auc"), "best_val_accuracy": best.get("accuracy")}
         for split, result in self.evals.items():
+            if split == "val" or "youden" not in result:  # val: best_val_auc says it, unbiased
+                continue
             for metric in EVAL_METRICS:
                 out[f"{split}_{metric}"] = result["youden"][metric]["value"]
         out.update({"best_epoch": self.metrics.get("best_epoch"),
@@ -62,8 +67,6 @@ class Member:
 def collect(sweep_dir: Path, rank_by: str = "best_val_auc") -> list[Member]:
     """Every member folder (one with .hydra/config.yaml) of a sweep, ranked by `rank_by`
     (best val AUC by default; e.g. test_auc when the members were evaluated on test)."""
-    from xray.train import hparams_of  # the same keys TensorBoard's HParams tab shows
-
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise XrayError(f"{sweep_dir} is not a folder; pass a sweep folder, e.g. outputs/multirun/<sweep>")
@@ -84,15 +87,17 @@ def collect(sweep_dir: Path, rank_by: str = "best_val_auc") -> list[Member]:
 
 
 def rank(members: list[Member], by: str = "best_val_auc") -> list[Member]:
-    """Members sorted by a column, highest first; members without a value last."""
-    known = sorted({k for m in members for k in m.values()})
+    """Members sorted by a column, best first (highest, or lowest for a loss or a time);
+    members without a value last."""
+    known = sorted({k for m in members for k in m.values()} - {"best_epoch"})
     if by not in known:
         raise XrayError(f"--rank-by {by} is not a column of this sweep; use one of {', '.join(known)}")
+    sign = 1.0 if by in LOWER_IS_BETTER else -1.0
 
     def key(m: Member) -> tuple:
         value = m.values().get(by)
         missing = value is None or (isinstance(value, float) and math.isnan(value))
-        return (missing, -(value or 0.0), m.name)
+        return (missing, sign * (value or 0.0), m.name)
 
     return sorted(members, key=key)
 
@@ -104,9 +109,9 @@ def varying_hparams(members: list[Member]) -> list[str]:
 
 
 def eval_splits(members: list[Member]) -> list[str]:
-    """The splits some member was evaluated on, val first."""
-    found = {s for m in members for s in m.evals}
-    return sorted(found, key=lambda s: (s != "val", s != "test", s))
+    """The splits other than val some member was evaluated on, test first."""
+    found = {s for m in members for s, r in m.evals.items() if s != "val" and "youden" in r}
+    return sorted(found, key=lambda s: (s != "test", s))
 
 
 def rows(members: list[Member]) -> tuple[list[str], list[dict]]:
@@ -252,7 +257,8 @@ def val_vs_split_figure(members: list[Member], split: str):
     point per member: how much validation says about new patients."""
     import matplotlib.pyplot as plt
 
-    done = [(i + 1, m) for i, m in enumerate(members) if split in m.evals and m.best_val_auc is not None]
+    done = [(i + 1, m) for i, m in enumerate(members)
+            if "youden" in m.evals.get(split, {}) and m.best_val_auc is not None]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=110)
     x = [m.best_val_auc for _, m in done]
     for ax, metric in zip(axes, ("auc", "specificity")):
@@ -285,33 +291,45 @@ def export_best(members: list[Member], best_root: Path, force: bool = False,
     if top_k > len(ranked):
         raise XrayError(f"--top-k {top_k}: only {len(ranked)} members finished with a checkpoint")
     target = Path(best_root) / winner.sweep_name
+    current_auc = -1.0
     if (target / "metrics.json").exists() and not force:
         current = json.loads((target / "metrics.json").read_text())
         current_auc = (current.get("best_val") or {}).get("auc") or -1.0
-        if winner.best_val_auc <= current_auc:
-            log.info("best: %s keeps its model (val AUC %.4f >= %.4f of %s); --force replaces it",
-                     target, current_auc, winner.best_val_auc, winner.name)
-            return None
-    with atomic_dir(target) as tmp:
-        copy_member(winner, tmp)
-        cfg = OmegaConf.load(tmp / "config.yaml")
-        manifest = Path(cfg.data.dir) / "manifest.json"
-        if manifest.exists():
-            shutil.copy2(manifest, tmp / "manifest.json")
-        export_mindir(tmp / "best.ckpt", tmp / "model.mindir")
-        for i, member in enumerate(ranked[:top_k] if top_k > 1 else [], start=1):
-            copy_member(member, tmp / "members" / str(i))
-    log.info("best: %s (val AUC %.4f) -> %s%s", winner.name, winner.best_val_auc, target,
-             f" (+ top {top_k} in members/)" if top_k > 1 else "")
-    return target
+    if winner.best_val_auc > current_auc:
+        with atomic_dir(target) as tmp:
+            copy_member(winner, tmp)
+            cfg = OmegaConf.load(tmp / "config.yaml")
+            manifest = Path(cfg.data.dir) / "manifest.json"
+            if manifest.exists():
+                shutil.copy2(manifest, tmp / "manifest.json")
+            export_mindir(tmp / "best.ckpt", tmp / "model.mindir")  # (an older members/ goes with it)
+        log.info("best: %s (val AUC %.4f) -> %s", winner.name, winner.best_val_auc, target)
+    else:
+        log.info("best: %s keeps its model (val AUC %.4f >= %.4f of %s); --force replaces it",
+                 target, current_auc, winner.best_val_auc, winner.name)
+    if top_k > 1:  # (re)written whenever asked for: the sweep's top_k by val AUC
+        with atomic_dir(target / "members") as tmp:
+            for i, member in enumerate(ranked[:top_k], start=1):
+                copy_member(member, tmp / str(i))
+        log.info("best: top %d members by val AUC -> %s/members/1..%d", top_k, target, top_k)
+    return target if winner.best_val_auc > current_auc or top_k > 1 else None
 
 
 def copy_member(member: Member, folder: Path) -> None:
-    """best.ckpt, config.yaml and metrics.json (with the member it came from) into folder."""
+    """best.ckpt (a hard link where the file system allows: no second copy of 230 MB),
+    config.yaml and metrics.json (with the member it came from) into folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(member.path / "checkpoints" / "best.ckpt", folder / "best.ckpt")
+    link_or_copy(member.path / "checkpoints" / "best.ckpt", folder / "best.ckpt")
     shutil.copy2(member.path / "config.yaml", folder / "config.yaml")
     write_json(folder / "metrics.json", {**member.metrics, "source": str(member.path)})
+
+
+def link_or_copy(source, target) -> None:
+    """A hard link (checkpoints are never modified in place, only replaced), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def export_mindir(checkpoint: Path, path: Path) -> None:

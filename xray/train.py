@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -24,23 +26,25 @@ from hydra.core.hydra_config import HydraConfig
 from mindspore import nn, ops
 from omegaconf import DictConfig, OmegaConf
 from tensorboardX import SummaryWriter
-from tensorboardX.summary import hparams as hparams_summary
 
 from xray import CONF_DIR
+from xray.checks import TRAIN, check
 from xray.data import (make_eval_dataset, make_train_dataset, preprocess_spec, read_labels,
                        read_manifest, split_file)
 from xray.device import setup_device
 from xray.errors import XrayError, in_batch_job, one_line_errors
-from xray.files import write_json, write_text
+from xray.files import to_json, write_json, write_text
+from xray.hparams import hparams_of, write_hparams
 from xray.labels import CLASSES, POSITIVE
 from xray.losses import build_loss
 from xray.metrics import binary_metrics, confusion
 from xray.model import build_model, dropout_masks
 from xray.plots import confusion_figure
+from xray.provenance import provenance
 
 log = logging.getLogger(__name__)
 
-INTENSITY = ("brightness", "contrast", "gamma", "blur", "noise")  # data.augment strengths
+SPACE_MARGIN = 20_000_000  # bytes kept free beyond a checkpoint (logs, TensorBoard, JSON)
 
 def lr_schedule(base_lr: float, optim: DictConfig, epochs: int, steps_per_epoch: int) -> np.ndarray:
     """Learning rate of every step: warm-up from base_lr/10, then constant, step or cosine."""
@@ -74,7 +78,7 @@ def build_optimizer(net: nn.Cell, cfg: DictConfig, lr: np.ndarray) -> nn.Momentu
                        use_nesterov=cfg.optim.nesterov)
 
 
-def predict_split(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, np.ndarray, float]:
+def validate(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, np.ndarray, float]:
     """(labels, p(pneumonia), mean loss) over a whole eval dataset."""
     net.set_train(False)
     labels, probs, loss_sum = [], [], 0.0
@@ -85,44 +89,6 @@ def predict_split(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, 
         labels.append(y.asnumpy())
     y, p = np.concatenate(labels), np.concatenate(probs)
     return y, p, loss_sum / max(len(y), 1)
-
-
-def hparams_of(cfg: DictConfig) -> dict:
-    """The run's hyper-parameters for TensorBoard's HParams dashboard (same keys every run)."""
-    return {
-        "lr": float(cfg.lr), "momentum": float(cfg.momentum), "loss": str(cfg.loss.name),
-        "class_weighted": bool(cfg.loss.class_weighted),
-        "label_smoothing": float(cfg.loss.label_smoothing), "sampling": str(cfg.data.sampling),
-        "batch_size": int(cfg.batch_size),
-        "epochs": int(cfg.epochs), "seed": int(cfg.seed), "schedule": str(cfg.optim.schedule),
-        "warmup_epochs": int(cfg.optim.warmup_epochs),
-        "weight_decay": float(cfg.optim.weight_decay), "image_size": int(cfg.data.image_size),
-        "lrn": bool(cfg.model.lrn), "dropout": float(cfg.model.dropout),
-        "augment": bool(cfg.data.augment.enabled),
-        **{f"augment_{k}": float(cfg.data.augment[k]) if cfg.data.augment.enabled else 0.0
-           for k in INTENSITY},
-        "equalize": str(cfg.data.equalize), "data": str(cfg.data.name),
-    }
-
-
-def write_hparams(writer: SummaryWriter, cfg: DictConfig, result: dict, step: int) -> None:
-    """HParams into the run's own event file (tensorboardX's add_hparams would make a
-    time-stamped sub-run)."""
-    best = result.get("best_val") or {}
-    metrics = {
-        "hparam/best_val_auc": best.get("auc", float("nan")),
-        "hparam/best_val_accuracy": best.get("accuracy", float("nan")),
-        "hparam/final_train_loss": result.get("final_train_loss") or float("nan"),
-        "hparam/diverged": float(result["status"] == "diverged"),
-        # the val-chosen checkpoint on the test split, at the val-chosen threshold
-        **{f"hparam/test_{k}": ((result.get("eval") or {}).get("test") or {}).get("youden", {}).get(k, float("nan"))
-           for k in ("auc", "accuracy", "sensitivity", "specificity")},
-    }
-    exp, ssi, sei = hparams_summary({**hparams_of(cfg), "status": result["status"]}, metrics)
-    for summary in (exp, ssi, sei):
-        writer.file_writer.add_summary(summary)
-    for tag, value in metrics.items():
-        writer.add_scalar(tag, value, step)
 
 
 class PreemptionGuard:
@@ -150,42 +116,134 @@ class PreemptionGuard:
         self.previous(*self.pending)  # requeues and raises SystemExit
 
 
+@dataclass
+class RunState:
+    """The loop's bookkeeping: exactly what last.ckpt stores beside the weights and the
+    optimizer state, and all a resumed run needs to continue where this one stopped."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps done of the next epoch (a job stopped mid-epoch)
+    epoch_loss_sum: float = 0.0  # their summed training loss
+    best_auc: float = -1.0  # best val AUC so far, and its epoch (0: none yet)
+    best_epoch: int = 0
+
+
+def checkpoint_bytes(obj: nn.Cell) -> int:
+    """The size of obj's checkpoint (its parameters; an optimizer's include the network's)."""
+    return sum(p.nbytes for p in obj.parameters_dict().values())
+
+
+def ensure_space(folder: Path, needed: int, what: str) -> None:
+    """A full disk is one clear line before writing, not a half-written file after."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise XrayError(f"{folder} has {free / 1e6:.0f} MB free but {what} needs "
+                        f"{(needed + SPACE_MARGIN) / 1e6:.0f} MB; free some space (e.g. the "
+                        "checkpoints/last.ckpt of finished runs) and rerun: it resumes from its "
+                        "last checkpoint")
+
+
 def save_ckpt(obj: nn.Cell, path: Path, meta: dict) -> None:
-    """save_checkpoint to a temp name, then rename: a crash never leaves half a checkpoint."""
+    """save_checkpoint to a temp name, then rename: a crash or a full disk never leaves half a
+    checkpoint, nor a temp file."""
+    ensure_space(path.parent, checkpoint_bytes(obj), path.name)
     tmp = path.with_name(f".{path.stem}.tmp.ckpt")
-    ms.save_checkpoint(obj, str(tmp), append_dict=meta)
-    tmp.replace(path)
+    try:
+        ms.save_checkpoint(obj, str(tmp), append_dict=meta)
+        tmp.replace(path)
+    except BaseException:
+        for leftover in path.parent.glob(f".{path.stem}.tmp.*"):  # MindSpore writes .tmp.tmp first
+            leftover.unlink(missing_ok=True)
+        raise
 
 
-def load_resume_state(path: Path, optimizer: nn.Cell) -> dict:
-    """Load weights + optimizer state from last.ckpt; returns its bookkeeping values."""
-    params = ms.load_checkpoint(str(path))
-    keys = ("epoch", "best_auc", "best_epoch", "step_in_epoch", "epoch_loss_sum")
-    meta = {k: float(params.pop(k).asnumpy()) if k in params else 0.0 for k in keys}
+def load_state(path: Path, optimizer: nn.Cell) -> RunState:
+    """Weights + optimizer state from last.ckpt into the optimizer; returns the loop state."""
+    try:
+        params = ms.load_checkpoint(str(path))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise XrayError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
+                        "rerun with overwrite=true to start this run over") from None
+    state = RunState(**{f.name: type(getattr(RunState, f.name))(params.pop(f.name).asnumpy())
+                        for f in fields(RunState) if f.name in params})
     params.pop("learning_rate", None)  # the schedule comes from the config, not the file
     ms.load_param_into_net(optimizer, params, strict_load=True)
-    return meta
+    return state
+
+
+def finished_result(run_dir: Path) -> Optional[dict]:
+    """metrics.json of a run folder whose training ended (ok or diverged), else None."""
+    path = run_dir / "metrics.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("status") in ("ok", "diverged") else None
+
+
+def start_over(run_dir: Path) -> None:
+    """overwrite=true: remove what an earlier attempt wrote (not .hydra/ or the logs)."""
+    for path in [run_dir / "checkpoints", *run_dir.glob("events.out.tfevents.*"),
+                 *(run_dir / name for name in ("metrics.json", "history.jsonl", "config.yaml")),
+                 *run_dir.glob("eval_*.json"), *run_dir.glob("predictions_*.csv"),
+                 *run_dir.glob("roc_*.png"), *run_dir.glob("confusion_*.png")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train per `cfg`, writing everything into `run_dir`; returns the metrics.json content.
-    A run that raises still leaves metrics.json and HParams saying `failed`, then re-raises."""
+
+    A run folder whose training already ended is left as it is (its result is returned;
+    overwrite=true starts it over). A run that raises leaves metrics.json and HParams saying
+    `failed`, then re-raises."""
     run_dir = Path(run_dir)
+    finished = finished_result(run_dir)
+    if finished is not None and not cfg.get("overwrite"):
+        log.info("%s already finished (status %s); not training it again (overwrite=true starts "
+                 "it over)", run_dir, finished["status"])
+        return finished
+    writers: list[SummaryWriter] = []  # the run's one TensorBoard writer, once it is open
     try:
-        return _train(cfg, run_dir)
+        check(cfg, TRAIN)
+        if cfg.get("overwrite"):
+            start_over(run_dir)
+        return _train(cfg, run_dir, writers)
     except Exception as e:
-        result = {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0],
-                  "epochs": cfg.epochs, "hparams": hparams_of(cfg)}
-        with SummaryWriter(logdir=str(run_dir)) as writer:
-            write_hparams(writer, cfg, result, 0)
-        write_json(run_dir / "metrics.json", result)
+        record_failure(cfg, run_dir, e, writers)
         raise
+    finally:
+        for writer in writers:
+            close_quietly(writer)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def close_quietly(writer: SummaryWriter) -> None:
+    """Close a TensorBoard writer; on a full disk say so in one line (and keep tensorboardX's
+    exit hook from retrying with a traceback)."""
+    try:
+        writer.close()
+    except OSError as e:
+        log.error("TensorBoard events in %s not fully written: %s", writer.logdir, e)
+        writer.file_writer.event_writer._closed = True  # noqa: SLF001 - its atexit hook checks this
+
+
+def record_failure(cfg: DictConfig, run_dir: Path, error: Exception, writers: list) -> None:
+    """metrics.json and HParams say `failed` with the error, where the disk still lets them."""
+    result = {"status": "failed", "error": f"{type(error).__name__}: {error}".splitlines()[0],
+              "epochs": cfg.get("epochs"), "hparams": hparams_of(cfg), "provenance": provenance(cfg)}
+    try:
+        if not writers:
+            writers.append(SummaryWriter(logdir=str(run_dir)))
+        write_hparams(writers[0], cfg, result, 0)
+        write_json(run_dir / "metrics.json", result)
+    except OSError as e:  # e.g. the full disk that made it fail
+        log.error("could not record the failure in %s: %s", run_dir, e)
+
+
+def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     start_time = time.perf_counter()
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     setup_device(cfg.device_target, cfg.mode)
     ms.set_seed(cfg.seed)  # weight init; data order, augmentation and dropout come from (seed, step)
 
@@ -204,19 +262,108 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(cfg.train.max_steps_per_epoch))
 
-    def epoch_data(epoch: int, start_batch: int):
-        return make_train_dataset(train_file, spec, cfg.batch_size, train_labels, cfg.seed, epoch,
-                                  start_batch, cfg.data.augment, cfg.data.sampling, cfg.data.workers)
+    net = build_model(cfg.model, cfg.data.image_size)
+    loss_fn = build_loss(cfg.loss, cfg.model.num_classes, train_counts)
+    lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
+    optimizer = build_optimizer(net, cfg, lr)
+    step_fn = make_step(cfg, net, loss_fn, optimizer)
 
+    ckpt_dir = run_dir / "checkpoints"
+    last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    history_path = run_dir / "history.jsonl"
+    state, history = RunState(), []
+    if cfg.train.resume and last_ckpt.exists():
+        state = load_state(last_ckpt, optimizer)
+        if history_path.exists():
+            history = [json.loads(line) for line in history_path.read_text().splitlines()]
+            history = [h for h in history if h["epoch"] <= state.epoch]
+        log.info("resume: %s after epoch %d step %d (best val AUC %.4f at epoch %d)",
+                 last_ckpt, state.epoch, state.step_in_epoch, state.best_auc, state.best_epoch)
+    elif cfg.train.resume:
+        log.info("resume: no %s yet, starting from scratch", last_ckpt)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # best.ckpt + last.ckpt (weights and momenta) + a temp copy while one is replaced
+    ensure_space(ckpt_dir, 4 * checkpoint_bytes(net) - (sum(f.stat().st_size for f in ckpt_dir.glob("*.ckpt"))),
+                 "this run's checkpoints")
     # the run's resolved config + preprocessing: all evaluate/predict need to rebuild the input
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["preprocess"] = spec.to_dict()
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
-    net = build_model(cfg.model, cfg.data.image_size)
-    loss_fn = build_loss(cfg.loss, cfg.model.num_classes, train_counts)
-    lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
-    optimizer = build_optimizer(net, cfg, lr)
+    global_step = state.epoch * steps_per_epoch + state.step_in_epoch
+    # purge_step: on resume, TensorBoard drops events an interrupted run logged after the checkpoint
+    writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step or None, flush_secs=10)
+    writers.append(writer)
+    guard = PreemptionGuard()
+    log.info("train: %s, %d train / %d val images, %d steps/epoch, input %dx%d, loss=%s lr=%g "
+             "momentum=%g, device %s (%s mode)", data_dir, len(train_labels),
+             manifest["splits"]["val"]["images"], steps_per_epoch, spec.image_size,
+             spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode)
+    status, train_time, train_images = "ok", 0.0, 0
+
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        losses: list[float] = []
+        if state.step_in_epoch < steps_per_epoch:  # (a job stopped in an epoch's last step has none left)
+            batches = make_train_dataset(train_file, spec, cfg.batch_size, train_labels, cfg.seed,
+                                         epoch, state.step_in_epoch, cfg.data.augment,
+                                         cfg.data.sampling, cfg.data.workers)
+            losses, global_step = train_epoch(step_fn, net, batches, steps_per_epoch - state.step_in_epoch,
+                                              lr, writer, global_step, epoch, cfg.train.log_every, guard)
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        train_images += len(losses) * cfg.batch_size
+        state.step_in_epoch += len(losses)
+        state.epoch_loss_sum += float(np.sum(losses))
+        if not all(map(math.isfinite, losses)):
+            status = "diverged"
+            log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, losses[-1])
+            break
+        if guard.pending:  # time limit or preemption: save where we are, let submitit requeue
+            save_ckpt(optimizer, last_ckpt, asdict(state))
+            writer.close()
+            log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch,
+                        state.step_in_epoch, last_ckpt)
+            guard.hand_over()
+        entry = end_epoch(epoch, state, net, loss_fn, val_ds, writer, global_step, lr, epoch_time,
+                          best_ckpt, cfg)
+        history.append(entry)
+        write_text(history_path, "".join(to_json(h) + "\n" for h in history))
+        save_ckpt(optimizer, last_ckpt, asdict(state))
+
+    train_wall = time.perf_counter() - start_time
+    result = {
+        "status": status,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+        "epochs": cfg.epochs,
+        "best_epoch": state.best_epoch or None,
+        "best_val": next(({k[4:]: v for k, v in h.items() if k.startswith("val_")}
+                          for h in history if h["epoch"] == state.best_epoch), None),
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "wall_time_s": round(train_wall, 2),
+        "train_images_per_s": round(train_images / train_time, 2) if train_time else None,
+        "best_checkpoint": str(best_ckpt) if best_ckpt.exists() else None,
+        "hparams": hparams_of(cfg),
+        "provenance": provenance(cfg),
+    }
+    if status == "ok" and best_ckpt.exists():
+        result["eval"] = evaluate_splits(best_ckpt, data_dir, manifest, cfg, guard)
+        result["eval_time_s"] = round(time.perf_counter() - start_time - train_wall, 2)
+    if status == "ok" and not cfg.train.keep_last:
+        last_ckpt.unlink(missing_ok=True)  # optimizer state is only needed to resume
+    write_hparams(writer, cfg, result, global_step)
+    writer.add_text("provenance", "    " + to_json(result["provenance"], indent=2).replace("\n", "\n    "))
+    writer.close()
+    write_json(run_dir / "metrics.json", result)
+    guard.release()
+    log.info("done: status %s, best val AUC %s at epoch %s, %.0f s -> %s", status,
+             f"{state.best_auc:.4f}" if state.best_epoch else "n/a", result["best_epoch"],
+             result["wall_time_s"], run_dir)
+    return result
+
+
+def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cell):
+    """step(x, y, global_step) -> loss: one optimizer step, with the step's dropout masks."""
 
     def forward(x, y, mask1, mask2):
         return loss_fn(net(x, mask1, mask2), y)
@@ -231,129 +378,69 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.mode == "graph":
         train_step = ms.jit(train_step)
 
-    def step_fn(x, y, global_step: int):
+    def step(x, y, global_step: int):
         masks = dropout_masks(float(cfg.model.dropout), x.shape[0], cfg.seed, global_step)
         return train_step(x, y, *(ms.Tensor(m) for m in masks))
 
-    # first_epoch = epochs completed; step_in_epoch > 0 when a job was stopped mid-epoch
-    first_epoch, best_auc, best_epoch, step_in_epoch, carried_loss = 0, -1.0, -1, 0, 0.0
-    last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
-    history_path = run_dir / "history.jsonl"
-    history = []
-    if cfg.train.resume and last_ckpt.exists():
-        meta = load_resume_state(last_ckpt, optimizer)
-        first_epoch, best_auc, best_epoch = int(meta["epoch"]), meta["best_auc"], int(meta["best_epoch"])
-        step_in_epoch, carried_loss = int(meta["step_in_epoch"]), meta["epoch_loss_sum"]
-        if history_path.exists():
-            history = [json.loads(line) for line in history_path.read_text().splitlines()]
-            history = [h for h in history if h["epoch"] <= first_epoch]
-        log.info("resume: %s after epoch %d step %d (best val AUC %.4f at epoch %d)",
-                 last_ckpt, first_epoch, step_in_epoch, best_auc, best_epoch)
-    elif cfg.train.resume:
-        log.info("resume: no %s yet, starting from scratch", last_ckpt)
-    global_step = first_epoch * steps_per_epoch + step_in_epoch
-    guard = PreemptionGuard()
-    # purge_step: on resume, TensorBoard drops events an interrupted run logged after the checkpoint
-    writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step or None,
-                           flush_secs=10)
-
-    log.info("train: %s, %d train / %d val images, %d steps/epoch, input %dx%d, loss=%s lr=%g "
-             "momentum=%g, device %s (%s mode)", data_dir, len(train_labels),
-             manifest["splits"]["val"]["images"], steps_per_epoch, spec.image_size,
-             spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode)
-    status, train_time, train_images = "ok", 0.0, 0
-
-    for epoch in range(first_epoch + 1, cfg.epochs + 1):
-        epoch_start = time.perf_counter()
-        done_before, step_in_epoch = step_in_epoch, 0
-        losses, global_step = train_epoch(step_fn, net, epoch_data(epoch, done_before),
-                                          steps_per_epoch - done_before, lr, writer, global_step,
-                                          epoch, cfg.train.log_every, guard)
-        epoch_time = time.perf_counter() - epoch_start
-        train_time += epoch_time
-        train_images += len(losses) * cfg.batch_size
-        if not all(map(math.isfinite, losses)):
-            status = "diverged"
-            log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, losses[-1])
-            break
-        if guard.pending:  # time limit or preemption: save where we are, let submitit requeue
-            done = done_before + len(losses)
-            save_ckpt(optimizer, last_ckpt, {
-                "epoch": epoch - 1, "step_in_epoch": done, "best_auc": best_auc,
-                "best_epoch": best_epoch, "epoch_loss_sum": carried_loss + float(np.sum(losses))})
-            writer.close()
-            log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch, done, last_ckpt)
-            guard.hand_over()
-        epoch_loss = (carried_loss + float(np.sum(losses))) / (done_before + len(losses))
-        carried_loss = 0.0
-
-        # epoch-level events at the epoch's last step, so that a resume (purge_step =
-        # the next step) never drops them
-        y, p, val_loss = predict_split(net, loss_fn, val_ds)
-        val = log_validation(writer, y, p, val_loss, global_step - 1, epoch)
-        entry = {"epoch": epoch, "train_loss": epoch_loss, "val_loss": val_loss,
-                 **{f"val_{k}": v for k, v in val.items()},
-                 "lr": float(lr[min(global_step, len(lr)) - 1]), "time_s": round(epoch_time, 2)}
-        history.append(entry)
-        write_text(history_path, "".join(json.dumps(h) + "\n" for h in history))
-        writer.add_scalar("train/epoch_loss", entry["train_loss"], global_step - 1)
-
-        improved = not math.isnan(val["auc"]) and val["auc"] > best_auc
-        if improved:
-            best_auc, best_epoch = val["auc"], epoch
-            save_ckpt(net, best_ckpt, {"epoch": epoch, "val_auc": best_auc})
-        save_ckpt(optimizer, last_ckpt, {"epoch": epoch, "best_auc": best_auc,
-                                         "best_epoch": best_epoch})
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  "
-                 "sens %.3f  spec %.3f  lr %.2e  %.1f img/s  %.1f s%s", epoch, cfg.epochs,
-                 entry["train_loss"], val_loss, val["auc"], val["accuracy"],
-                 val["sensitivity"], val["specificity"], entry["lr"],
-                 len(losses) * cfg.batch_size / epoch_time, epoch_time,
-                 "  *best*" if improved else "")
-
-    best_val = next(({k[4:]: v for k, v in h.items() if k.startswith("val_")}
-                     for h in history if h["epoch"] == best_epoch), None)
-    train_wall = time.perf_counter() - start_time
-    evaluated = {}
-    if status == "ok" and best_ckpt.exists():
-        evaluated = evaluate_splits(best_ckpt, data_dir, manifest, cfg)
-    result = {
-        "status": status,
-        "epochs_completed": history[-1]["epoch"] if history else 0,
-        "epochs": cfg.epochs,
-        "best_epoch": best_epoch if best_epoch > 0 else None,
-        "best_val": best_val,
-        "final_train_loss": history[-1]["train_loss"] if history else None,
-        "wall_time_s": round(train_wall, 2),
-        "eval": evaluated,
-        "eval_time_s": round(time.perf_counter() - start_time - train_wall, 2),
-        "train_images_per_s": round(train_images / train_time, 2) if train_time else None,
-        "best_checkpoint": str(best_ckpt) if best_ckpt.exists() else None,
-        "hparams": hparams_of(cfg),
-    }
-    write_hparams(writer, cfg, result, global_step)
-    writer.close()
-    write_json(run_dir / "metrics.json", result)
-    guard.release()
-    log.info("done: status %s, best val AUC %s at epoch %s, %.0f s -> %s", status,
-             f"{best_auc:.4f}" if best_epoch > 0 else "n/a", result["best_epoch"],
-             result["wall_time_s"], run_dir)
-    return result
+    return step
 
 
-def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictConfig) -> dict:
+def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_ds,
+              writer: SummaryWriter, global_step: int, lr: np.ndarray, epoch_time: float,
+              best_ckpt: Path, cfg: DictConfig) -> dict:
+    """Validate, keep best.ckpt, log; advances `state` to the next epoch. Returns the epoch's
+    history entry. Events go at the epoch's last step, so that a resume (purge_step = the next
+    step) never drops them."""
+    train_loss = state.epoch_loss_sum / max(state.step_in_epoch, 1)
+    y, p, val_loss = validate(net, loss_fn, val_ds)
+    val = log_validation(writer, y, p, val_loss, global_step - 1, epoch)
+    writer.add_scalar("train/epoch_loss", train_loss, global_step - 1)
+    entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+             **{f"val_{k}": v for k, v in val.items()},
+             "lr": float(lr[min(global_step, len(lr)) - 1]), "time_s": round(epoch_time, 2)}
+    improved = not math.isnan(val["auc"]) and val["auc"] > state.best_auc
+    if improved:
+        state.best_auc, state.best_epoch = val["auc"], epoch
+        save_ckpt(net, best_ckpt, {"epoch": epoch, "val_auc": state.best_auc})
+    log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  "
+             "sens %.3f  spec %.3f  lr %.2e  %.1f img/s  %.1f s%s", epoch, cfg.epochs,
+             train_loss, val_loss, val["auc"], val["accuracy"], val["sensitivity"],
+             val["specificity"], entry["lr"], state.step_in_epoch * cfg.batch_size / epoch_time,
+             epoch_time, "  *best*" if improved else "")
+    state.epoch, state.step_in_epoch, state.epoch_loss_sum = epoch, 0, 0.0
+    return entry
+
+
+def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictConfig,
+                    guard: PreemptionGuard) -> dict:
     """Evaluate the val-chosen checkpoint on each of train.eval_splits the data set has
     (eval_<split>.json etc. in the run folder); returns {split: {youden: {..}, at_0.5: {..}}}
-    with the point values. Nothing here feeds back into training or checkpoint choice."""
+    with the point values, or {split: {error: ..}}: the training result stands whatever
+    happens here. Nothing here feeds back into training or checkpoint choice. Stops early
+    when the job's time is up (the result is written before the scheduler kills it)."""
     from xray.evaluate import evaluate, summary
 
-    out = {}
-    for split in cfg.train.eval_splits or []:
+    out: dict = {}
+    threshold = None  # chosen on val once, for every split
+    splits = sorted(cfg.train.eval_splits or [], key=lambda s: s != "val")
+    for split in splits:
+        if guard.pending:
+            log.warning("eval: time is up, %s not evaluated", split)
+            out[split] = {"error": "not evaluated: the job's time limit was near"}
+            continue
         if not (manifest["splits"].get(split) or {}).get("file"):
             log.info("eval: %s has no %s split, skipped", data_dir, split)
             continue
-        out[split] = summary(evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
-                                      bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers))
+        try:
+            result = evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
+                              bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers,
+                              threshold=threshold)
+        except Exception as e:  # noqa: BLE001 - recorded; the trained model is still good
+            log.error("eval: %s failed: %s", split, e)
+            out[split] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            continue
+        threshold = result["youden"]["threshold"] if split == "val" else threshold
+        out[split] = summary(result)
     return out
 
 
@@ -386,7 +473,8 @@ def log_validation(writer: SummaryWriter, y: np.ndarray, p: np.ndarray, val_loss
     val = binary_metrics(y, p, 0.5)
     writer.add_scalar("val/loss", val_loss, step)
     for k in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
-        writer.add_scalar(f"val/{k}", val[k], step)
+        if math.isfinite(val[k]):  # e.g. no AUC on a one-class split
+            writer.add_scalar(f"val/{k}", val[k], step)
     writer.add_figure("val/confusion_matrix",
                       confusion_figure(confusion(y, p, 0.5), f"val, epoch {epoch}"), step)
     writer.add_pr_curve("val/pr_curve", y, p, step)
