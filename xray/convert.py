@@ -134,6 +134,17 @@ def _decode(job: tuple[int, str, int, int]) -> tuple[int, Optional[bytes], str, 
     return index, encode_png(image), "", (float(x.sum()), float((x * x).sum()), x.size)
 
 
+def _write(writer, rows: Optional[list[dict]], out_dir: Path) -> None:
+    """writer.write_raw_data(rows), or commit() for None; MindSpore's full-disk error as one line."""
+    try:
+        writer.write_raw_data(rows) if rows is not None else writer.commit()
+    except RuntimeError as e:
+        if "free disk" in str(e):
+            raise XrayError(f"disk full writing {out_dir}; free some space (a MindRecord file takes "
+                            "at least one 32 MB page) and convert again") from None
+        raise
+
+
 class Progress:
     """Log 'what: done/total (pct), rate, eta' at most every `every_s` seconds."""
 
@@ -211,13 +222,13 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
                     if split == "train":
                         stats += pixel_stats
                     if len(pending[split]) >= 256:
-                        writers[split].write_raw_data(pending[split])
+                        _write(writers[split], pending[split], out_dir)
                         pending[split] = []
                 progress.update(done)
         for split, writer in writers.items():
             if pending[split]:
-                writer.write_raw_data(pending[split])
-            writer.commit()
+                _write(writer, pending[split], out_dir)
+            _write(writer, None, out_dir)  # commit
         if not kept["train"]:
             raise XrayError(f"no readable training image under {root}/train")
         mean = stats[0] / stats[2]

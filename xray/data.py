@@ -25,7 +25,16 @@ def read_manifest(data_dir: Path) -> dict:
     if not path.is_file():
         raise XrayError(f"{path} not found; run `python -m xray.convert data.root=...` first "
                         "(or set data.dir to a converted data set)")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["splits"], manifest["short_side"], manifest["mean"], manifest["std"]  # noqa: B018
+    except (ValueError, KeyError, TypeError) as e:
+        raise XrayError(f"{path} is damaged ({type(e).__name__}: {e}); {RECONVERT.format(data_dir)}") from None
+    return manifest
+
+
+RECONVERT = ("convert it again: python -m xray.convert data.root=<chest_xray folder> "
+             "data.dir={} overwrite=true")
 
 
 def preprocess_spec(manifest: dict, image_size: int, channels: int, equalize: str = "none") -> Preprocess:
@@ -46,10 +55,27 @@ def split_file(data_dir: Path, manifest: dict, split: str) -> Path:
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """The label of every record of a .mindrecord file, in file order."""
-    data = ds.MindDataset(str(path), columns_list=["label"], shuffle=False)
-    return np.array([int(row[0]) for row in data.create_tuple_iterator(num_epochs=1, output_numpy=True)],
-                    dtype=np.int64)
+    """The label of every record of a .mindrecord file, in file order. Reading them reads every
+    page, so this is also the check that the file is whole: a damaged one is one line."""
+    path = Path(path)
+    for part in (path, Path(f"{path}.db")):
+        if not part.is_file():
+            raise XrayError(f"{part} is missing; {RECONVERT.format(path.parent)}")
+    try:
+        data = ds.MindDataset(str(path), columns_list=["label"], shuffle=False)
+        rows = data.create_tuple_iterator(num_epochs=1, output_numpy=True)
+        return np.array([int(row[0]) for row in rows], dtype=np.int64)
+    except RuntimeError as e:
+        raise XrayError(f"{path} is damaged or incomplete ({_first_line(e)}); "
+                        f"{RECONVERT.format(path.parent)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """MindSpore's errors open with banners; the first line that says something."""
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    noise = ("-", "Line of code", "File ", "Exception thrown", "This exception is caused")
+    useful = [ln for ln in lines if ln and not ln.startswith(noise)]
+    return (useful[0] if useful else lines[0])[:160]
 
 
 def epoch_plan(labels: np.ndarray, seed: int, epoch: int, sampling: str = "shuffle"

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from xray import CONF_DIR
 from xray.checks import EVALUATE, check
 from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
-from xray.data import make_eval_dataset, read_manifest, split_file
+from xray.data import make_eval_dataset, read_labels, read_manifest, split_file
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.files import write_json, write_text
@@ -50,6 +50,7 @@ def predict_split(models: Sequence[TrainedModel], data_dir: Path, manifest: dict
                   batch_size: int, workers: int, tta: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The models' mean p(pneumonia) on a split, each model through its own preprocessing."""
     path = split_file(data_dir, manifest, split)
+    read_labels(path)  # a damaged file is one line, not a traceback from the pipeline
     runs = [predict_records(m, path, batch_size, workers, tta) for m in models]
     names, y, _ = runs[0]
     return names, y, np.mean([p for _, _, p in runs], axis=0)

@@ -253,8 +253,9 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     train_counts = [manifest["splits"]["train"]["classes"][c] for c in CLASSES]
     train_file = split_file(data_dir, manifest, "train")
     train_labels = read_labels(train_file)
-    val_ds = make_eval_dataset(split_file(data_dir, manifest, "val"), spec, cfg.batch_size,
-                               workers=cfg.data.workers)
+    val_file = split_file(data_dir, manifest, "val")
+    read_labels(val_file)  # a damaged file is one line now, not a traceback after an epoch
+    val_ds = make_eval_dataset(val_file, spec, cfg.batch_size, workers=cfg.data.workers)
     steps_per_epoch = len(train_labels) // cfg.batch_size
     if steps_per_epoch == 0:
         raise XrayError(f"batch_size={cfg.batch_size} is larger than the train split "

@@ -1,0 +1,240 @@
+"""What a hostile (or tired) user does: rerun a finished run with a typo, fill the disk, kill
+a conversion, pass nonsense values, feed broken files. Each gets one line and a non-zero exit,
+and nothing already written is lost."""
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SAMPLE, TINY, copy_sample, make_cfg
+from xray.checks import CONVERT, EVALUATE, PREDICT, TRAIN, check
+from xray.convert import convert
+from xray.data import read_labels, read_manifest
+from xray.errors import XrayError
+from xray.files import atomic_dir, remove_stale_temps
+from xray.preprocess import load_image
+from xray.train import train
+
+
+def run(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def one_line_error(proc) -> str:
+    """The error line; fails if a traceback or tensorboardX's NaN warning came with it."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "NaN or Inf" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture
+def finished_run(sample_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=1", "train.max_steps_per_epoch=1",
+                                     "train.eval_splits=[]"])
+    assert train(cfg, run_dir)["status"] == "ok"
+    return run_dir
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+
+
+def test_rerunning_a_finished_run_with_a_typo_changes_nothing(finished_run, tmp_path):
+    before = snapshot(finished_run)
+    proc = run(["xray.train", *TINY, "data.dir=/nonexistent", f"hydra.run.dir={finished_run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already finished (status ok); not training it again" in proc.stdout + proc.stderr
+    assert snapshot(finished_run) == before  # metrics.json, config.yaml, events, checkpoints
+
+
+def test_overwrite_starts_a_finished_run_over(finished_run, sample_data):
+    first = json.loads((finished_run / "metrics.json").read_text())
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=2", "train.max_steps_per_epoch=1",
+                                     "train.eval_splits=[]", "overwrite=true"])
+    result = train(cfg, finished_run)
+    assert result["epochs_completed"] == 2 and first["epochs_completed"] == 1
+    assert len(list(finished_run.glob("events.out.tfevents.*"))) == 1  # the old events went
+
+
+def test_a_damaged_last_checkpoint_is_one_line_and_touches_nothing(sample_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=2", "train.max_steps_per_epoch=1",
+                                     "train.eval_splits=[]", "train.keep_last=true"])
+    train(cfg, run_dir)
+    (run_dir / "metrics.json").unlink()  # as if it had been stopped before the end
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = snapshot(run_dir)
+    proc = run(["xray.train", *TINY, f"data.dir={sample_data}", "epochs=2", "train.max_steps_per_epoch=1",
+                f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert str(last) in line and "overwrite=true" in line
+    after = snapshot(run_dir)
+    for name in ("config.yaml", "history.jsonl", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert after[name] == before[name], name
+    assert json.loads(after["metrics.json"])["status"] == "failed"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=-1", "lr=-1 must be a number > 0"), ("lr=0", "lr=0 must be a number > 0"),
+    ("lr=abc", "lr=abc must be a number > 0"), ("momentum=2", r"momentum=2 must be a number in \[0, 1\)"),
+    ("epochs=0", "epochs=0 must be an integer >= 1"), ("batch_size=0", "batch_size=0 must be an integer >= 1"),
+    ("epochs=2.5", "epochs=2.5 must be an integer >= 1"), ("optim.schedule=linear", "must be one of constant"),
+    ("data.augment.scale=[0.9,0.5]", r"data.augment.scale=\[0.9, 0.5\] must be \[low, high\]"),
+])
+def test_bad_training_values_are_named_with_their_range(override, message):
+    with pytest.raises(XrayError, match=message):
+        check(make_cfg("config", TINY + [override]), TRAIN)
+
+
+@pytest.mark.parametrize("config, override, message", [
+    ("predict", "threshold=abc", r"threshold=abc must be a number in \[0, 1\]"),
+    ("predict", "threshold=2", r"threshold=2 must be a number in \[0, 1\]"),
+    ("predict", "tta=0", "tta=0 must be an integer from 1 to 5"),
+    ("evaluate", "bootstrap=-5", "bootstrap=-5 must be an integer >= 0"),
+    ("evaluate", "batch_size=0", "batch_size=0 must be an integer >= 1"),
+    ("convert", "data.val_fraction=1.5", r"data.val_fraction=1.5 must be a number in \(0, 1\)"),
+])
+def test_bad_values_of_the_other_entrypoints(config, override, message):
+    rules = {"predict": PREDICT, "evaluate": EVALUATE, "convert": CONVERT}[config]
+    with pytest.raises(XrayError, match=message):
+        check(make_cfg(config, [override]), rules)
+    check(make_cfg(config, []), rules)  # the defaults pass
+
+
+def test_a_bad_value_is_one_line_and_exit_2(sample_data, tmp_path):
+    proc = run(["xray.train", *TINY, f"data.dir={sample_data}", "lr=abc", f"hydra.run.dir={tmp_path / 'r'}"],
+               tmp_path)
+    assert proc.returncode == 2
+    assert one_line_error(proc) == "error: lr=abc must be a number > 0"
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["status"] == "failed"
+
+
+def bomb_png(path: Path) -> Path:
+    """657 KB on disk, 13000 x 13000 RGBA = 676 MB decoded."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (13000, 13000)).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(Exception, match="exceeds limit|over the limit"):
+        load_image(bomb, 128)
+    small = tmp_path / "small.png"
+    Image.new("L", (3000, 2000)).save(small)
+    with pytest.raises(ValueError, match=r"3000x2000 = 6 Mpixels is over the limit of 5 Mpixels"):
+        load_image(small, 128, max_pixels=5_000_000)
+    assert load_image(small, 128).shape == (128, 192)
+
+
+def test_predict_keeps_file_order_shows_errors_and_exits_non_zero(trained_run, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = sorted((SAMPLE / "test" / "NORMAL").glob("*.jpeg"))[:2]
+    shutil.copy(good[0], folder / "a.jpeg")
+    (folder / "b.jpeg").write_bytes(b"not an image")
+    shutil.copy(good[1], folder / "c.jpeg")
+    bomb_png(folder / "d.png")
+    proc = run(["xray.predict", f"ckpt={trained_run}/checkpoints/best.ckpt", f"image={folder}",
+                f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    assert proc.returncode == 2
+    rows = [ln.split()[:2] for ln in proc.stdout.splitlines()[1:]]
+    assert [Path(r[0]).name for r in rows] == ["a.jpeg", "b.jpeg", "c.jpeg", "d.png"]
+    assert [r[1] for r in rows][1::2] == ["error", "error"] and "error" not in (rows[0][1], rows[2][1])
+    assert "2 of 4 images could not be read" in one_line_error(proc)
+
+
+def test_convert_lists_links_and_bombs_under_skipped(tmp_path):
+    root = copy_sample(tmp_path / "cx", per_class=3)
+    normal = root / "train" / "NORMAL"
+    (normal / "dangling.jpeg").symlink_to(tmp_path / "nowhere.jpeg")
+    (normal / "loop1.jpeg").symlink_to(normal / "loop2.jpeg")
+    (normal / "loop2.jpeg").symlink_to(normal / "loop1.jpeg")
+    bomb_png(normal / "IM-9999-0001.png")
+    manifest = convert(root, tmp_path / "out", short_side=64, workers=1)
+    reasons = {Path(s["file"]).name: s["reason"] for s in manifest["skipped"]}
+    assert reasons["dangling.jpeg"].startswith("dangling symlink ->")
+    assert reasons["loop1.jpeg"] == reasons["loop2.jpeg"] == "symlink loop"
+    assert "bomb" in reasons["IM-9999-0001.png"] or "exceeds limit" in reasons["IM-9999-0001.png"]
+
+
+def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    target = tmp_path / "data"
+    stale = tmp_path / f".data.tmp-{host}-{dead.pid}"
+    live = tmp_path / f".data.tmp-{host}-{os.getpid()}"
+    elsewhere = tmp_path / f".data.tmp-othernode-{dead.pid}"
+    for folder in (stale, live, elsewhere):
+        (folder / "x").mkdir(parents=True)
+    assert remove_stale_temps(target) == [stale]
+    assert live.exists() and elsewhere.exists() and not stale.exists()
+    shutil.rmtree(live)
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("x")
+    assert (target / "f").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".data.tmp-othernode-%d" % dead.pid, "data"]
+
+
+def test_damaged_data_sets_are_one_line(sample_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    records = data / "train.mindrecord"
+    records.write_bytes(records.read_bytes()[:300_000])
+    with pytest.raises(XrayError, match=rf"{records} is damaged or incomplete .*overwrite=true"):
+        read_labels(records)
+    (data / "val.mindrecord.db").unlink()
+    with pytest.raises(XrayError, match=r"val.mindrecord.db is missing; convert it again"):
+        read_labels(data / "val.mindrecord")
+    (data / "manifest.json").write_text((data / "manifest.json").read_text()[:200])
+    with pytest.raises(XrayError, match=r"manifest.json is damaged \(JSONDecodeError"):
+        read_manifest(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_is_one_line_leaves_no_temp_files_and_records_the_failure(sample_data, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], check=True)
+    try:
+        proc = run(["xray.train", *TINY, f"data.dir={sample_data}", f"hydra.run.dir={disk / 'run'}"], tmp_path)
+        assert proc.returncode == 2
+        assert "MB free but this run's checkpoints needs" in one_line_error(proc)
+        assert json.loads((disk / "run" / "metrics.json").read_text())["status"] == "failed"
+        assert not [p for p in (disk / "run").rglob(".*") if p.is_file()]  # no temp files
+        proc = run(["xray.convert", "data=sample", f"data.dir={disk / 'data'}",
+                    f"hydra.run.dir={tmp_path / 'c'}", "data.short_side=1024"], tmp_path)
+        assert proc.returncode == 2 and "disk full" in one_line_error(proc)
+        assert not any(p.name.startswith(".data") for p in disk.iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_result_files_are_strict_json_with_provenance(trained_run):
+    for path in [trained_run / "metrics.json", trained_run / "history.jsonl",
+                 *trained_run.glob("eval_*.json")]:
+        text = path.read_text()
+        assert "NaN" not in text and "Infinity" not in text, path
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    prov = metrics["provenance"]
+    assert len(prov["git"]["commit"] or "") == 40 and isinstance(prov["git"]["dirty"], bool)
+    assert prov["versions"]["mindspore"] and prov["versions"]["numpy"] and prov["host"]
+    assert prov["device_target"] == "CPU" and "slurm_job_id" in prov
