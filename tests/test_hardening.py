@@ -52,6 +52,7 @@ def snapshot(folder: Path) -> dict:
             if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_with_a_typo_changes_nothing(finished_run, tmp_path):
     before = snapshot(finished_run)
     proc = run(["xray.train", *TINY, "data.dir=/nonexistent", f"hydra.run.dir={finished_run}"], tmp_path)
@@ -60,6 +61,7 @@ def test_rerunning_a_finished_run_with_a_typo_changes_nothing(finished_run, tmp_
     assert snapshot(finished_run) == before  # metrics.json, config.yaml, events, checkpoints
 
 
+@pytest.mark.slow
 def test_overwrite_starts_a_finished_run_over(finished_run, sample_data):
     first = json.loads((finished_run / "metrics.json").read_text())
     cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=2", "train.max_steps_per_epoch=1",
@@ -69,6 +71,7 @@ def test_overwrite_starts_a_finished_run_over(finished_run, sample_data):
     assert len(list(finished_run.glob("events.out.tfevents.*"))) == 1  # the old events went
 
 
+@pytest.mark.slow
 def test_a_damaged_last_checkpoint_is_one_line_and_touches_nothing(sample_data, tmp_path):
     run_dir = tmp_path / "run"
     cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=2", "train.max_steps_per_epoch=1",
@@ -144,6 +147,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
     assert load_image(small, 128).shape == (128, 192)
 
 
+@pytest.mark.slow
 def test_predict_keeps_file_order_shows_errors_and_exits_non_zero(trained_run, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -209,6 +213,7 @@ def test_damaged_data_sets_are_one_line(sample_data, tmp_path):
         read_manifest(data)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_is_one_line_leaves_no_temp_files_and_records_the_failure(sample_data, tmp_path):
     disk = tmp_path / "disk"

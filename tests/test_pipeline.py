@@ -77,7 +77,7 @@ def test_evaluate_writes_metrics_with_ci_and_plots(trained_run):
         for m in METRIC_KEYS:
             lo, hi = block[m]["ci95"]
             value = block[m]["value"]
-            assert np.isnan(value) or lo - 1e-9 <= value <= hi + 1e-9 or lo == hi
+            assert np.isnan(value) or lo - 1e-9 <= value <= hi + 1e-9
         assert np.array(block["confusion_matrix"]).sum() == 20
     assert result["at_0.5"]["threshold"] == 0.5
     assert result["youden"]["chosen_on"] == "val"
@@ -115,6 +115,7 @@ def test_predict_cli_prints_table_and_plots(trained_run, tmp_path):
     assert (tmp_path / f"{image.stem}.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_saved_epoch(sample_data, tmp_path):
     run_dir = tmp_path / "run"
     overrides = TINY + [f"data.dir={sample_data}", "epochs=3"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE
-from xray.data import (make_eval_dataset, make_train_dataset, preprocess_spec, read_labels,
-                       read_manifest, split_file)
+from xray.data import (epoch_plan, make_eval_dataset, make_train_dataset, preprocess_spec,
+                       read_labels, read_manifest, split_file)
 from xray.errors import XrayError
 from xray.preprocess import Preprocess, preprocess_file, to_tensor
 
@@ -32,21 +32,27 @@ def test_eval_pipeline_equals_predict_on_raw_jpeg(sample_data, channels, equaliz
     assert seen == manifest["splits"]["test"]["images"] == 20
 
 
-def test_training_pipeline_augments_but_keeps_shape_and_scale(sample_data):
+def test_training_pipeline_augments_every_image_and_only_when_enabled(sample_data):
+    from omegaconf import OmegaConf
     manifest = read_manifest(sample_data)
     spec = preprocess_spec(manifest, image_size=80, channels=1)
     path = split_file(sample_data, manifest, "train")
-    from omegaconf import OmegaConf
-    augment = OmegaConf.create({"enabled": True, "scale": [0.75, 1.0], "ratio": [0.8, 1.25],
-                                "degrees": 7})
-    train = make_train_dataset(path, spec, 8, read_labels(path), seed=0, epoch=1, augment=augment,
-                               workers=1)
-    plain = make_eval_dataset(path, spec, 8, workers=1)
-    x_train = next(train.create_tuple_iterator(output_numpy=True))[0]
-    x_plain = next(plain.create_tuple_iterator(output_numpy=True))[0]
-    assert x_train.shape == x_plain.shape == (8, 1, 80, 80)
-    assert abs(float(x_plain.mean())) < 0.5 and 0.5 < float(x_plain.std()) < 1.5  # normalized
-    assert abs(float(x_train.mean())) < 0.7
+    labels = read_labels(path)
+    aug = {"enabled": True, "scale": [0.75, 1.0], "ratio": [0.8, 1.25], "degrees": 7}
+
+    def epoch(enabled):
+        cfg = OmegaConf.create({**aug, "enabled": enabled})
+        data = make_train_dataset(path, spec, 8, labels, seed=0, epoch=1, augment=cfg, workers=1)
+        return [b[0] for b in data.create_tuple_iterator(output_numpy=True)]
+
+    on, off = np.concatenate(epoch(True)), np.concatenate(epoch(False))
+    order, _ = epoch_plan(labels, 0, 1)
+    plain = np.concatenate([b[0] for b in make_eval_dataset(path, spec, 8, workers=1)
+                            .create_tuple_iterator(output_numpy=True)])
+    assert np.array_equal(off, plain[order])  # off: exactly evaluation's tensors, in the epoch's order
+    assert on.shape == off.shape == (32, 1, 80, 80)
+    assert all(not np.allclose(a, b) for a, b in zip(on, off))  # on: every image is changed
+    assert abs(float(on.mean() - off.mean())) < 0.3 and 0.5 < float(on.std()) < 1.5  # still normalized
 
 
 def test_to_tensor_normalizes_with_the_given_statistics():

@@ -147,6 +147,7 @@ def recipe_run(sample_data, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_recipe_run_records_its_preprocess_and_evaluates_val_and_test(recipe_run):
     import yaml
     config = yaml.safe_load((recipe_run / "config.yaml").read_text())
@@ -160,6 +161,7 @@ def test_a_recipe_run_records_its_preprocess_and_evaluates_val_and_test(recipe_r
     assert test["youden"]["chosen_on"] == "val"
 
 
+@pytest.mark.slow
 def test_predict_reproduces_evaluation_with_clahe_and_tta(recipe_run, trained_run, tmp_path):
     model = load_trained_model(recipe_run / "checkpoints" / "best.ckpt")
     evaluate([model.checkpoint], "test", bootstrap=0, workers=1, tta=3)
@@ -175,6 +177,7 @@ def test_predict_reproduces_evaluation_with_clahe_and_tta(recipe_run, trained_ru
     assert model.probabilities(views[None])[0] == pytest.approx(np.mean(per_view), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_an_ensemble_averages_its_members(recipe_run, trained_run, tmp_path):
     a, b = trained_run / "checkpoints" / "best.ckpt", recipe_run / "checkpoints" / "best.ckpt"
     result = evaluate([a, b], "test", bootstrap=0, workers=1, out_dir=tmp_path)
@@ -213,6 +216,7 @@ def test_resolve_checkpoints(tmp_path):
         resolve_checkpoints(["a.ckpt"], 2)
 
 
+@pytest.mark.slow
 def test_predict_cli_takes_an_ensemble_and_tta(recipe_run, trained_run, tmp_path):
     image = sorted((SAMPLE / "test" / "NORMAL").glob("*.jpeg"))[0]
     ckpts = f"[{trained_run}/checkpoints/best.ckpt,{recipe_run}/checkpoints/best.ckpt]"

@@ -18,6 +18,8 @@ from xray.predict import predict_images
 from xray.preprocess import preprocess_file
 from xray.report import collect, report
 
+pytestmark = pytest.mark.slow  # a real 8-member sweep (about 1.5 min)
+
 
 def hparams_of_run(run_dir) -> dict:
     acc = EventAccumulator(str(run_dir))
@@ -193,3 +195,29 @@ def test_a_sweep_over_a_config_group_gets_one_folder_per_member(sample_data, tmp
     members = collect(sweep_dir)
     assert sorted(m.hparams["augment_gamma"] for m in members) == [0.0, 0.3]
     assert all(set(m.evals) == {"test"} and m.status == "ok" for m in members)
+
+
+def test_plots_never_put_members_that_differ_in_another_lever_together(smoke_sweep):
+    """The smoke sweep varies image size too: one heat-map panel and one curve colour per
+    (loss, image size), not one per loss."""
+    from xray.report import curves_figure, heatmap_figure
+    _, sweep_dir, _ = smoke_sweep
+    members = collect(sweep_dir)
+    heat = heatmap_figure(members)
+    titles = sorted(ax.get_title() for ax in heat.axes if ax.get_title())
+    assert titles == ["mse, image_size=60: best val AUC", "mse, image_size=72: best val AUC",
+                      "softmax_ce, image_size=60: best val AUC", "softmax_ce, image_size=72: best val AUC"]
+    curves = curves_figure(members)
+    colours = {line.get_label().split(" (")[0]: line.get_color() for ax in curves.axes for line in ax.lines}
+    assert len(colours) == 4 and len(set(colours.values())) == 4
+
+
+def test_the_report_ranks_without_mindspore(smoke_sweep, tmp_path):
+    """Ranking a sweep (on a login node, say) needs no MindSpore: only the export does."""
+    _, sweep_dir, _ = smoke_sweep
+    code = ("import sys; from xray.report import main; main([sys.argv[1], '--no-best']); "
+            "assert 'mindspore' not in sys.modules, 'imported mindspore'")
+    proc = subprocess.run([sys.executable, "-c", code, str(sweep_dir)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 ok, 2 diverged, 4 failed" in proc.stdout

@@ -10,7 +10,10 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 from omegaconf import OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = str(PACKAGE_DIR.parent / "conf")  # Hydra configs (absolute: works however xray.* is run)
+# Hydra configs, absolute so that they work however xray.* is run: the checkout's conf/, or the
+# copy an installed package carries as xray/conf
+CONF_DIR = str(next(d for d in (PACKAGE_DIR.parent / "conf", PACKAGE_DIR / "conf")
+                    if (d / "config.yaml").is_file()))
 SAMPLE_DIR = PACKAGE_DIR / "sample" / "chest_xray"  # the small real sample shipped for the demo
 
 # ${xray_sample:} in conf/data/sample.yaml -> the sample folder, wherever xray is installed

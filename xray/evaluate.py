@@ -11,6 +11,8 @@ writes them into this command's own output folder (outputs/evaluate/<time>/).
 """
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -110,8 +112,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         out = Path(out_dir)
     tag = split + (f"_tta{tta}" if tta > 1 else "")
     write_json(out / f"eval_{tag}.json", result)
-    write_text(out / f"predictions_{tag}.csv", "file_name,label,p_pneumonia\n" + "".join(
-        f"{n},{int(t)},{q:.6f}\n" for n, t, q in zip(names, y, p)))
+    write_text(out / f"predictions_{tag}.csv", predictions_csv(names, y, p))
     fpr, tpr, _ = roc_curve(y, p)
     cm = np.array(result["youden"]["confusion_matrix"])
     sens, spec = result["youden"]["sensitivity"]["value"], result["youden"]["specificity"]["value"]
@@ -124,6 +125,15 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     _log_summary(result)
     log.info("  -> %s", out / f"eval_{tag}.json")
     return result
+
+
+def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray) -> str:
+    """file_name,label,p_pneumonia per image (the csv module quotes names with commas)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file_name", "label", "p_pneumonia"])
+    writer.writerows([name, int(t), f"{q:.6f}"] for name, t, q in zip(names, labels, probs))
+    return buf.getvalue()
 
 
 def summary(result: dict) -> dict:

@@ -171,20 +171,30 @@ def train_loss_curve(member: Member) -> tuple[np.ndarray, np.ndarray]:
     return np.array([]), np.array([])
 
 
+def setting_of(members: list[Member]):
+    """A member's levers other than lr and momentum as one label (e.g. "mse, image_size=72"):
+    the heat map's panels and the loss curves' colours, so members that differ in more than
+    lr and momentum never share a cell or a colour."""
+    levers = [k for k in varying_hparams(members) if k not in ("lr", "momentum")] or ["loss"]
+    return lambda m: ", ".join(f"{m.hparams[k]}" if k == "loss" else f"{k}={m.hparams[k]}" for k in levers)
+
+
 def heatmap_figure(members: list[Member]):
-    """Best val AUC over lr x momentum, one panel per loss; diverged/failed cells say so."""
+    """Best val AUC over lr x momentum, one panel per setting of the other levers (per loss in
+    a loss x lr x momentum sweep); diverged/failed cells say so."""
     import matplotlib.pyplot as plt
 
-    losses = sorted({m.hparams["loss"] for m in members})
+    setting = setting_of(members)
+    panels = sorted({setting(m) for m in members})
     lrs = sorted({m.hparams["lr"] for m in members})
     moms = sorted({m.hparams["momentum"] for m in members})
-    fig, axes = plt.subplots(1, len(losses), figsize=(1.6 + 1.3 * len(lrs) * len(losses), 1.2 + 0.8 * len(moms)),
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 1.3 * len(lrs) * len(panels), 1.2 + 0.8 * len(moms)),
                              dpi=110, squeeze=False)
-    for ax, loss in zip(axes[0], losses):
+    for ax, panel in zip(axes[0], panels):
         grid = np.full((len(moms), len(lrs)), np.nan)
         labels = [["" for _ in lrs] for _ in moms]
         for m in members:
-            if m.hparams["loss"] != loss:
+            if setting(m) != panel:
                 continue
             i, j = moms.index(m.hparams["momentum"]), lrs.index(m.hparams["lr"])
             auc = m.best_val_auc
@@ -202,7 +212,7 @@ def heatmap_figure(members: list[Member]):
         ax.set_xlabel("lr")
         if ax is axes[0][0]:
             ax.set_ylabel("momentum")
-        ax.set_title(f"loss={loss}: best val AUC", fontsize=10)
+        ax.set_title(f"{panel}: best val AUC", fontsize=9)
         ax.set_facecolor("#444444")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     return fig
@@ -210,16 +220,14 @@ def heatmap_figure(members: list[Member]):
 
 def curves_figure(members: list[Member]):
     """Training-loss curves, one panel per (lr, momentum), the members' other levers overlaid
-    (one colour per setting, e.g. per loss)."""
+    (one colour per setting, e.g. per loss; see setting_of)."""
     import matplotlib.pyplot as plt
 
     lrs = sorted({m.hparams["lr"] for m in members})
     moms = sorted({m.hparams["momentum"] for m in members})
     fig, axes = plt.subplots(len(moms), len(lrs), figsize=(4.0 * len(lrs), 3.0 * len(moms)),
                              dpi=100, squeeze=False, sharex=True)
-    levers = [k for k in varying_hparams(members) if k not in ("lr", "momentum")] or ["loss"]
-    setting = lambda m: ", ".join(f"{m.hparams[k]}" if k == "loss" else f"{k}={m.hparams[k]}"  # noqa: E731
-                                  for k in levers)
+    setting = setting_of(members)
     settings = sorted({setting(m) for m in members})
     limits: dict[int, tuple[float, float]] = {}  # per panel: a blow-up spike must not flatten the rest
     for m in members:

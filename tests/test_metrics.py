@@ -1,0 +1,65 @@
+"""xray.metrics (numpy) against scikit-learn on random data: AUC with ties, one class only,
+ROC, Youden's threshold, confusion matrix; the bootstrap's CIs."""
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from xray.metrics import binary_metrics, bootstrap_ci, confusion, roc_auc, roc_curve, youden_threshold
+
+
+def data(seed, n=300, ties=False):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.35 * y + rng.normal(0.3, 0.25, n), 0, 1)
+    return y, (np.round(p, 1) if ties else p)  # rounding makes many ties
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("ties", [False, True])
+def test_auc_and_roc_match_sklearn(seed, ties):
+    y, p = data(seed, ties=ties)
+    assert roc_auc(y, p) == pytest.approx(sk.roc_auc_score(y, p), abs=1e-12)
+    fpr, tpr, thr = roc_curve(y, p)
+    sk_fpr, sk_tpr, sk_thr = sk.roc_curve(y, p, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(thr[1:], sk_thr[1:])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_youden_threshold_maximizes_j_like_sklearn(seed):
+    y, p = data(seed, ties=True)
+    fpr, tpr, thr = sk.roc_curve(y, p, drop_intermediate=False)
+    assert youden_threshold(y, p) == pytest.approx(thr[np.argmax(tpr - fpr)])
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.65])
+def test_confusion_and_threshold_metrics_match_sklearn(threshold):
+    y, p = data(7)
+    pred = (p >= threshold).astype(int)
+    np.testing.assert_array_equal(confusion(y, p, threshold), sk.confusion_matrix(y, pred, labels=[0, 1]))
+    m = binary_metrics(y, p, threshold)
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(sk.recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(sk.recall_score(y, pred, pos_label=0))
+    assert m["ppv"] == pytest.approx(sk.precision_score(y, pred))
+
+
+def test_one_class_only_gives_nan_auc_and_threshold_half():
+    y, p = np.ones(20, int), np.linspace(0, 1, 20)
+    assert np.isnan(roc_auc(y, p)) and np.isnan(roc_auc(1 - y, p))
+    assert youden_threshold(y, p) == 0.5
+    m = binary_metrics(y, p, 0.5)
+    assert np.isnan(m["specificity"]) and m["sensitivity"] == pytest.approx(0.5)
+
+
+def test_bootstrap_ci_covers_the_estimate_is_seeded_and_narrows_with_more_data():
+    y, p = data(3, n=200)
+    ci = bootstrap_ci(y, p, lambda yy, pp: {"auc": roc_auc(yy, pp)}, n=300, seed=1)
+    assert ci == bootstrap_ci(y, p, lambda yy, pp: {"auc": roc_auc(yy, pp)}, n=300, seed=1)
+    lo, hi = ci["auc"]
+    assert lo < roc_auc(y, p) < hi and hi - lo < 0.2
+    y4, p4 = data(3, n=800)
+    lo4, hi4 = bootstrap_ci(y4, p4, lambda yy, pp: {"auc": roc_auc(yy, pp)}, n=300, seed=1)["auc"]
+    assert (hi4 - lo4) < 0.7 * (hi - lo)  # ~ 1/sqrt(n): half as wide for 4x the data
