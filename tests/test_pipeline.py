@@ -53,6 +53,7 @@ def test_tensorboard_has_the_expected_tags(trained_run):
                 "val/balanced_accuracy", "train/epoch_loss"):
         assert len(acc.Scalars(tag)) == 2, tag
     assert len(acc.Images("val/confusion_matrix")) == 2
+    assert len(acc.Images("val/grad_cam")) == 2  # where the model looks, every epoch
     assert "val/pr_curve" in tags["tensors"]
     # HParams in the run's own folder (no time-stamped sub-run)
     assert [p for p in trained_run.iterdir() if p.is_dir()] == [trained_run / "checkpoints"]

@@ -85,7 +85,8 @@ def test_report_ranks_and_exports_the_best(smoke_sweep, capsys):
     assert csv[0].startswith("rank,member,status") and len(csv) == 9
     best = best_root / "smoke"
     assert {p.name for p in best.iterdir()} == {"best.ckpt", "config.yaml", "manifest.json",
-                                                "metrics.json", "model.mindir"}
+                                                "metrics.json", "model.mindir", "calibration.json"}
+    assert json.loads((best / "calibration.json").read_text())["temperature"] > 0  # fitted on val
     assert json.loads((best / "metrics.json").read_text())["source"] == str(ok[0].path)
 
     # a worse candidate does not replace it; --force does
@@ -112,9 +113,10 @@ def test_best_folder_works_with_evaluate_predict_and_mindir(smoke_sweep):
     for image, r in zip(images, from_ckpt):
         x = preprocess_file(image, model.spec)[None]
         logits = graph(ms.Tensor(x)).asnumpy()
-        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        assert p[0, 1] == pytest.approx(r["p_pneumonia"], abs=1e-5)
-        assert ("PNEUMONIA" if p[0, 1] >= 0.5 else "NORMAL") == r["label"]
+        # the README's recipe: p = sigmoid((l1 - l0) / T), T from calibration.json
+        p = 1 / (1 + np.exp(-(logits[0, 1] - logits[0, 0]) / model.temperature))
+        assert p == pytest.approx(r["p_pneumonia"], abs=1e-5)
+        assert ("PNEUMONIA" if p >= 0.5 else "NORMAL") == r["label"]
 
 
 def test_report_on_an_unfinished_sweep(smoke_sweep, tmp_path):

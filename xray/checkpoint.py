@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import nn, ops
 from omegaconf import DictConfig, OmegaConf
 
+from xray.calibration import load_temperature, scale
 from xray.errors import XrayError
 from xray.labels import POSITIVE
 from xray.model import build_model
@@ -23,15 +24,21 @@ class TrainedModel:
     spec: Preprocess  # how its inputs were made
     run_dir: Path
     checkpoint: Path
+    temperature: Optional[float] = None  # from calibration.json beside the checkpoint
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+    def probabilities(self, batch: np.ndarray, calibrated: bool = True) -> np.ndarray:
         """p(pneumonia) for a float32 NxCxSxS batch made by preprocess.model_input; for
-        NxVxCxSxS (V test-time views per image) the mean over the views."""
+        NxVxCxSxS (V test-time views per image) the mean over the views; temperature-scaled
+        when the checkpoint has been calibrated (unless calibrated=False)."""
         views = batch.shape[1] if batch.ndim == 5 else 1
         flat = batch.reshape(-1, *batch.shape[-3:])
         logits = self.net(ms.Tensor(np.ascontiguousarray(flat, dtype=np.float32)))
-        p = ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy()
-        return p.reshape(-1, views).mean(axis=1)
+        p = ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy().reshape(-1, views).mean(axis=1)
+        return self.calibrate(p) if calibrated else p
+
+    def calibrate(self, p: np.ndarray) -> np.ndarray:
+        """Raw probabilities -> this checkpoint's calibrated ones (unchanged if uncalibrated)."""
+        return scale(p, self.temperature) if self.temperature else p
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -65,7 +72,7 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
         raise XrayError(f"ckpt={checkpoint} does not match the model in {config} "
                         f"(missing {len(missing)} parameters, e.g. {missing[0]})")
     net.set_train(False)
-    return TrainedModel(net, cfg, spec, run_dir, checkpoint)
+    return TrainedModel(net, cfg, spec, run_dir, checkpoint, load_temperature(run_dir, checkpoint))
 
 
 def legacy_names(params: dict) -> dict:

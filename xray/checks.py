@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray.errors import XrayError
 
-# key -> (kind, test, what it must be); kind: "int", "number", "choice", "pair"
+# key -> (kind, test, what it must be); kind: "int", "number", "choice", "pair", "bool"
 Rule = tuple[str, Callable[[Any], bool], str]
 
 
@@ -67,13 +67,16 @@ TRAIN: dict[str, Rule] = {
     "train.log_every": _int(1),
     "train.max_steps_per_epoch": _int(1),
     "train.eval_bootstrap": _int(0),
+    "train.cam_images": _int(0),
 }
 EVALUATE: dict[str, Rule] = {
     "batch_size": _int(1), "bootstrap": _int(0), "seed": _int(0), "workers": _int(1),
-    "tta": TTA, "top_k": _int(1), "device_target": DEVICE, "mode": MODE,
+    "tta": TTA, "top_k": _int(1), "explain": _int(0), "device_target": DEVICE, "mode": MODE,
+    "calibrate": ("bool", lambda v: True, "true or false"),
 }
 PREDICT: dict[str, Rule] = {
     "threshold": PROBABILITY, "tta": TTA, "top_k": _int(1), "max_pixels": _int(1),
+    "plot": ("bool", lambda v: True, "true or false"), "explain": ("bool", lambda v: True, "true or false"),
     "device_target": DEVICE, "mode": MODE,
 }
 CONVERT: dict[str, Rule] = {
@@ -95,6 +98,8 @@ def check(cfg: DictConfig, rules: dict[str, Rule]) -> None:
 
 
 def _valid(kind: str, value: Any, test: Callable[[Any], bool]) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
     if kind == "choice":
         return isinstance(value, str) and test(value)
     if kind == "pair":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,11 +24,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from xray import CONF_DIR
+from xray.calibration import BINS, calibration_metrics, fit_temperature, reliability_figure, save_temperature
+from xray.calibration import FILE as CALIBRATION_FILE
 from xray.checks import EVALUATE, check
 from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
 from xray.data import make_eval_dataset, read_labels, read_manifest, split_file
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
+from xray.explain import cam_grid, grad_cam
 from xray.files import write_json, write_text
 from xray.metrics import binary_metrics, bootstrap_ci, confusion, roc_curve, youden_threshold
 from xray.plots import confusion_figure, roc_figure, save_figure
@@ -37,25 +41,35 @@ log = logging.getLogger(__name__)
 
 def predict_records(model: TrainedModel, path: Path, batch_size: int, workers: int = 2,
                     tta: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(file names, labels, p(pneumonia)) for every record of a .mindrecord file, in order."""
+    """(file names, labels, raw p(pneumonia)) for every record of a .mindrecord file, in order."""
     dataset = make_eval_dataset(path, model.spec, batch_size, workers=workers, with_names=True,
                                 tta=tta)
     names, labels, probs = [], [], []
     for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
-        probs.append(model.probabilities(batch["image"]))
+        probs.append(model.probabilities(batch["image"], calibrated=False))
         labels.append(batch["label"])
         names.extend(str(n) for n in batch["file_name"])
     return names, np.concatenate(labels), np.concatenate(probs)
 
 
+@dataclass
+class SplitPredictions:
+    names: list[str]
+    labels: np.ndarray
+    raw: list[np.ndarray]  # per model, before its temperature
+
+    def probabilities(self, models: Sequence[TrainedModel]) -> np.ndarray:
+        """The ensemble's p(pneumonia): the mean of each member's calibrated probability."""
+        return np.mean([m.calibrate(p) for m, p in zip(models, self.raw)], axis=0)
+
+
 def predict_split(models: Sequence[TrainedModel], data_dir: Path, manifest: dict, split: str,
-                  batch_size: int, workers: int, tta: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The models' mean p(pneumonia) on a split, each model through its own preprocessing."""
+                  batch_size: int, workers: int, tta: int) -> SplitPredictions:
+    """Every model's raw p(pneumonia) on a split, each model through its own preprocessing."""
     path = split_file(data_dir, manifest, split)
     read_labels(path)  # a damaged file is one line, not a traceback from the pipeline
     runs = [predict_records(m, path, batch_size, workers, tta) for m in models]
-    names, y, _ = runs[0]
-    return names, y, np.mean([p for _, _, p in runs], axis=0)
+    return SplitPredictions(runs[0][0], runs[0][1], [p for _, _, p in runs])
 
 
 def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
@@ -72,26 +86,37 @@ def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int,
 
 def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
              batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
-             tta: int = 1, out_dir: Optional[Path] = None, threshold: Optional[float] = None) -> dict:
+             tta: int = 1, out_dir: Optional[Path] = None, threshold: Optional[float] = None,
+             calibrate: bool = False, explain: int = 0) -> dict:
     """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
     with tta test-time views per image, at `threshold` (default: chosen on val by Youden's J)
-    and at 0.5. Writes eval_<split>.json, predictions, ROC and confusion PNGs into the run
-    folder (one checkpoint) or `out_dir`, and returns the JSON."""
+    and at 0.5, with calibration (ECE, Brier, reliability diagram). calibrate=True first fits
+    the checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply
+    it from then on). explain=N draws Grad-CAM maps of the N most confident false positives and
+    false negatives. Writes eval_<split>.json, predictions, ROC, confusion and reliability
+    PNGs into the run folder (one checkpoint) or `out_dir`, and returns the JSON."""
     models = [load_trained_model(Path(c)) for c in checkpoints]
     if not models:
         raise XrayError("ckpt is empty; pass a checkpoint, a list [a.ckpt,b.ckpt] or a best folder")
+    if (calibrate or explain) and len(models) > 1:
+        raise XrayError("calibrate=true and explain=N work on one checkpoint, not an ensemble "
+                        "(its members' own temperatures are applied)")
     data_dir = Path(data_dir or models[0].cfg.data.dir)
     manifest = read_manifest(data_dir)
     for model in models:
         if manifest["short_side"] != model.spec.short_side:
             raise XrayError(f"data.dir={data_dir} was converted at short_side={manifest['short_side']} "
                             f"but {model.checkpoint} was trained on short_side={model.spec.short_side}")
-    names, y, p = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
-    if threshold is None and split == "val":
-        threshold = youden_threshold(y, p)
-    elif threshold is None:
-        _, y_val, p_val = predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
-        threshold = youden_threshold(y_val, p_val)
+    run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
+    val = run if split == "val" else None
+    if calibrate or threshold is None:
+        val = val or predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
+    if calibrate:
+        fit_temperature_of(models[0], val.labels, val.raw[0])
+    y, p = run.labels, run.probabilities(models)
+    if threshold is None:
+        threshold = youden_threshold(val.labels, val.probabilities(models))
+    raw = np.mean(run.raw, axis=0)
     result = {
         "split": split,
         "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
@@ -102,6 +127,9 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         "bootstrap": {"resamples": bootstrap, "level": 0.95, "unit": "image"},
         "youden": metrics_with_ci(y, p, threshold, bootstrap, seed),
         "at_0.5": metrics_with_ci(y, p, 0.5, bootstrap, seed),
+        "calibration": {**calibration_metrics(y, p), "bins": BINS,
+                        "temperature": [m.temperature for m in models] if len(models) > 1 else models[0].temperature,
+                        "uncalibrated": calibration_metrics(y, raw)},
     }
     result["youden"]["chosen_on"] = "val"
     if len(models) == 1:
@@ -112,7 +140,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         out = Path(out_dir)
     tag = split + (f"_tta{tta}" if tta > 1 else "")
     write_json(out / f"eval_{tag}.json", result)
-    write_text(out / f"predictions_{tag}.csv", predictions_csv(names, y, p))
+    write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, p))
     fpr, tpr, _ = roc_curve(y, p)
     cm = np.array(result["youden"]["confusion_matrix"])
     sens, spec = result["youden"]["sensitivity"]["value"], result["youden"]["specificity"]["value"]
@@ -122,9 +150,56 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
                 out / f"roc_{tag}.png")
     save_figure(confusion_figure(cm, f"{what}, threshold {threshold:.3f} (Youden on val)"),
                 out / f"confusion_{tag}.png")
+    curves = {"as trained": raw, **({"temperature-scaled": p} if any(m.temperature for m in models) else {})}
+    save_figure(reliability_figure(y, curves, f"{what}: reliability ({len(y)} images)"),
+                out / f"reliability_{tag}.png")
+    if explain:
+        explain_errors(models[0], split_file(data_dir, manifest, split), run.names, y, p, threshold,
+                       explain, out / f"cam_errors_{tag}.png")
     _log_summary(result)
     log.info("  -> %s", out / f"eval_{tag}.json")
     return result
+
+
+def calibrate_checkpoint(checkpoint: Path, batch_size: int = 64, workers: int = 2) -> float:
+    """Fit a checkpoint's temperature on its data set's val split (calibration.json beside it)."""
+    model = load_trained_model(checkpoint)
+    data_dir = Path(model.cfg.data.dir)
+    val = predict_split([model], data_dir, read_manifest(data_dir), "val", batch_size, workers, 1)
+    return fit_temperature_of(model, val.labels, val.raw[0])
+
+
+def fit_temperature_of(model: TrainedModel, y_val: np.ndarray, p_val_raw: np.ndarray) -> float:
+    """Fit the checkpoint's temperature on val, store it beside it, use it from now on."""
+    temperature = fit_temperature(y_val, p_val_raw)
+    record = save_temperature(model.run_dir, temperature, y_val, p_val_raw, str(model.checkpoint))
+    model.temperature = temperature
+    log.info("calibrate: temperature %.3f fitted on val (ECE %.3f -> %.3f, NLL %.3f -> %.3f) -> %s",
+             temperature, record["val_before"]["ece"], record["val_after"]["ece"],
+             record["val_before"]["nll"], record["val_after"]["nll"], model.run_dir / CALIBRATION_FILE)
+    return temperature
+
+
+def explain_errors(model: TrainedModel, path: Path, names: list[str], y: np.ndarray, p: np.ndarray,
+                   threshold: float, n: int, out: Path) -> None:
+    """One grid: the n most confident false positives and false negatives with their maps."""
+    false_pos = [int(i) for i in np.argsort(-p) if y[i] == 0 and p[i] >= threshold][:n]
+    false_neg = [int(i) for i in np.argsort(p) if y[i] == 1 and p[i] < threshold][:n]
+    wanted = set(false_pos) | set(false_neg)
+    tensors, index = {}, 0
+    for batch in make_eval_dataset(path, model.spec, 32, workers=1).create_tuple_iterator(
+            num_epochs=1, output_numpy=True):
+        for x in batch[0]:
+            if index in wanted:
+                tensors[index] = x
+            index += 1
+    rows = []
+    for title, picked in (("false positives", false_pos), ("false negatives", false_neg)):
+        cams = grad_cam(model.net, np.stack([tensors[i] for i in picked])) if picked else []
+        rows.append((title, [(tensors[i], cam, f"{names[i]}\np(pneumonia) {p[i]:.3f}")
+                             for i, cam in zip(picked, cams)]))
+    save_figure(cam_grid(rows), out)
+    log.info("explain: %d false positives, %d false negatives -> %s", len(false_pos), len(false_neg), out)
 
 
 def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray) -> str:
@@ -161,7 +236,8 @@ def main(cfg: DictConfig) -> None:
     checkpoints = resolve_checkpoints(cfg.ckpt, cfg.top_k)
     setup_device(cfg.device_target, cfg.mode)
     evaluate(checkpoints, cfg.split, cfg.data_dir, cfg.batch_size, cfg.bootstrap, cfg.seed,
-             cfg.workers, cfg.tta, out_dir=Path(HydraConfig.get().runtime.output_dir))
+             cfg.workers, cfg.tta, out_dir=Path(HydraConfig.get().runtime.output_dir),
+             calibrate=cfg.calibrate, explain=cfg.explain)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ class AlexNet(nn.Cell):
              _conv(96, 256, 5, padding=2), nn.ReLU(), *norm(), pool(),
              _conv(256, 384, 3, padding=1), nn.ReLU(),
              _conv(384, 384, 3, padding=1), nn.ReLU(),
-             _conv(384, 256, 3, padding=1), nn.ReLU(), pool()]
-        )
+             _conv(384, 256, 3, padding=1), nn.ReLU()]
+        )  # ends with the last conv block's activations: what Grad-CAM explains
+        self.pool = pool()
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.flatten = nn.Flatten()
         self.fc1 = nn.Dense(256 * 6 * 6, 4096)
@@ -67,7 +68,11 @@ class AlexNet(nn.Cell):
         self.relu = nn.ReLU()
 
     def construct(self, x, mask1=None, mask2=None):
-        x = self.relu(self.fc1(self.flatten(self.avgpool(self.features(x)))))
+        return self.classify(self.features(x), mask1, mask2)
+
+    def classify(self, features, mask1=None, mask2=None):
+        """Logits from the last conv block's activations (`self.features(x)`)."""
+        x = self.relu(self.fc1(self.flatten(self.avgpool(self.pool(features)))))
         if mask1 is not None:
             x = x * mask1
         x = self.relu(self.fc2(x))

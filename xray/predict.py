@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import hydra
 import numpy as np
+from PIL import Image
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -23,6 +24,7 @@ from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoint
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.labels import CLASSES
+from xray.explain import cam_figure, grad_cam
 from xray.plots import prediction_figure, save_figure
 from xray.preprocess import MAX_PIXELS, load_image, model_input
 
@@ -45,10 +47,11 @@ def list_images(path: Path) -> list[Path]:
 
 def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold: float = 0.5,
                    plot_dir: Optional[Path] = None, batch_size: int = 32, tta: int = 1,
-                   max_pixels: int = MAX_PIXELS) -> list[dict]:
+                   max_pixels: int = MAX_PIXELS, explain_dir: Optional[Path] = None) -> list[dict]:
     """[{file, label, p_pneumonia}] per readable image (the models' mean probability, each
     model through its own preprocessing), in the order of `paths`; unreadable ones get
-    label 'error' and the reason."""
+    label 'error' and the reason. plot_dir: <name>.png, the image titled with its prediction;
+    explain_dir: <name>_cam.png, its Grad-CAM map."""
     results: dict[Path, dict] = {}
     for start in range(0, len(paths), batch_size):
         loaded, ok = [], []  # per image: {short_side: image}
@@ -70,11 +73,27 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
         for path, images, p in zip(ok, loaded, probs):
             label = CLASSES[int(p >= threshold)]
             results[path] = {"file": str(path), "label": label, "p_pneumonia": float(p)}
+            title = f"{path.name}\n{label}  p(pneumonia) = {p:.3f}"
             if plot_dir is not None:
-                title = f"{path.name}\n{label}  p(pneumonia) = {p:.3f}"
                 image = images[models[0].spec.short_side]
                 save_figure(prediction_figure(image, title), plot_dir / f"{path.stem}.png")
+            if explain_dir is not None:
+                tensor, cam = explain_image(models, images)
+                save_figure(cam_figure(tensor, cam, title), explain_dir / f"{path.stem}_cam.png")
     return [results[path] for path in paths]
+
+
+def explain_image(models: Sequence[TrainedModel], images: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(the first model's input, the Grad-CAM map of p(pneumonia)); for an ensemble the mean
+    of its members' maps, each resized to the first one's input."""
+    size = models[0].spec.image_size
+    cams = []
+    for m in models:
+        cam = grad_cam(m.net, model_input(images[m.spec.short_side], m.spec)[None])[0]
+        if cam.shape != (size, size):
+            cam = np.asarray(Image.fromarray(cam, "F").resize((size, size), Image.Resampling.BILINEAR))
+        cams.append(cam)
+    return model_input(images[models[0].spec.short_side], models[0].spec), np.mean(cams, axis=0)
 
 
 def format_results(results: list[dict]) -> str:
@@ -96,16 +115,17 @@ def main(cfg: DictConfig) -> None:
     checkpoints = resolve_checkpoints(cfg.ckpt, cfg.top_k)
     setup_device(cfg.device_target, cfg.mode)
     models = [load_trained_model(c) for c in checkpoints]
-    plot_dir = Path(HydraConfig.get().runtime.output_dir) if cfg.plot else None
-    results = predict_images(models, list_images(Path(cfg.image)), cfg.threshold, plot_dir,
-                             tta=cfg.tta, max_pixels=cfg.max_pixels)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    results = predict_images(models, list_images(Path(cfg.image)), cfg.threshold,
+                             out if cfg.plot else None, tta=cfg.tta, max_pixels=cfg.max_pixels,
+                             explain_dir=out if cfg.explain else None)
     print(format_results(results), flush=True)
     failed = [r for r in results if r["label"] == "error"]
     if failed:
         raise XrayError(f"{len(failed)} of {len(results)} images could not be read "
                         f"(first: {failed[0]['file']}: {failed[0]['error']})")
-    if plot_dir is not None:
-        log.info("plots: %s", plot_dir)
+    if cfg.plot or cfg.explain:
+        log.info("plots: %s", out)
 
 
 if __name__ == "__main__":

@@ -311,6 +311,7 @@ def export_best(members: list[Member], best_root: Path, force: bool = False,
             if manifest.exists():
                 shutil.copy2(manifest, tmp / "manifest.json")
             export_mindir(tmp / "best.ckpt", tmp / "model.mindir")  # (an older members/ goes with it)
+            calibrate_export(tmp / "best.ckpt")
         log.info("best: %s (val AUC %.4f) -> %s", winner.name, winner.best_val_auc, target)
     else:
         log.info("best: %s keeps its model (val AUC %.4f >= %.4f of %s); --force replaces it",
@@ -321,6 +322,17 @@ def export_best(members: list[Member], best_root: Path, force: bool = False,
                 copy_member(member, tmp / str(i))
         log.info("best: top %d members by val AUC -> %s/members/1..%d", top_k, target, top_k)
     return target if winner.best_val_auc > current_auc or top_k > 1 else None
+
+
+def calibrate_export(checkpoint: Path) -> None:
+    """Temperature scaling fitted on val, stored beside the exported checkpoint; a data set
+    that is gone only costs the calibration."""
+    from xray.evaluate import calibrate_checkpoint
+
+    try:
+        calibrate_checkpoint(checkpoint)
+    except XrayError as e:
+        log.warning("best: not calibrated (%s)", e)
 
 
 def copy_member(member: Member, folder: Path) -> None:

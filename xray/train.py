@@ -39,6 +39,7 @@ from xray.labels import CLASSES, POSITIVE
 from xray.losses import build_loss
 from xray.metrics import binary_metrics, confusion
 from xray.model import build_model, dropout_masks
+from xray.explain import cam_panel
 from xray.plots import confusion_figure
 from xray.provenance import provenance
 
@@ -254,8 +255,9 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     train_file = split_file(data_dir, manifest, "train")
     train_labels = read_labels(train_file)
     val_file = split_file(data_dir, manifest, "val")
-    read_labels(val_file)  # a damaged file is one line now, not a traceback after an epoch
+    val_labels = read_labels(val_file)  # (a damaged file is one line now, not a traceback later)
     val_ds = make_eval_dataset(val_file, spec, cfg.batch_size, workers=cfg.data.workers)
+    cam_set = fixed_val_images(val_file, spec, val_labels, cfg.train.cam_images)
     steps_per_epoch = len(train_labels) // cfg.batch_size
     if steps_per_epoch == 0:
         raise XrayError(f"batch_size={cfg.batch_size} is larger than the train split "
@@ -328,6 +330,8 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
             guard.hand_over()
         entry = end_epoch(epoch, state, net, loss_fn, val_ds, writer, global_step, lr, epoch_time,
                           best_ckpt, cfg)
+        if cam_set is not None:  # where the model looks, epoch by epoch
+            writer.add_figure("val/grad_cam", cam_panel(net, *cam_set), global_step - 1)
         history.append(entry)
         write_text(history_path, "".join(to_json(h) + "\n" for h in history))
         save_ckpt(optimizer, last_ckpt, asdict(state))
@@ -384,6 +388,22 @@ def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cel
         return train_step(x, y, *(ms.Tensor(m) for m in masks))
 
     return step
+
+
+def fixed_val_images(path: Path, spec, labels: np.ndarray, count: int):
+    """(inputs, captions) of the first count/2 NORMAL and PNEUMONIA validation images, or None."""
+    if count <= 0:
+        return None
+    wanted = [int(i) for c in (0, 1) for i in np.flatnonzero(labels == c)[:(count + 1 - c) // 2]]
+    found: dict[int, tuple] = {}
+    rows = make_eval_dataset(path, spec, 32, workers=1, with_names=True).create_tuple_iterator(
+        num_epochs=1, output_numpy=True)
+    for start, (x, y, names) in zip(range(0, len(labels), 32), rows):
+        for i in set(wanted) & set(range(start, start + len(y))):
+            found[i] = (x[i - start], f"{CLASSES[int(y[i - start])]}\n{names[i - start]}")
+        if len(found) == len(wanted):
+            break
+    return np.stack([found[i][0] for i in wanted]), [found[i][1] for i in wanted]
 
 
 def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_ds,
