@@ -92,8 +92,8 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     with tta test-time views per image, at `threshold` (default: chosen on val by Youden's J)
     and at 0.5, with calibration (ECE, Brier, reliability diagram). calibrate=True first fits
     the checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply
-    it from then on). explain=N draws Grad-CAM maps of the N most confident false positives and
-    false negatives. Writes eval_<split>.json, predictions, ROC, confusion and reliability
+    it from then on). explain=N draws Grad-CAM maps of the N most confident false positives,
+    false negatives, true positives and true negatives. Writes eval_<split>.json, predictions, ROC, confusion and reliability
     PNGs into the run folder (one checkpoint) or `out_dir`, and returns the JSON."""
     models = [load_trained_model(Path(c)) for c in checkpoints]
     if not models:
@@ -182,10 +182,14 @@ def fit_temperature_of(model: TrainedModel, y_val: np.ndarray, p_val_raw: np.nda
 
 def explain_errors(model: TrainedModel, path: Path, names: list[str], y: np.ndarray, p: np.ndarray,
                    threshold: float, n: int, out: Path) -> None:
-    """One grid: the n most confident false positives and false negatives with their maps."""
-    false_pos = [int(i) for i in np.argsort(-p) if y[i] == 0 and p[i] >= threshold][:n]
-    false_neg = [int(i) for i in np.argsort(p) if y[i] == 1 and p[i] < threshold][:n]
-    wanted = set(false_pos) | set(false_neg)
+    """One grid, a row each: the n most confident false positives, false negatives, true
+    positives and true negatives (at `threshold`), with their maps of p(pneumonia)."""
+    by_p, by_q = np.argsort(-p, kind="stable"), np.argsort(p, kind="stable")
+    picks = {"false positives": [int(i) for i in by_p if y[i] == 0 and p[i] >= threshold][:n],
+             "false negatives": [int(i) for i in by_q if y[i] == 1 and p[i] < threshold][:n],
+             "true positives": [int(i) for i in by_p if y[i] == 1 and p[i] >= threshold][:n],
+             "true negatives": [int(i) for i in by_q if y[i] == 0 and p[i] < threshold][:n]}
+    wanted = {i for picked in picks.values() for i in picked}
     tensors, index = {}, 0
     for batch in make_eval_dataset(path, model.spec, 32, workers=1).create_tuple_iterator(
             num_epochs=1, output_numpy=True):
@@ -194,12 +198,12 @@ def explain_errors(model: TrainedModel, path: Path, names: list[str], y: np.ndar
                 tensors[index] = x
             index += 1
     rows = []
-    for title, picked in (("false positives", false_pos), ("false negatives", false_neg)):
+    for title, picked in picks.items():
         cams = grad_cam(model.net, np.stack([tensors[i] for i in picked])) if picked else []
         rows.append((title, [(tensors[i], cam, f"{names[i]}\np(pneumonia) {p[i]:.3f}")
                              for i, cam in zip(picked, cams)]))
     save_figure(cam_grid(rows), out)
-    log.info("explain: %d false positives, %d false negatives -> %s", len(false_pos), len(false_neg), out)
+    log.info("explain: the %d most confident errors and right calls of each kind -> %s", n, out)
 
 
 def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray) -> str:
