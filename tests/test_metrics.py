@@ -63,3 +63,24 @@ def test_bootstrap_ci_covers_the_estimate_is_seeded_and_narrows_with_more_data()
     y4, p4 = data(3, n=800)
     lo4, hi4 = bootstrap_ci(y4, p4, lambda yy, pp: {"auc": roc_auc(yy, pp)}, n=300, seed=1)["auc"]
     assert (hi4 - lo4) < 0.7 * (hi - lo)  # ~ 1/sqrt(n): half as wide for 4x the data
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_k_class_metrics_match_sklearn(seed):
+    from xray.metrics import confusion_k, multiclass_metrics
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, 400)
+    logits = rng.normal(size=(400, 3)) + 1.5 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    classes = ("NORMAL", "BACTERIAL", "VIRAL")
+    m = multiclass_metrics(y, probs, classes)
+    pred = probs.argmax(1)
+    np.testing.assert_array_equal(confusion_k(y, pred, 3), sk.confusion_matrix(y, pred, labels=[0, 1, 2]))
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, pred))
+    assert m["auc"] == pytest.approx(sk.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    recalls = sk.recall_score(y, pred, average=None)
+    for c, name in enumerate(classes):
+        assert m[f"auc_{name}"] == pytest.approx(sk.roc_auc_score(y == c, probs[:, c]))
+        assert m[f"sensitivity_{name}"] == pytest.approx(recalls[c])
+        assert m[f"specificity_{name}"] == pytest.approx(sk.recall_score(y != c, pred != c))

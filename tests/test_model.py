@@ -75,8 +75,8 @@ def test_lrn_is_the_papers_formula():
 def test_too_small_input_is_a_config_error():
     cfg = make_cfg("config", ["data=sample"])
     with pytest.raises(XrayError, match="image_size=64 is too small"):
-        build_model(cfg.model, 64)
-    net = build_model(cfg.model, 67)
+        build_model(cfg.model, 64, 2)
+    net = build_model(cfg.model, 67, 2)
     net.set_train(False)
     assert net(ms.Tensor(np.zeros((1, 1, 67, 67), np.float32))).shape == (1, 2)
 

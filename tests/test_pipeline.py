@@ -46,7 +46,7 @@ def test_train_writes_metrics_history_checkpoints(trained_run):
 def test_tensorboard_has_the_expected_tags(trained_run):
     acc = events(trained_run)
     tags = acc.Tags()
-    steps_per_epoch = 32 // 8  # 32 train images in the converted sample, batch 8
+    steps_per_epoch = 31 // 8  # 31 train images in the converted sample, batch 8
     for tag in ("train/loss", "train/lr"):
         assert [e.step for e in acc.Scalars(tag)] == list(range(2 * steps_per_epoch))
     for tag in ("val/loss", "val/accuracy", "val/auc", "val/sensitivity", "val/specificity",
@@ -139,18 +139,18 @@ def test_resume_after_kill_continues_from_saved_epoch(sample_data, tmp_path):
     history = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     steps = [e.step for e in events(run_dir).Scalars("train/loss")]
-    assert sorted(set(steps)) == list(range(3 * 4))  # the TensorBoard step continues
+    assert sorted(set(steps)) == list(range(3 * 3))  # the TensorBoard step continues
 
 
 def test_resume_restores_weights_and_optimizer_state(trained_run):
     from xray.model import build_model
     cfg = make_cfg("config", TINY)
-    net = build_model(cfg.model, 72)
-    opt = build_optimizer(net, cfg, lr_schedule(cfg.lr, cfg.optim, 2, 4))
+    net = build_model(cfg.model, 72, 2)
+    opt = build_optimizer(net, cfg, lr_schedule(cfg.lr, cfg.optim, 2, 3))
     state = load_state(trained_run / "checkpoints" / "last.ckpt", opt)
     saved = ms.load_checkpoint(str(trained_run / "checkpoints" / "last.ckpt"))
     assert state.epoch == 2 and state.step_in_epoch == 0 and state.best_epoch in (1, 2)
-    assert int(opt.global_step.asnumpy()) == 2 * 4
+    assert int(opt.global_step.asnumpy()) == 2 * 3
     for p in list(opt.moments)[:3] + net.trainable_params()[:3]:
         assert np.array_equal(p.asnumpy(), saved[p.name].asnumpy()), p.name
 
@@ -181,7 +181,7 @@ def test_integer_sweep_values_are_accepted(override):
     """Hydra parses momentum=0 as an int; the optimizer must still be built."""
     from xray.model import build_model
     cfg = make_cfg("config", TINY + [override])
-    net = build_model(cfg.model, 72)
+    net = build_model(cfg.model, 72, 2)
     opt = build_optimizer(net, cfg, lr_schedule(float(cfg.lr), cfg.optim, 2, 4))
     assert float(opt.momentum.asnumpy()) == pytest.approx(float(cfg.momentum))
 

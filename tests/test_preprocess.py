@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SAMPLE
 from xray.data import (epoch_plan, make_eval_dataset, make_train_dataset, preprocess_spec,
-                       read_labels, read_manifest, split_file)
+                       read_manifest, split_file, task_records)
 from xray.errors import XrayError
 from xray.preprocess import Preprocess, preprocess_file, to_tensor
 
@@ -17,7 +17,7 @@ from xray.preprocess import Preprocess, preprocess_file, to_tensor
 def test_eval_pipeline_equals_predict_on_raw_jpeg(sample_data, channels, equalize, tta):
     manifest = read_manifest(sample_data)
     spec = preprocess_spec(manifest, image_size=96, channels=channels, equalize=equalize)
-    dataset = make_eval_dataset(split_file(sample_data, manifest, "test"), spec, batch_size=4,
+    dataset = make_eval_dataset(task_records(split_file(sample_data, manifest, "test")), spec, batch_size=4,
                                 workers=2, with_names=True, tta=tta)
     seen = 0
     shape = (channels, 96, 96) if tta == 1 else (tta, channels, 96, 96)
@@ -36,21 +36,20 @@ def test_training_pipeline_augments_every_image_and_only_when_enabled(sample_dat
     from omegaconf import OmegaConf
     manifest = read_manifest(sample_data)
     spec = preprocess_spec(manifest, image_size=80, channels=1)
-    path = split_file(sample_data, manifest, "train")
-    labels = read_labels(path)
+    records = task_records(split_file(sample_data, manifest, "train"))
     aug = {"enabled": True, "scale": [0.75, 1.0], "ratio": [0.8, 1.25], "degrees": 7}
 
     def epoch(enabled):
         cfg = OmegaConf.create({**aug, "enabled": enabled})
-        data = make_train_dataset(path, spec, 8, labels, seed=0, epoch=1, augment=cfg, workers=1)
+        data = make_train_dataset(records, spec, 8, seed=0, epoch=1, augment=cfg, workers=1)
         return [b[0] for b in data.create_tuple_iterator(output_numpy=True)]
 
     on, off = np.concatenate(epoch(True)), np.concatenate(epoch(False))
-    order, _ = epoch_plan(labels, 0, 1)
-    plain = np.concatenate([b[0] for b in make_eval_dataset(path, spec, 8, workers=1)
+    order, _ = epoch_plan(records.targets, 0, 1)
+    plain = np.concatenate([b[0] for b in make_eval_dataset(records, spec, 8, workers=1)
                             .create_tuple_iterator(output_numpy=True)])
-    assert np.array_equal(off, plain[order])  # off: exactly evaluation's tensors, in the epoch's order
-    assert on.shape == off.shape == (32, 1, 80, 80)
+    assert np.array_equal(off, plain[order[:len(off)]])  # off: evaluation's tensors, in the epoch's order
+    assert on.shape == off.shape == (24, 1, 80, 80)  # 31 images, 3 full batches
     assert all(not np.allclose(a, b) for a, b in zip(on, off))  # on: every image is changed
     assert abs(float(on.mean() - off.mean())) < 0.3 and 0.5 < float(on.std()) < 1.5  # still normalized
 

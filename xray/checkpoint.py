@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray.calibration import load_temperature, scale
 from xray.errors import XrayError
-from xray.labels import POSITIVE
+from xray.labels import CLASSES, task_classes
 from xray.model import build_model
 from xray.preprocess import Preprocess
 
@@ -25,15 +25,27 @@ class TrainedModel:
     run_dir: Path
     checkpoint: Path
     temperature: Optional[float] = None  # from calibration.json beside the checkpoint
+    classes: tuple[str, ...] = CLASSES  # the task's classes, in the order of the logits
 
-    def probabilities(self, batch: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        """p(pneumonia) for a float32 NxCxSxS batch made by preprocess.model_input; for
-        NxVxCxSxS (V test-time views per image) the mean over the views; temperature-scaled
-        when the checkpoint has been calibrated (unless calibrated=False)."""
+    @property
+    def task(self) -> str:
+        return str(OmegaConf.select(self.cfg, "task.name", default="binary"))
+
+    def class_probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """NxK softmax for a float32 NxCxSxS batch made by preprocess.model_input; for
+        NxVxCxSxS (V test-time views per image) the mean over the views."""
         views = batch.shape[1] if batch.ndim == 5 else 1
         flat = batch.reshape(-1, *batch.shape[-3:])
         logits = self.net(ms.Tensor(np.ascontiguousarray(flat, dtype=np.float32)))
-        p = ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy().reshape(-1, views).mean(axis=1)
+        probs = ops.softmax(logits, axis=1).asnumpy()
+        return probs.reshape(-1, views, probs.shape[1]).mean(axis=1)
+
+    def probabilities(self, batch: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """p(class 1) -- p(pneumonia) in the binary task -- of a two-class model, temperature-
+        scaled when the checkpoint has been calibrated (unless calibrated=False)."""
+        if len(self.classes) != 2:
+            raise XrayError(f"{self.checkpoint} tells {len(self.classes)} classes apart; use class_probabilities")
+        p = self.class_probabilities(batch)[:, 1]
         return self.calibrate(p) if calibrated else p
 
     def calibrate(self, p: np.ndarray) -> np.ndarray:
@@ -62,7 +74,8 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
                         "(<run>/checkpoints/*.ckpt) or beside that run's config.yaml")
     cfg = OmegaConf.load(config)
     spec = Preprocess(**cfg.preprocess)
-    net = build_model(cfg.model, spec.image_size)
+    classes = task_classes(str(OmegaConf.select(cfg, "task.name", default="binary")))
+    net = build_model(cfg.model, spec.image_size, len(classes))
     try:
         params = ms.load_checkpoint(str(checkpoint))
     except (RuntimeError, ValueError) as e:
@@ -72,7 +85,7 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
         raise XrayError(f"ckpt={checkpoint} does not match the model in {config} "
                         f"(missing {len(missing)} parameters, e.g. {missing[0]})")
     net.set_train(False)
-    return TrainedModel(net, cfg, spec, run_dir, checkpoint, load_temperature(run_dir, checkpoint))
+    return TrainedModel(net, cfg, spec, run_dir, checkpoint, load_temperature(run_dir, checkpoint), classes)
 
 
 def legacy_names(params: dict) -> dict:

@@ -48,6 +48,7 @@ TRAIN: dict[str, Rule] = {
     "optim.warmup_epochs": _int(0),
     "optim.step_epochs": _int(1),
     "optim.gamma": _number(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "task.name": _choice("binary", "subtype", "bacterial_vs_viral"),
     "loss.name": _choice("softmax_ce", "mse"),
     "loss.label_smoothing": FRACTION,
     "model.dropout": FRACTION,
@@ -82,6 +83,7 @@ PREDICT: dict[str, Rule] = {
 CONVERT: dict[str, Rule] = {
     "data.short_side": _int(32), "data.val_fraction": _number(lambda v: 0 < v < 1, "in (0, 1)"),
     "data.val_source": _choice("patients", "official"), "data.seed": _int(0),
+    "data.stratify": _choice("subtype", "label"),
     "data.max_pixels": _int(1), "workers": _int(0),
 }
 

@@ -24,7 +24,7 @@ from xray import CONF_DIR
 from xray.checks import CONVERT, check
 from xray.errors import XrayError, one_line_errors
 from xray.files import atomic_dir, to_json
-from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name
+from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name, supported_tasks
 from xray.preprocess import MAX_PIXELS, encode_png, load_image
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,17 @@ def scan(root: Path) -> dict[str, list[Item]]:
     return found
 
 
-def split_by_patient(items: list[Item], fraction: float, seed: int) -> set[str]:
-    """Pick validation patients: per class, whole patients in seeded random order until
-    `fraction` of that class's images is reached (stratified, no patient in two splits)."""
+def split_by_patient(items: list[Item], fraction: float, seed: int, stratify: str = "subtype") -> set[str]:
+    """Pick validation patients: per stratum (subtype: normal / bacteria / virus, or the
+    folder's label), whole patients in seeded random order until `fraction` of that stratum's
+    images is reached (no patient in two splits)."""
+    if stratify not in ("subtype", "label"):
+        raise XrayError(f"data.stratify={stratify} is unknown; use subtype or label")
+    key = (lambda it: it.subtype) if stratify == "subtype" else (lambda it: str(it.label))  # noqa: E731
     val: set[str] = set()
     rng = random.Random(seed)
-    for label in sorted({it.label for it in items}):
-        counts = Counter(it.patient_id for it in items if it.label == label)
+    for stratum in sorted({key(it) for it in items}):
+        counts = Counter(it.patient_id for it in items if key(it) == stratum)
         patients = sorted(counts)
         rng.shuffle(patients)
         target, taken = fraction * sum(counts.values()), 0
@@ -93,7 +97,7 @@ def split_by_patient(items: list[Item], fraction: float, seed: int) -> set[str]:
 
 
 def assign_splits(found: dict[str, list[Item]], val_source: str, val_fraction: float,
-                  seed: int) -> dict[str, list[Item]]:
+                  seed: int, stratify: str = "subtype") -> dict[str, list[Item]]:
     """Final split -> items. `val_source=patients` carves val out of train+official val."""
     if val_source == "official":
         if "val" not in found:
@@ -105,7 +109,7 @@ def assign_splits(found: dict[str, list[Item]], val_source: str, val_fraction: f
     if not 0.0 < val_fraction < 1.0:
         raise XrayError(f"data.val_fraction={val_fraction} must be between 0 and 1")
     pool = found["train"] + found.get("val", [])
-    val_patients = split_by_patient(pool, val_fraction, seed)
+    val_patients = split_by_patient(pool, val_fraction, seed, stratify)
     splits = {
         "train": [it for it in pool if it.patient_id not in val_patients],
         "val": [it for it in pool if it.patient_id in val_patients],
@@ -175,7 +179,7 @@ def _split_summary(items: list[Item]) -> dict:
 
 def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = "patients",
             val_fraction: float = 0.1, seed: int = 42, workers: int = 0, strict: bool = False,
-            overwrite: bool = False, max_pixels: int = MAX_PIXELS) -> dict:
+            overwrite: bool = False, max_pixels: int = MAX_PIXELS, stratify: str = "subtype") -> dict:
     """Convert the Kaggle layout under `root` into `out_dir`; returns the manifest."""
     from mindspore.mindrecord import FileWriter  # heavy import, only where needed
 
@@ -185,7 +189,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
         raise XrayError(f"data.dir={out_dir} already exists; pass overwrite=true to replace it")
     if short_side < 32:
         raise XrayError(f"data.short_side={short_side} is too small (>= 32)")
-    splits = assign_splits(scan(Path(root)), val_source, val_fraction, seed)
+    splits = assign_splits(scan(Path(root)), val_source, val_fraction, seed, stratify)
     jobs = [(it, split) for split, items in splits.items() for it in items]
     log.info("convert: %d files (%s) from %s", len(jobs),
              ", ".join(f"{s} {len(v)}" for s, v in splits.items()), root)
@@ -245,7 +249,9 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
             "short_side": short_side,
             "val_source": val_source,
             "val_fraction": val_fraction if val_source == "patients" else None,
+            "stratify": stratify if val_source == "patients" else None,
             "seed": seed,
+            "tasks": supported_tasks(summary["train"]["subtypes"]),
             "mean": float(mean),
             "std": std,
             "splits": summary,
@@ -269,7 +275,7 @@ def main(cfg: DictConfig) -> None:
     convert(Path(cfg.data.root), Path(cfg.data.dir), short_side=cfg.data.short_side,
             val_source=cfg.data.val_source, val_fraction=cfg.data.val_fraction,
             seed=cfg.data.seed, workers=cfg.workers, strict=cfg.strict,
-            overwrite=cfg.overwrite, max_pixels=cfg.data.max_pixels)
+            overwrite=cfg.overwrite, max_pixels=cfg.data.max_pixels, stratify=cfg.data.stratify)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ under one seed, and are not reproducible with several workers."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray.augment import augment
 from xray.errors import XrayError
+from xray.labels import supported_tasks, task_classes, task_targets
 from xray.preprocess import EQUALIZE, Preprocess, decode_png, model_input, standardize, to_tensor
 
 
@@ -31,6 +33,18 @@ def read_manifest(data_dir: Path) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise XrayError(f"{path} is damaged ({type(e).__name__}: {e}); {RECONVERT.format(data_dir)}") from None
     return manifest
+
+
+def check_task(manifest: dict, task: str, data_dir: Path) -> tuple[str, tuple[str, ...]]:
+    """(task, its class names) if the converted data set can train it, else one line."""
+    classes = task_classes(task)
+    supported = manifest.get("tasks") or supported_tasks(manifest["splits"]["train"].get("subtypes", {}))
+    if task not in supported:
+        raise XrayError(f"task={task} needs training images of every one of its classes "
+                        f"({', '.join(classes)}), but {data_dir} supports only task="
+                        f"{' / '.join(supported) or 'none'}; pick one of those or convert a data "
+                        "set whose file names carry the subtype (personN_bacteria_K / personN_virus_K)")
+    return task, classes
 
 
 RECONVERT = ("convert it again: python -m xray.convert data.root=<chest_xray folder> "
@@ -54,20 +68,42 @@ def split_file(data_dir: Path, manifest: dict, split: str) -> Path:
     return Path(data_dir) / info["file"]
 
 
-def read_labels(path: Path) -> np.ndarray:
-    """The label of every record of a .mindrecord file, in file order. Reading them reads every
+def read_column(path: Path, column: str) -> list:
+    """One column of every record of a .mindrecord file, in file order. Reading it reads every
     page, so this is also the check that the file is whole: a damaged one is one line."""
     path = Path(path)
     for part in (path, Path(f"{path}.db")):
         if not part.is_file():
             raise XrayError(f"{part} is missing; {RECONVERT.format(path.parent)}")
     try:
-        data = ds.MindDataset(str(path), columns_list=["label"], shuffle=False)
-        rows = data.create_tuple_iterator(num_epochs=1, output_numpy=True)
-        return np.array([int(row[0]) for row in rows], dtype=np.int64)
+        data = ds.MindDataset(str(path), columns_list=[column], shuffle=False)
+        return [row[0] for row in data.create_tuple_iterator(num_epochs=1, output_numpy=True)]
     except RuntimeError as e:
         raise XrayError(f"{path} is damaged or incomplete ({_first_line(e)}); "
                         f"{RECONVERT.format(path.parent)}") from None
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """The folder label (0 NORMAL, 1 PNEUMONIA) of every record, in file order."""
+    return np.array([int(v) for v in read_column(path, "label")], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class TaskRecords:
+    """The records of a .mindrecord file that a task uses, and their class ids."""
+
+    path: Path
+    indices: np.ndarray  # record positions in the file, in file order
+    targets: np.ndarray  # the task's class id of each
+
+
+def task_records(path: Path, task: str = "binary") -> TaskRecords:
+    """The task's view of a .mindrecord file (its label map applied to the records' subtypes)."""
+    subtypes = [str(v) for v in read_column(path, "subtype")]
+    indices, targets = task_targets(task, subtypes)
+    if not len(indices):
+        raise XrayError(f"{path} has no images for task={task}")
+    return TaskRecords(Path(path), indices, targets)
 
 
 def _first_line(error: Exception) -> str:
@@ -124,31 +160,34 @@ class EvalTransform:
         return model_input(decode_png(data), self.spec, self.tta)
 
 
-def make_train_dataset(path: Path, spec: Preprocess, batch_size: int, labels: np.ndarray,
-                       seed: int, epoch: int, start_batch: int = 0,
-                       augment: Optional[DictConfig] = None, sampling: str = "shuffle",
-                       workers: int = 2) -> ds.Dataset:
+def make_train_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, seed: int,
+                       epoch: int, start_batch: int = 0, augment: Optional[DictConfig] = None,
+                       sampling: str = "shuffle", workers: int = 2) -> ds.Dataset:
     """Batches (image float32 NxCxSxS, label int32 N) of training epoch `epoch` (1-based),
     from batch `start_batch` on (a resumed run continues where it stopped)."""
-    order, seeds = epoch_plan(labels, seed, epoch, sampling)
-    start = start_batch * batch_size
-    records = ds.MindDataset(str(path), columns_list=["image", "label"],
-                             sampler=ds.SubsetSampler(order[start:].tolist()),
-                             num_parallel_workers=workers)
-    keys = ds.NumpySlicesDataset({"seed": seeds[start:]}, shuffle=False)
-    data = ds.zip((records, keys)).map(
+    order, seeds = epoch_plan(records.targets, seed, epoch, sampling)
+    order, seeds = order[start_batch * batch_size:], seeds[start_batch * batch_size:]
+    images = ds.MindDataset(str(records.path), columns_list=["image"],
+                            sampler=ds.SubsetSampler(records.indices[order].tolist()),
+                            num_parallel_workers=workers)
+    keys = ds.NumpySlicesDataset({"seed": seeds, "label": records.targets[order].astype(np.int32)},
+                                 shuffle=False)
+    data = ds.zip((images, keys)).map(
         operations=TrainTransform(spec, augment), input_columns=["image", "seed"],
         output_columns=["image"], num_parallel_workers=workers)
     return data.project(["image", "label"]).batch(batch_size, drop_remainder=True)
 
 
-def make_eval_dataset(path: Path, spec: Preprocess, batch_size: int, workers: int = 2,
+def make_eval_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, workers: int = 2,
                       with_names: bool = False, tta: int = 1) -> ds.Dataset:
     """Batches (image float32 NxCxSxS or NxVxCxSxS with tta > 1, label int32 N[, file_name])
-    of a .mindrecord in file order, exactly as predict sees those images."""
-    columns = ["image", "label"] + (["file_name"] if with_names else [])
-    data = ds.MindDataset(str(path), columns_list=columns, shuffle=False,
-                          num_parallel_workers=workers)
-    data = data.map(operations=EvalTransform(spec, tta), input_columns=["image"],
-                    num_parallel_workers=workers)
-    return data.batch(batch_size, drop_remainder=False)
+    of the task's records in file order, exactly as predict sees those images."""
+    columns = ["image"] + (["file_name"] if with_names else [])
+    images = ds.MindDataset(str(records.path), columns_list=columns,
+                            sampler=ds.SubsetSampler(records.indices.tolist()),
+                            num_parallel_workers=workers)
+    labels = ds.NumpySlicesDataset({"label": records.targets.astype(np.int32)}, shuffle=False)
+    data = ds.zip((images, labels)).map(operations=EvalTransform(spec, tta), input_columns=["image"],
+                                        num_parallel_workers=workers)
+    return data.project(["image", "label"] + (["file_name"] if with_names else [])).batch(
+        batch_size, drop_remainder=False)

@@ -28,25 +28,28 @@ from xray.calibration import BINS, calibration_metrics, fit_temperature, reliabi
 from xray.calibration import FILE as CALIBRATION_FILE
 from xray.checks import EVALUATE, check
 from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
-from xray.data import make_eval_dataset, read_labels, read_manifest, split_file
+from xray.data import TaskRecords, check_task, make_eval_dataset, read_manifest, split_file, task_records
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.explain import cam_grid, grad_cam
 from xray.files import write_json, write_text
-from xray.metrics import binary_metrics, bootstrap_ci, confusion, roc_curve, youden_threshold
+from xray.metrics import (binary_metrics, bootstrap_ci, confusion, confusion_k, multiclass_metrics, roc_curve,
+                          youden_threshold)
 from xray.plots import confusion_figure, roc_figure, save_figure
 
 log = logging.getLogger(__name__)
 
 
-def predict_records(model: TrainedModel, path: Path, batch_size: int, workers: int = 2,
+def predict_records(model: TrainedModel, records: TaskRecords, batch_size: int, workers: int = 2,
                     tta: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(file names, labels, raw p(pneumonia)) for every record of a .mindrecord file, in order."""
-    dataset = make_eval_dataset(path, model.spec, batch_size, workers=workers, with_names=True,
+    """(file names, class ids, raw probabilities) of the task's records, in file order:
+    p(class 1) of a two-class model, NxK class probabilities of a K-class one."""
+    dataset = make_eval_dataset(records, model.spec, batch_size, workers=workers, with_names=True,
                                 tta=tta)
     names, labels, probs = [], [], []
     for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
-        probs.append(model.probabilities(batch["image"], calibrated=False))
+        p = model.class_probabilities(batch["image"])
+        probs.append(p[:, 1] if len(model.classes) == 2 else p)
         labels.append(batch["label"])
         names.extend(str(n) for n in batch["file_name"])
     return names, np.concatenate(labels), np.concatenate(probs)
@@ -59,16 +62,15 @@ class SplitPredictions:
     raw: list[np.ndarray]  # per model, before its temperature
 
     def probabilities(self, models: Sequence[TrainedModel]) -> np.ndarray:
-        """The ensemble's p(pneumonia): the mean of each member's calibrated probability."""
-        return np.mean([m.calibrate(p) for m, p in zip(models, self.raw)], axis=0)
+        """The ensemble's probabilities: the mean of each member's (calibrated) ones."""
+        return np.mean([m.calibrate(p) if p.ndim == 1 else p for m, p in zip(models, self.raw)], axis=0)
 
 
 def predict_split(models: Sequence[TrainedModel], data_dir: Path, manifest: dict, split: str,
                   batch_size: int, workers: int, tta: int) -> SplitPredictions:
-    """Every model's raw p(pneumonia) on a split, each model through its own preprocessing."""
-    path = split_file(data_dir, manifest, split)
-    read_labels(path)  # a damaged file is one line, not a traceback from the pipeline
-    runs = [predict_records(m, path, batch_size, workers, tta) for m in models]
+    """Every model's raw probabilities on a split, each model through its own preprocessing."""
+    records = task_records(split_file(data_dir, manifest, split), models[0].task)  # (checks the file)
+    runs = [predict_records(m, records, batch_size, workers, tta) for m in models]
     return SplitPredictions(runs[0][0], runs[0][1], [p for _, _, p in runs])
 
 
@@ -107,6 +109,14 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         if manifest["short_side"] != model.spec.short_side:
             raise XrayError(f"data.dir={data_dir} was converted at short_side={manifest['short_side']} "
                             f"but {model.checkpoint} was trained on short_side={model.spec.short_side}")
+    if len({m.task for m in models}) > 1:
+        raise XrayError(f"an ensemble's members must share one task, not {sorted({m.task for m in models})}")
+    check_task(manifest, models[0].task, data_dir)
+    if len(models[0].classes) > 2:
+        if calibrate or explain:
+            raise XrayError(f"calibrate=true and explain=N work on two-class tasks, not task={models[0].task}")
+        return evaluate_k_classes(models, split, data_dir, manifest, batch_size, bootstrap, seed,
+                                  workers, tta, out_dir)
     run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
     val = run if split == "val" else None
     if calibrate or threshold is None:
@@ -117,8 +127,11 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     if threshold is None:
         threshold = youden_threshold(val.labels, val.probabilities(models))
     raw = np.mean(run.raw, axis=0)
+    classes = models[0].classes
     result = {
         "split": split,
+        "task": models[0].task,
+        "classes": list(classes),
         "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
         "tta": tta,
         "data_dir": str(data_dir),
@@ -132,15 +145,9 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
                         "uncalibrated": calibration_metrics(y, raw)},
     }
     result["youden"]["chosen_on"] = "val"
-    if len(models) == 1:
-        out = models[0].run_dir
-    elif out_dir is None:
-        raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
-    else:
-        out = Path(out_dir)
-    tag = split + (f"_tta{tta}" if tta > 1 else "")
+    out, tag = output_place(models, out_dir, split, tta)
     write_json(out / f"eval_{tag}.json", result)
-    write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, p))
+    write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, p[:, None], classes[1:]))
     fpr, tpr, _ = roc_curve(y, p)
     cm = np.array(result["youden"]["confusion_matrix"])
     sens, spec = result["youden"]["sensitivity"]["value"], result["youden"]["specificity"]["value"]
@@ -148,13 +155,14 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     what = f"{split}" + (f", {len(models)} models" if len(models) > 1 else "") + (f", tta {tta}" if tta > 1 else "")
     save_figure(roc_figure(fpr, tpr, auc, f"{what}: ROC ({len(y)} images)", (1 - spec, sens)),
                 out / f"roc_{tag}.png")
-    save_figure(confusion_figure(cm, f"{what}, threshold {threshold:.3f} (Youden on val)"),
+    save_figure(confusion_figure(cm, f"{what}, threshold {threshold:.3f} (Youden on val)", classes),
                 out / f"confusion_{tag}.png")
     curves = {"as trained": raw, **({"temperature-scaled": p} if any(m.temperature for m in models) else {})}
     save_figure(reliability_figure(y, curves, f"{what}: reliability ({len(y)} images)"),
                 out / f"reliability_{tag}.png")
     if explain:
-        explain_errors(models[0], split_file(data_dir, manifest, split), run.names, y, p, threshold,
+        explain_errors(models[0], task_records(split_file(data_dir, manifest, split), models[0].task),
+                       run.names, y, p, threshold,
                        explain, out / f"cam_errors_{tag}.png")
     _log_summary(result)
     log.info("  -> %s", out / f"eval_{tag}.json")
@@ -164,6 +172,8 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
 def calibrate_checkpoint(checkpoint: Path, batch_size: int = 64, workers: int = 2) -> float:
     """Fit a checkpoint's temperature on its data set's val split (calibration.json beside it)."""
     model = load_trained_model(checkpoint)
+    if len(model.classes) != 2:
+        raise XrayError(f"temperature scaling here is for two-class tasks, not task={model.task}")
     data_dir = Path(model.cfg.data.dir)
     val = predict_split([model], data_dir, read_manifest(data_dir), "val", batch_size, workers, 1)
     return fit_temperature_of(model, val.labels, val.raw[0])
@@ -180,7 +190,7 @@ def fit_temperature_of(model: TrainedModel, y_val: np.ndarray, p_val_raw: np.nda
     return temperature
 
 
-def explain_errors(model: TrainedModel, path: Path, names: list[str], y: np.ndarray, p: np.ndarray,
+def explain_errors(model: TrainedModel, records: TaskRecords, names: list[str], y: np.ndarray, p: np.ndarray,
                    threshold: float, n: int, out: Path) -> None:
     """One grid, a row each: the n most confident false positives, false negatives, true
     positives and true negatives (at `threshold`), with their maps of p(pneumonia)."""
@@ -191,7 +201,7 @@ def explain_errors(model: TrainedModel, path: Path, names: list[str], y: np.ndar
              "true negatives": [int(i) for i in by_q if y[i] == 0 and p[i] < threshold][:n]}
     wanted = {i for picked in picks.values() for i in picked}
     tensors, index = {}, 0
-    for batch in make_eval_dataset(path, model.spec, 32, workers=1).create_tuple_iterator(
+    for batch in make_eval_dataset(records, model.spec, 32, workers=1).create_tuple_iterator(
             num_epochs=1, output_numpy=True):
         for x in batch[0]:
             if index in wanted:
@@ -200,26 +210,80 @@ def explain_errors(model: TrainedModel, path: Path, names: list[str], y: np.ndar
     rows = []
     for title, picked in picks.items():
         cams = grad_cam(model.net, np.stack([tensors[i] for i in picked])) if picked else []
-        rows.append((title, [(tensors[i], cam, f"{names[i]}\np(pneumonia) {p[i]:.3f}")
+        rows.append((title, [(tensors[i], cam, f"{names[i]}\np({model.classes[1].lower()}) {p[i]:.3f}")
                              for i, cam in zip(picked, cams)]))
     save_figure(cam_grid(rows), out)
     log.info("explain: the %d most confident errors and right calls of each kind -> %s", n, out)
 
 
-def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray) -> str:
-    """file_name,label,p_pneumonia per image (the csv module quotes names with commas)."""
+def output_place(models: Sequence[TrainedModel], out_dir: Optional[Path], split: str,
+                 tta: int) -> tuple[Path, str]:
+    """(folder, file tag) of an evaluation: the run folder of one checkpoint, out_dir for an
+    ensemble; tag = split, with _tta<K>."""
+    if len(models) == 1:
+        out = models[0].run_dir
+    elif out_dir is None:
+        raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
+    else:
+        out = Path(out_dir)
+    return out, split + (f"_tta{tta}" if tta > 1 else "")
+
+
+def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
+                    classes: Sequence[str]) -> str:
+    """file_name, label (class id), p_<class> per image, one column per class given (the
+    positive class of a two-class task: p_pneumonia). The csv module quotes odd names."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file_name", "label", "p_pneumonia"])
-    writer.writerows([name, int(t), f"{q:.6f}"] for name, t, q in zip(names, labels, probs))
+    writer.writerow(["file_name", "label", *(f"p_{c.lower()}" for c in classes)])
+    writer.writerows([name, int(t), *(f"{q:.6f}" for q in qs)] for name, t, qs in zip(names, labels, probs))
     return buf.getvalue()
 
 
+def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Path, manifest: dict,
+                       batch_size: int, bootstrap: int, seed: int, workers: int, tta: int,
+                       out_dir: Optional[Path]) -> dict:
+    """A K-class task: metrics of the argmax decision (accuracy, balanced accuracy, macro and
+    per-class one-vs-rest AUC, per-class sensitivity and specificity) with bootstrap CIs, the
+    KxK confusion matrix, one-vs-rest ROC curves."""
+    classes = models[0].classes
+    run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
+    y, probs = run.labels, run.probabilities(models)
+    point = multiclass_metrics(y, probs, classes)
+    ci = (bootstrap_ci(y, probs, lambda yy, pp: multiclass_metrics(yy, pp, classes), n=bootstrap, seed=seed)
+          if bootstrap > 0 else {})
+    cm = confusion_k(y, probs.argmax(axis=1), len(classes))
+    result = {
+        "split": split, "task": models[0].task, "classes": list(classes),
+        "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
+        "tta": tta, "data_dir": str(data_dir), "images": int(len(y)),
+        "per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+        "bootstrap": {"resamples": bootstrap, "level": 0.95, "unit": "image"},
+        "argmax": {**{k: {"value": v, "ci95": ci.get(k)} for k, v in point.items()},
+                   "confusion_matrix": cm.tolist()},
+    }
+    out, tag = output_place(models, out_dir, split, tta)
+    write_json(out / f"eval_{tag}.json", result)
+    write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, probs, classes))
+    what = f"{split}" + (f", {len(models)} models" if len(models) > 1 else "") + (f", tta {tta}" if tta > 1 else "")
+    curves = {c: (*roc_curve(y == i, probs[:, i])[:2], point[f"auc_{c}"]) for i, c in enumerate(classes)}
+    save_figure(roc_figure(None, None, point["auc"], f"{what}: one-vs-rest ROC ({len(y)} images)",
+                           more=curves), out / f"roc_{tag}.png")
+    save_figure(confusion_figure(cm, f"{what}, argmax", classes), out / f"confusion_{tag}.png")
+    log.info("%s (%s): %d images, checkpoint %s", split, models[0].task, len(y), result["checkpoint"])
+    for name, v in point.items():
+        c = ci.get(name)
+        log.info("    %-24s %.3f%s", name, v, f"  [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+    log.info("  -> %s", out / f"eval_{tag}.json")
+    return result
+
+
 def summary(result: dict) -> dict:
-    """The point values of an eval_<split>.json: {youden: {metric: value}, at_0.5: {...}}."""
-    return {key: {"threshold": result[key]["threshold"],
+    """The point values of an eval_<split>.json: {youden: {metric: value}, at_0.5: {...}} for a
+    two-class task, {argmax: {...}} for more classes."""
+    return {key: {**({"threshold": result[key]["threshold"]} if "threshold" in result[key] else {}),
                   **{k: v["value"] for k, v in result[key].items() if isinstance(v, dict) and "value" in v}}
-            for key in ("youden", "at_0.5")}
+            for key in ("youden", "at_0.5", "argmax") if key in result}
 
 
 def _log_summary(result: dict) -> None:

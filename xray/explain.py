@@ -13,18 +13,20 @@ import mindspore as ms
 import numpy as np
 from PIL import Image
 
-from xray.labels import POSITIVE
 
 
 def grad_cam(net, batch: np.ndarray, classes: Optional[Sequence[int]] = None) -> np.ndarray:
     """Maps (N x S x S, in [0, 1]) for a float32 NxCxSxS batch of model inputs; `classes`:
-    the class explained per image (default: PNEUMONIA, whose probability the model reports)."""
+    the class explained per image (default: class 1, the positive class whose probability a
+    two-class model reports; with more classes, each image's top class)."""
     x = ms.Tensor(np.ascontiguousarray(batch, dtype=np.float32))
     n, size = batch.shape[0], batch.shape[-1]
-    classes = [POSITIVE] * n if classes is None else list(classes)
-    onehot = ms.Tensor(np.eye(2, dtype=np.float32)[classes])
     net.set_train(False)
     activations = net.features(x)
+    k = int(net.fc3.weight.shape[0])
+    if classes is None:
+        classes = [1] * n if k == 2 else net.classify(activations).asnumpy().argmax(axis=1).tolist()
+    onehot = ms.Tensor(np.eye(k, dtype=np.float32)[list(classes)])
 
     def class_score(features):
         return (net.classify(features) * onehot).sum()
@@ -42,16 +44,18 @@ def grad_cam(net, batch: np.ndarray, classes: Optional[Sequence[int]] = None) ->
     return out
 
 
-def cam_panel(net, tensors: np.ndarray, captions: Sequence[str]):
+def cam_panel(net, tensors: np.ndarray, captions: Sequence[str], classes: Sequence[str]):
     """The figure TensorBoard shows each epoch: a fixed set of validation images with the
-    current model's maps of p(pneumonia) and that probability."""
+    current model's maps (of the positive class, or of the top class with more than two) and
+    that class's probability."""
     from mindspore import ops
 
     net.set_train(False)
-    p = ops.softmax(net(ms.Tensor(tensors)), axis=1)[:, POSITIVE].asnumpy()
-    cams = grad_cam(net, tensors)
-    return cam_grid([("val", [(t, c, f"{cap}\np(pneumonia) {q:.2f}")
-                              for t, c, cap, q in zip(tensors, cams, captions, p)])])
+    probs = ops.softmax(net(ms.Tensor(tensors)), axis=1).asnumpy()
+    shown = [1] * len(probs) if len(classes) == 2 else probs.argmax(axis=1).tolist()
+    cams = grad_cam(net, tensors, shown)
+    return cam_grid([("val", [(t, c, f"{cap}\np({classes[k].lower()}) {q[k]:.2f}")
+                              for t, c, cap, q, k in zip(tensors, cams, captions, probs, shown)])])
 
 
 def input_image(tensor: np.ndarray) -> np.ndarray:

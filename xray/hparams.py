@@ -18,6 +18,7 @@ def hparams_of(cfg: DictConfig) -> dict:
     get = lambda key, kind, default=None: _as(kind, OmegaConf.select(cfg, key, default=default))  # noqa: E731
     augment = bool(get("data.augment.enabled", bool))
     return {
+        "task": get("task.name", str, "binary"),
         "lr": get("lr", float), "momentum": get("momentum", float), "loss": get("loss.name", str),
         "class_weighted": get("loss.class_weighted", bool),
         "label_smoothing": get("loss.label_smoothing", float, 0.0),
@@ -49,7 +50,8 @@ def metrics_of(result: dict) -> dict:
     """The HParams metrics of a run's result (metrics.json): best val, final loss, diverged,
     and the val-chosen checkpoint on the test split at the val-chosen threshold."""
     best = result.get("best_val") or {}
-    test = ((result.get("eval") or {}).get("test") or {}).get("youden") or {}
+    test_eval = (result.get("eval") or {}).get("test") or {}
+    test = test_eval.get("youden") or test_eval.get("argmax") or {}  # two classes / more
     number = lambda v: float(v) if v is not None else float("nan")  # noqa: E731
     return {
         "hparam/best_val_auc": number(best.get("auc")),

@@ -4,10 +4,50 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-# Index = class id used everywhere (targets, logits, p(pneumonia) = softmax[:, 1]).
+from xray.errors import XrayError
+
+# The folders of the data set: a record's `label` (0 NORMAL, 1 PNEUMONIA).
 CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 LABEL_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 POSITIVE = LABEL_TO_INDEX["PNEUMONIA"]
+
+# What a model is trained to tell apart: one label map per task, each derived from the record's
+# subtype (normal / bacteria / virus, parsed from the file name). Index = class id everywhere
+# (targets, logits); in a two-class task class 1 is the positive one (p = softmax[:, 1]).
+TASKS: dict[str, dict[str, int]] = {
+    "binary": {"normal": 0, "bacteria": 1, "virus": 1, "unknown": 1},
+    "subtype": {"normal": 0, "bacteria": 1, "virus": 2},
+    "bacterial_vs_viral": {"virus": 0, "bacteria": 1},  # pneumonia images only, as in Kermany 2018
+}
+TASK_CLASSES: dict[str, tuple[str, ...]] = {
+    "binary": CLASSES,
+    "subtype": ("NORMAL", "BACTERIAL", "VIRAL"),
+    "bacterial_vs_viral": ("VIRAL", "BACTERIAL"),
+}
+
+
+def task_classes(task: str) -> tuple[str, ...]:
+    if task not in TASKS:
+        raise XrayError(f"task={task} is unknown; use {', '.join(TASKS)}")
+    return TASK_CLASSES[task]
+
+
+def task_targets(task: str, subtypes) -> tuple["np.ndarray", "np.ndarray"]:
+    """(indices of the records the task uses, their class ids) from the records' subtypes."""
+    import numpy as np
+
+    task_classes(task)
+    label_map = TASKS[task]
+    keep = np.array([i for i, s in enumerate(subtypes) if s in label_map], dtype=np.int64)
+    return keep, np.array([label_map[subtypes[i]] for i in keep], dtype=np.int64)
+
+
+def supported_tasks(subtype_counts: dict[str, int]) -> list[str]:
+    """The tasks a data set with these training subtypes can train: every class present."""
+    def images(task: str, cls: int) -> int:
+        return sum(subtype_counts.get(s, 0) for s, c in TASKS[task].items() if c == cls)
+
+    return [task for task in TASKS if all(images(task, c) > 0 for c in range(len(TASK_CLASSES[task])))]
 
 # person<N>_<bacteria|virus>_<K>.jpeg ; the same N under both subtypes is kept as one
 # patient, which can only make the split more conservative.

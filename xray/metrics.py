@@ -3,7 +3,7 @@ bootstrap confidence intervals and a Youden threshold."""
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -85,3 +85,44 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, metric: Callable[[np.ndarray, np.
         warnings.simplefilter("ignore", RuntimeWarning)
         return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))]
                 for k, v in samples.items()}
+
+
+def task_metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """Metrics of NxK class probabilities: binary_metrics of p(class 1) at 0.5 for two classes
+    (the task's positive class is class 1), multiclass_metrics of the argmax for more."""
+    if len(classes) == 2:
+        return binary_metrics(y, np.asarray(probs)[:, 1], 0.5)
+    return multiclass_metrics(y, probs, classes)
+
+
+def confusion_k(y: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """KxK counts; rows = true class, columns = predicted."""
+    out = np.zeros((k, k), dtype=np.int64)
+    np.add.at(out, (np.asarray(y, int), np.asarray(predicted, int)), 1)
+    return out
+
+
+def multiclass_metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """K-class metrics of the argmax decision: accuracy, balanced accuracy (mean recall), macro
+    one-vs-rest AUC (`auc`), and per class its one-vs-rest AUC, sensitivity (recall) and
+    specificity (`auc_<CLASS>`, `sensitivity_<CLASS>`, `specificity_<CLASS>`)."""
+    y = np.asarray(y, int)
+    probs = np.asarray(probs, float)
+    cm = confusion_k(y, probs.argmax(axis=1), len(classes))
+    total = cm.sum()
+    out: dict[str, float] = {"accuracy": _ratio(np.trace(cm), total)}
+    aucs, recalls = [], []
+    for c, name in enumerate(classes):
+        tp, fn = cm[c, c], cm[c].sum() - cm[c, c]
+        fp = cm[:, c].sum() - tp
+        tn = total - tp - fn - fp
+        out[f"auc_{name}"] = roc_auc(y == c, probs[:, c])
+        out[f"sensitivity_{name}"] = _ratio(tp, tp + fn)
+        out[f"specificity_{name}"] = _ratio(tn, tn + fp)
+        aucs.append(out[f"auc_{name}"])
+        recalls.append(out[f"sensitivity_{name}"])
+    with warnings.catch_warnings():  # a class missing from a resample: its terms are nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["balanced_accuracy"] = float(np.nanmean(recalls))
+        out["auc"] = float(np.nanmean(aucs))
+    return out

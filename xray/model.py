@@ -93,8 +93,9 @@ def dropout_masks(p: float, batch: int, seed: int, step: int) -> tuple[np.ndarra
     return masks[0], masks[1]
 
 
-def build_model(cfg, image_size: int) -> AlexNet:
-    """The model from its config group (cfg.model) for a given input size."""
+def build_model(cfg, image_size: int, num_classes: int) -> AlexNet:
+    """The model from its config group (cfg.model) for a given input size; the head has one
+    output per class of the task (never a key of its own that could disagree)."""
     if cfg.name != "alexnet":
         raise XrayError(f"model.name={cfg.name} is unknown; use alexnet")
     if image_size < MIN_IMAGE_SIZE:
@@ -104,4 +105,4 @@ def build_model(cfg, image_size: int) -> AlexNet:
         raise XrayError(f"model.in_channels={cfg.in_channels} must be 1 or 3")
     if not 0 <= cfg.dropout < 1:
         raise XrayError(f"model.dropout={cfg.dropout} must be in [0, 1)")
-    return AlexNet(cfg.num_classes, cfg.in_channels, cfg.lrn)
+    return AlexNet(num_classes, cfg.in_channels, cfg.lrn)

@@ -31,9 +31,18 @@ def confusion_figure(cm: np.ndarray, title: str = "", classes: Sequence[str] = C
 
 
 def roc_figure(fpr: np.ndarray, tpr: np.ndarray, auc: float, title: str = "",
-               point: Optional[tuple[float, float]] = None) -> Figure:
+               point: Optional[tuple[float, float]] = None,
+               more: Optional[dict[str, tuple[np.ndarray, np.ndarray, float]]] = None) -> Figure:
+    """A ROC curve (with the chosen operating point), or with `more` one curve per
+    {name: (fpr, tpr, auc)} (one-vs-rest curves of a K-class model; the first is labelled
+    with `auc` as the macro AUC)."""
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.plot(fpr, tpr, lw=2, label=f"AUC = {auc:.3f}")
+    if more:
+        for name, (f, t, a) in more.items():
+            ax.plot(f, t, lw=1.8, label=f"{name} vs rest: {a:.3f}")
+        ax.plot([], [], " ", label=f"macro AUC = {auc:.3f}")
+    else:
+        ax.plot(fpr, tpr, lw=2, label=f"AUC = {auc:.3f}")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     if point is not None:
         ax.plot(*point, "o", color="C3", label="chosen threshold")

@@ -23,7 +23,6 @@ from xray.checks import PREDICT, check
 from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
-from xray.labels import CLASSES
 from xray.explain import cam_figure, grad_cam
 from xray.plots import prediction_figure, save_figure
 from xray.preprocess import MAX_PIXELS, load_image, model_input
@@ -45,13 +44,26 @@ def list_images(path: Path) -> list[Path]:
     raise XrayError(f"image={path} does not exist; pass an image file or a folder of images")
 
 
+def shown_classes(models: Sequence[TrainedModel]) -> tuple[str, ...]:
+    """The probability columns: the positive class of a two-class task (pneumonia, or bacterial),
+    every class of a K-class one."""
+    classes = models[0].classes
+    if any(m.classes != classes for m in models):
+        raise XrayError("an ensemble's members must share one task; "
+                        f"these tell apart {sorted({' / '.join(m.classes) for m in models})}")
+    return classes[1:] if len(classes) == 2 else classes
+
+
 def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold: float = 0.5,
                    plot_dir: Optional[Path] = None, batch_size: int = 32, tta: int = 1,
                    max_pixels: int = MAX_PIXELS, explain_dir: Optional[Path] = None) -> list[dict]:
-    """[{file, label, p_pneumonia}] per readable image (the models' mean probability, each
-    model through its own preprocessing), in the order of `paths`; unreadable ones get
-    label 'error' and the reason. plot_dir: <name>.png, the image titled with its prediction;
-    explain_dir: <name>_cam.png, its Grad-CAM map."""
+    """[{file, label, p_<class>...}] per readable image (the models' mean probability, each
+    model through its own preprocessing), in the order of `paths`: a two-class model gives
+    p of its positive class (p_pneumonia) and the label at `threshold`, a K-class model every
+    class's p and the top class. Unreadable images get label 'error' and the reason.
+    plot_dir: <name>.png, the image titled with its prediction; explain_dir: <name>_cam.png,
+    its Grad-CAM map."""
+    classes, shown = models[0].classes, shown_classes(models)
     results: dict[Path, dict] = {}
     for start in range(0, len(paths), batch_size):
         loaded, ok = [], []  # per image: {short_side: image}
@@ -60,36 +72,45 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
                 images = {s: load_image(path, s, max_pixels)
                           for s in sorted({m.spec.short_side for m in models})}
             except Exception as e:  # noqa: BLE001 - report and go on with the other images
-                results[path] = {"file": str(path), "label": "error", "p_pneumonia": None,
+                results[path] = {"file": str(path), "label": "error",
+                                 **{f"p_{c.lower()}": None for c in shown},
                                  "error": f"{type(e).__name__}: {e}".splitlines()[0]}
                 continue
             loaded.append(images)
             ok.append(path)
         if not ok:
             continue
-        probs = np.mean([m.probabilities(np.stack([model_input(images[m.spec.short_side], m.spec, tta)
-                                                   for images in loaded]))
-                         for m in models], axis=0)
-        for path, images, p in zip(ok, loaded, probs):
-            label = CLASSES[int(p >= threshold)]
-            results[path] = {"file": str(path), "label": label, "p_pneumonia": float(p)}
-            title = f"{path.name}\n{label}  p(pneumonia) = {p:.3f}"
+        batches = [np.stack([model_input(images[m.spec.short_side], m.spec, tta) for images in loaded])
+                   for m in models]
+        if len(classes) == 2:
+            p1 = np.mean([m.probabilities(b) for m, b in zip(models, batches)], axis=0)
+            probs = np.stack([1 - p1, p1], axis=1)
+        else:
+            probs = np.mean([m.class_probabilities(b) for m, b in zip(models, batches)], axis=0)
+        for path, images, q in zip(ok, loaded, probs):
+            top = int(q[1] >= threshold) if len(classes) == 2 else int(q.argmax())
+            results[path] = {"file": str(path), "label": classes[top],
+                             **{f"p_{c.lower()}": float(q[classes.index(c)]) for c in shown}}
+            title = f"{path.name}\n{classes[top]}  p({classes[top].lower()}) = {q[top]:.3f}"
             if plot_dir is not None:
                 image = images[models[0].spec.short_side]
                 save_figure(prediction_figure(image, title), plot_dir / f"{path.stem}.png")
             if explain_dir is not None:
-                tensor, cam = explain_image(models, images)
+                tensor, cam = explain_image(models, images, None if len(classes) == 2 else top)
                 save_figure(cam_figure(tensor, cam, title), explain_dir / f"{path.stem}_cam.png")
     return [results[path] for path in paths]
 
 
-def explain_image(models: Sequence[TrainedModel], images: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(the first model's input, the Grad-CAM map of p(pneumonia)); for an ensemble the mean
-    of its members' maps, each resized to the first one's input."""
+def explain_image(models: Sequence[TrainedModel], images: dict,
+                  cls: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the first model's input, the Grad-CAM map of class `cls`, by default the positive
+    class of a two-class model); for an ensemble the mean of its members' maps, each resized
+    to the first one's input."""
     size = models[0].spec.image_size
     cams = []
     for m in models:
-        cam = grad_cam(m.net, model_input(images[m.spec.short_side], m.spec)[None])[0]
+        x = model_input(images[m.spec.short_side], m.spec)[None]
+        cam = grad_cam(m.net, x, None if cls is None else [cls])[0]
         if cam.shape != (size, size):
             cam = np.asarray(Image.fromarray(cam, "F").resize((size, size), Image.Resampling.BILINEAR))
         cams.append(cam)
@@ -97,12 +118,16 @@ def explain_image(models: Sequence[TrainedModel], images: dict) -> tuple[np.ndar
 
 
 def format_results(results: list[dict]) -> str:
+    """The table: file, label, one p(<class>) column per probability the results carry."""
+    columns = [k for k in (results[0] if results else {}) if k.startswith("p_")]
     width = max([len("file")] + [len(r["file"]) for r in results])
-    lines = [f"{'file':<{width}}  {'label':<9}  p(pneumonia)"]
+    label_width = max([9] + [len(r["label"]) for r in results])
+    heads = [f"p({k[2:]})" for k in columns]
+    lines = [f"{'file':<{width}}  {'label':<{label_width}}  " + "  ".join(f"{h:<12}" for h in heads).rstrip()]
     for r in results:
-        p = "-" if r["p_pneumonia"] is None else f"{r['p_pneumonia']:.4f}"
+        ps = "  ".join(f"{'-' if r[k] is None else format(r[k], '.4f'):<12}" for k in columns).rstrip()
         extra = f"  ({r['error']})" if "error" in r else ""
-        lines.append(f"{r['file']:<{width}}  {r['label']:<9}  {p}{extra}")
+        lines.append(f"{r['file']:<{width}}  {r['label']:<{label_width}}  {ps}{extra}")
     return "\n".join(lines)
 
 

@@ -54,10 +54,11 @@ class Member:
         best = self.metrics.get("best_val") or {}
         out = {"best_val_auc": best.get("auc"), "best_val_accuracy": best.get("accuracy")}
         for split, result in self.evals.items():
-            if split == "val" or "youden" not in result:  # val: best_val_auc says it, unbiased
+            decision = result.get("youden") or result.get("argmax")  # two classes / more
+            if split == "val" or decision is None:  # val: best_val_auc says it, unbiased
                 continue
             for metric in EVAL_METRICS:
-                out[f"{split}_{metric}"] = result["youden"][metric]["value"]
+                out[f"{split}_{metric}"] = (decision.get(metric) or {}).get("value")
         out.update({"best_epoch": self.metrics.get("best_epoch"),
                     "final_train_loss": self.metrics.get("final_train_loss"),
                     "wall_time_s": self.metrics.get("wall_time_s")})
@@ -110,7 +111,7 @@ def varying_hparams(members: list[Member]) -> list[str]:
 
 def eval_splits(members: list[Member]) -> list[str]:
     """The splits other than val some member was evaluated on, test first."""
-    found = {s for m in members for s, r in m.evals.items() if s != "val" and "youden" in r}
+    found = {s for m in members for s, r in m.evals.items() if s != "val" and ("youden" in r or "argmax" in r)}
     return sorted(found, key=lambda s: (s != "test", s))
 
 
@@ -266,11 +267,12 @@ def val_vs_split_figure(members: list[Member], split: str):
     import matplotlib.pyplot as plt
 
     done = [(i + 1, m) for i, m in enumerate(members)
-            if "youden" in m.evals.get(split, {}) and m.best_val_auc is not None]
+            if m.values().get(f"{split}_auc") is not None and m.best_val_auc is not None]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=110)
     x = [m.best_val_auc for _, m in done]
     for ax, metric in zip(axes, ("auc", "specificity")):
-        y = [m.evals[split]["youden"][metric]["value"] for _, m in done]
+        y = [m.values().get(f"{split}_{metric}") for _, m in done]
+        y = [np.nan if v is None else v for v in y]  # (no overall specificity with more classes)
         ax.scatter(x, y, s=30, color="C0")
         for (number, _), xi, yi in zip(done, x, y):
             ax.annotate(str(number), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)

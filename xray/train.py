@@ -29,15 +29,14 @@ from tensorboardX import SummaryWriter
 
 from xray import CONF_DIR
 from xray.checks import TRAIN, check
-from xray.data import (make_eval_dataset, make_train_dataset, preprocess_spec, read_labels,
-                       read_manifest, split_file)
+from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec,
+                       read_manifest, split_file, task_records)
 from xray.device import setup_device
 from xray.errors import XrayError, in_batch_job, one_line_errors
 from xray.files import to_json, write_json, write_text
 from xray.hparams import hparams_of, write_hparams
-from xray.labels import CLASSES, POSITIVE
 from xray.losses import build_loss
-from xray.metrics import binary_metrics, confusion
+from xray.metrics import confusion_k, task_metrics
 from xray.model import build_model, dropout_masks
 from xray.explain import cam_panel
 from xray.plots import confusion_figure
@@ -80,13 +79,13 @@ def build_optimizer(net: nn.Cell, cfg: DictConfig, lr: np.ndarray) -> nn.Momentu
 
 
 def validate(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, np.ndarray, float]:
-    """(labels, p(pneumonia), mean loss) over a whole eval dataset."""
+    """(labels, class probabilities NxK, mean loss) over a whole eval dataset."""
     net.set_train(False)
     labels, probs, loss_sum = [], [], 0.0
     for x, y in dataset.create_tuple_iterator(num_epochs=1):  # net(x): no dropout masks
         logits = net(x)
         loss_sum += float(loss_fn(logits, y).asnumpy()) * len(y)
-        probs.append(ops.softmax(logits, axis=1)[:, POSITIVE].asnumpy())
+        probs.append(ops.softmax(logits, axis=1).asnumpy())
         labels.append(y.asnumpy())
     y, p = np.concatenate(labels), np.concatenate(probs)
     return y, p, loss_sum / max(len(y), 1)
@@ -251,22 +250,22 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     data_dir = Path(cfg.data.dir)
     manifest = read_manifest(data_dir)
     spec = preprocess_spec(manifest, cfg.data.image_size, cfg.model.in_channels, cfg.data.equalize)
-    train_counts = [manifest["splits"]["train"]["classes"][c] for c in CLASSES]
-    train_file = split_file(data_dir, manifest, "train")
-    train_labels = read_labels(train_file)
-    val_file = split_file(data_dir, manifest, "val")
-    val_labels = read_labels(val_file)  # (a damaged file is one line now, not a traceback later)
-    val_ds = make_eval_dataset(val_file, spec, cfg.batch_size, workers=cfg.data.workers)
-    cam_set = fixed_val_images(val_file, spec, val_labels, cfg.train.cam_images)
-    steps_per_epoch = len(train_labels) // cfg.batch_size
+    task, classes = check_task(manifest, cfg.task.name, data_dir)
+    # (reading the records also checks the files: a damaged one is one line now, not later)
+    train = task_records(split_file(data_dir, manifest, "train"), task)
+    val = task_records(split_file(data_dir, manifest, "val"), task)
+    train_counts = np.bincount(train.targets, minlength=len(classes)).tolist()
+    val_ds = make_eval_dataset(val, spec, cfg.batch_size, workers=cfg.data.workers)
+    cam_set = fixed_val_images(val, spec, classes, cfg.train.cam_images)
+    steps_per_epoch = len(train.targets) // cfg.batch_size
     if steps_per_epoch == 0:
         raise XrayError(f"batch_size={cfg.batch_size} is larger than the train split "
-                        f"({len(train_labels)} images); lower batch_size")
+                        f"({len(train.targets)} images); lower batch_size")
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(cfg.train.max_steps_per_epoch))
 
-    net = build_model(cfg.model, cfg.data.image_size)
-    loss_fn = build_loss(cfg.loss, cfg.model.num_classes, train_counts)
+    net = build_model(cfg.model, cfg.data.image_size, len(classes))
+    loss_fn = build_loss(cfg.loss, len(classes), train_counts)
     lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
     optimizer = build_optimizer(net, cfg, lr)
     step_fn = make_step(cfg, net, loss_fn, optimizer)
@@ -298,9 +297,9 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step or None, flush_secs=10)
     writers.append(writer)
     guard = PreemptionGuard()
-    log.info("train: %s, %d train / %d val images, %d steps/epoch, input %dx%d, loss=%s lr=%g "
-             "momentum=%g, device %s (%s mode)", data_dir, len(train_labels),
-             manifest["splits"]["val"]["images"], steps_per_epoch, spec.image_size,
+    log.info("train: %s, task %s (%s), %d train / %d val images, %d steps/epoch, input %dx%d, "
+             "loss=%s lr=%g momentum=%g, device %s (%s mode)", data_dir, task, " / ".join(classes),
+             len(train.targets), len(val.targets), steps_per_epoch, spec.image_size,
              spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode)
     status, train_time, train_images = "ok", 0.0, 0
 
@@ -308,9 +307,9 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
         epoch_start = time.perf_counter()
         losses: list[float] = []
         if state.step_in_epoch < steps_per_epoch:  # (a job stopped in an epoch's last step has none left)
-            batches = make_train_dataset(train_file, spec, cfg.batch_size, train_labels, cfg.seed,
-                                         epoch, state.step_in_epoch, cfg.data.augment,
-                                         cfg.data.sampling, cfg.data.workers)
+            batches = make_train_dataset(train, spec, cfg.batch_size, cfg.seed, epoch,
+                                         state.step_in_epoch, cfg.data.augment, cfg.data.sampling,
+                                         cfg.data.workers)
             losses, global_step = train_epoch(step_fn, net, batches, steps_per_epoch - state.step_in_epoch,
                                               lr, writer, global_step, epoch, cfg.train.log_every, guard)
         epoch_time = time.perf_counter() - epoch_start
@@ -328,8 +327,8 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
             log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch,
                         state.step_in_epoch, last_ckpt)
             guard.hand_over()
-        entry = end_epoch(epoch, state, net, loss_fn, val_ds, writer, global_step, lr, epoch_time,
-                          best_ckpt, cfg)
+        entry = end_epoch(epoch, state, net, loss_fn, val_ds, classes, writer, global_step, lr,
+                          epoch_time, best_ckpt, cfg)
         if cam_set is not None:  # where the model looks, epoch by epoch
             writer.add_figure("val/grad_cam", cam_panel(net, *cam_set), global_step - 1)
         history.append(entry)
@@ -390,23 +389,26 @@ def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cel
     return step
 
 
-def fixed_val_images(path: Path, spec, labels: np.ndarray, count: int):
-    """(inputs, captions) of the first count/2 NORMAL and PNEUMONIA validation images, or None."""
+def fixed_val_images(records, spec, classes: tuple, count: int):
+    """(inputs, captions, classes) of `count` validation images, the first of each class in
+    turn, or None."""
     if count <= 0:
         return None
-    wanted = [int(i) for c in (0, 1) for i in np.flatnonzero(labels == c)[:(count + 1 - c) // 2]]
+    firsts = [list(np.flatnonzero(records.targets == c)) for c in range(len(classes))]
+    wanted = sorted({int(firsts[k % len(classes)][k // len(classes)]) for k in range(count)
+                     if k // len(classes) < len(firsts[k % len(classes)])})
     found: dict[int, tuple] = {}
-    rows = make_eval_dataset(path, spec, 32, workers=1, with_names=True).create_tuple_iterator(
+    rows = make_eval_dataset(records, spec, 32, workers=1, with_names=True).create_tuple_iterator(
         num_epochs=1, output_numpy=True)
-    for start, (x, y, names) in zip(range(0, len(labels), 32), rows):
+    for start, (x, y, names) in zip(range(0, len(records.targets), 32), rows):
         for i in set(wanted) & set(range(start, start + len(y))):
-            found[i] = (x[i - start], f"{CLASSES[int(y[i - start])]}\n{names[i - start]}")
+            found[i] = (x[i - start], f"{classes[int(y[i - start])]}\n{names[i - start]}")
         if len(found) == len(wanted):
             break
-    return np.stack([found[i][0] for i in wanted]), [found[i][1] for i in wanted]
+    return np.stack([found[i][0] for i in wanted]), [found[i][1] for i in wanted], classes
 
 
-def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_ds,
+def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_ds, classes: tuple,
               writer: SummaryWriter, global_step: int, lr: np.ndarray, epoch_time: float,
               best_ckpt: Path, cfg: DictConfig) -> dict:
     """Validate, keep best.ckpt, log; advances `state` to the next epoch. Returns the epoch's
@@ -414,7 +416,7 @@ def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_d
     step) never drops them."""
     train_loss = state.epoch_loss_sum / max(state.step_in_epoch, 1)
     y, p, val_loss = validate(net, loss_fn, val_ds)
-    val = log_validation(writer, y, p, val_loss, global_step - 1, epoch)
+    val = log_validation(writer, y, p, classes, val_loss, global_step - 1, epoch)
     writer.add_scalar("train/epoch_loss", train_loss, global_step - 1)
     entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
              **{f"val_{k}": v for k, v in val.items()},
@@ -423,10 +425,11 @@ def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_d
     if improved:
         state.best_auc, state.best_epoch = val["auc"], epoch
         save_ckpt(net, best_ckpt, {"epoch": epoch, "val_auc": state.best_auc})
-    log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  "
-             "sens %.3f  spec %.3f  lr %.2e  %.1f img/s  %.1f s%s", epoch, cfg.epochs,
-             train_loss, val_loss, val["auc"], val["accuracy"], val["sensitivity"],
-             val["specificity"], entry["lr"], state.step_in_epoch * cfg.batch_size / epoch_time,
+    rates = (f"sens {val['sensitivity']:.3f}  spec {val['specificity']:.3f}" if len(classes) == 2
+             else f"bal_acc {val['balanced_accuracy']:.3f}")
+    log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  %s  lr %.2e  "
+             "%.1f img/s  %.1f s%s", epoch, cfg.epochs, train_loss, val_loss, val["auc"],
+             val["accuracy"], rates, entry["lr"], state.step_in_epoch * cfg.batch_size / epoch_time,
              epoch_time, "  *best*" if improved else "")
     state.epoch, state.step_in_epoch, state.epoch_loss_sum = epoch, 0, 0.0
     return entry
@@ -460,7 +463,8 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
             log.error("eval: %s failed: %s", split, e)
             out[split] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
             continue
-        threshold = result["youden"]["threshold"] if split == "val" else threshold
+        if split == "val" and "youden" in result:  # (a K-class task decides by argmax)
+            threshold = result["youden"]["threshold"]
         out[split] = summary(result)
     return out
 
@@ -488,17 +492,22 @@ def train_epoch(step_fn, net: nn.Cell, dataset, steps: int, lr: np.ndarray,
     return losses, global_step
 
 
-def log_validation(writer: SummaryWriter, y: np.ndarray, p: np.ndarray, val_loss: float,
-                   step: int, epoch: int) -> dict:
-    """Validation metrics at threshold 0.5, written to TensorBoard; returns them."""
-    val = binary_metrics(y, p, 0.5)
+def log_validation(writer: SummaryWriter, y: np.ndarray, probs: np.ndarray, classes: tuple,
+                   val_loss: float, step: int, epoch: int) -> dict:
+    """Validation metrics (two classes: at threshold 0.5; more: of the argmax; AUC = macro
+    one-vs-rest), written to TensorBoard; returns them."""
+    val = task_metrics(y, probs, classes)
     writer.add_scalar("val/loss", val_loss, step)
-    for k in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
-        if math.isfinite(val[k]):  # e.g. no AUC on a one-class split
-            writer.add_scalar(f"val/{k}", val[k], step)
-    writer.add_figure("val/confusion_matrix",
-                      confusion_figure(confusion(y, p, 0.5), f"val, epoch {epoch}"), step)
-    writer.add_pr_curve("val/pr_curve", y, p, step)
+    for k, v in val.items():
+        if k not in ("ppv", "npv") and math.isfinite(v):  # e.g. no AUC on a one-class split
+            writer.add_scalar(f"val/{k}", v, step)
+    cm = confusion_k(y, probs[:, 1] >= 0.5 if len(classes) == 2 else probs.argmax(axis=1), len(classes))
+    writer.add_figure("val/confusion_matrix", confusion_figure(cm, f"val, epoch {epoch}", classes), step)
+    if len(classes) == 2:
+        writer.add_pr_curve("val/pr_curve", y, probs[:, 1], step)
+    else:  # one precision-recall curve per class, one-vs-rest
+        for c, name in enumerate(classes):
+            writer.add_pr_curve(f"val/pr_curve/{name}", y == c, probs[:, c], step)
     return val
 
 

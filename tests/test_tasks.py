@@ -1,0 +1,137 @@
+"""Pneumonia type: the task label maps, a data set that cannot train a task, the split by
+subtype, and every task end to end on the sample (convert -> train -> evaluate -> predict)."""
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from conftest import SAMPLE, TINY, copy_sample, make_cfg
+from xray.checkpoint import load_trained_model
+from xray.convert import Item, convert, split_by_patient
+from xray.data import check_task, read_manifest, split_file, task_records
+from xray.errors import XrayError
+from xray.evaluate import evaluate
+from xray.labels import TASK_CLASSES, supported_tasks, task_targets
+from xray.predict import format_results, predict_images
+from xray.train import train
+
+
+def test_one_label_map_per_task():
+    subtypes = ["normal", "bacteria", "virus", "unknown", "normal"]
+    assert [list(a) for a in task_targets("binary", subtypes)] == [[0, 1, 2, 3, 4], [0, 1, 1, 1, 0]]
+    assert [list(a) for a in task_targets("subtype", subtypes)] == [[0, 1, 2, 4], [0, 1, 2, 0]]
+    assert [list(a) for a in task_targets("bacterial_vs_viral", subtypes)] == [[1, 2], [1, 0]]
+    assert TASK_CLASSES["subtype"] == ("NORMAL", "BACTERIAL", "VIRAL")
+    assert TASK_CLASSES["bacterial_vs_viral"][1] == "BACTERIAL"  # class 1 = the positive class
+    with pytest.raises(XrayError, match="task=viral is unknown; use binary, subtype, bacterial_vs_viral"):
+        task_targets("viral", subtypes)
+
+
+def test_supported_tasks_need_every_class():
+    assert supported_tasks({"normal": 5, "bacteria": 3, "virus": 2}) == ["binary", "subtype", "bacterial_vs_viral"]
+    assert supported_tasks({"normal": 5, "bacteria": 3}) == ["binary"]
+    assert supported_tasks({"bacteria": 3, "virus": 2}) == ["bacterial_vs_viral"]
+
+
+def test_a_data_set_without_viral_images_refuses_those_tasks_in_one_line(tmp_path):
+    root = copy_sample(tmp_path / "cx", per_class=6, splits=("train",))
+    for f in (root / "train" / "PNEUMONIA").glob("*virus*"):
+        f.unlink()
+    manifest = convert(root, tmp_path / "data", short_side=64, workers=1)
+    assert manifest["tasks"] == ["binary"]
+    assert check_task(manifest, "binary", tmp_path / "data")[1] == ("NORMAL", "PNEUMONIA")
+    with pytest.raises(XrayError, match=r"task=subtype needs training images of every one of its classes "
+                                        r"\(NORMAL, BACTERIAL, VIRAL\), but .* supports only task=binary"):
+        check_task(manifest, "subtype", tmp_path / "data")
+
+
+def test_the_patient_split_is_stratified_by_subtype():
+    import random
+    rng = random.Random(0)
+    items = []
+    for subtype, n in (("normal", 60), ("bacteria", 120), ("virus", 40)):
+        for p in range(n):
+            for k in range(rng.randint(1, 3)):
+                items.append(Item(Path(f"{subtype}{p}-{k}"), "train", int(subtype != "normal"), subtype,
+                                  f"{subtype}{p}"))
+    val = split_by_patient(items, 0.2, seed=1)
+    for subtype in ("normal", "bacteria", "virus"):
+        total = sum(it.subtype == subtype for it in items)
+        share = sum(it.subtype == subtype and it.patient_id in val for it in items) / total
+        assert 0.2 <= share <= 0.2 + 3 / total + 1e-9, (subtype, share)  # whole patients of <= 3
+
+
+@pytest.fixture(scope="module")
+def task_runs(sample_data, tmp_path_factory):
+    runs = {}
+    for task in ("subtype", "bacterial_vs_viral"):
+        run_dir = tmp_path_factory.mktemp(task) / "run"
+        cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", f"task={task}", "epochs=1",
+                                         "train.eval_bootstrap=50"])
+        assert train(cfg, run_dir)["status"] == "ok"
+        runs[task] = run_dir
+    return runs
+
+
+@pytest.mark.slow
+def test_three_classes_end_to_end(task_runs, sample_data, tmp_path):
+    run = task_runs["subtype"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["hparams"]["task"] == "subtype" and "auc_VIRAL" in metrics["best_val"]
+    result = json.loads((run / "eval_test.json").read_text())
+    assert result["classes"] == ["NORMAL", "BACTERIAL", "VIRAL"] and result["images"] == 20
+    assert np.array(result["argmax"]["confusion_matrix"]).shape == (3, 3)
+    assert np.array(result["argmax"]["confusion_matrix"]).sum() == 20
+    for key in ("accuracy", "balanced_accuracy", "auc", "auc_NORMAL", "sensitivity_VIRAL", "specificity_BACTERIAL"):
+        assert 0 <= result["argmax"][key]["value"] <= 1 and len(result["argmax"][key]["ci95"]) == 2
+    header = (run / "predictions_test.csv").read_text().splitlines()[0]
+    assert header == "file_name,label,p_normal,p_bacterial,p_viral"
+    model = load_trained_model(run / "checkpoints" / "best.ckpt")
+    assert model.classes == ("NORMAL", "BACTERIAL", "VIRAL")
+    images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]
+    results = predict_images([model], images, plot_dir=tmp_path, explain_dir=tmp_path)
+    for r in results:
+        assert r["p_normal"] + r["p_bacterial"] + r["p_viral"] == pytest.approx(1.0, abs=1e-5)
+        assert r["label"] == max(("NORMAL", "BACTERIAL", "VIRAL"), key=lambda c: r[f"p_{c.lower()}"])
+    assert format_results(results).splitlines()[0].split() == ["file", "label", "p(normal)", "p(bacterial)", "p(viral)"]
+    assert (tmp_path / f"{images[0].stem}_cam.png").exists()
+    # the MindIR export has three outputs
+    from xray.report import export_mindir
+    export_mindir(run / "checkpoints" / "best.ckpt", tmp_path / "model.mindir")
+    graph = ms.nn.GraphCell(ms.load(str(tmp_path / "model.mindir")))
+    x = np.zeros((1, 1, model.spec.image_size, model.spec.image_size), np.float32)
+    assert graph(ms.Tensor(x)).shape == (1, 3)
+
+
+@pytest.mark.slow
+def test_bacterial_vs_viral_uses_pneumonia_images_only(task_runs, sample_data):
+    run = task_runs["bacterial_vs_viral"]
+    result = json.loads((run / "eval_test.json").read_text())
+    manifest = read_manifest(sample_data)
+    subtypes = Counter(manifest["splits"]["test"]["subtypes"])
+    assert result["images"] == subtypes["bacteria"] + subtypes["virus"] == 10
+    assert result["positives"] == subtypes["bacteria"] and result["classes"] == ["VIRAL", "BACTERIAL"]
+    assert "youden" in result and result["youden"]["chosen_on"] == "val"
+    records = task_records(split_file(sample_data, manifest, "train"), "bacterial_vs_viral")
+    assert len(records.indices) == manifest["splits"]["train"]["classes"]["PNEUMONIA"]
+    images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]
+    [r, _] = predict_images([load_trained_model(run / "checkpoints" / "best.ckpt")], images)
+    assert set(r) == {"file", "label", "p_bacterial"} and r["label"] in ("VIRAL", "BACTERIAL")
+
+
+@pytest.mark.slow
+def test_train_cli_with_a_task_the_data_cannot_train_is_one_line(tmp_path):
+    root = copy_sample(tmp_path / "cx", per_class=6, splits=("train",))
+    for f in (root / "train" / "PNEUMONIA").glob("*virus*"):
+        f.unlink()
+    convert(root, tmp_path / "data", short_side=64, workers=1)
+    proc = subprocess.run([sys.executable, "-m", "xray.train", *TINY, f"data.dir={tmp_path / 'data'}",
+                           "task=subtype", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: task=subtype needs training images of every one of its classes" in proc.stderr
