@@ -133,3 +133,20 @@ def test_xray_steers_onednn_to_its_fast_cpu_kernels():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
                          capture_output=True, text=True)
     assert out.stdout.strip() == "AVX512_CORE"
+
+
+def test_training_steps_apply_dropout_and_inference_does_not():
+    """The step the training loop runs draws its masks: the same batch and weights give another
+    loss with dropout on than off (a loop that forgot the masks would not)."""
+    from xray.losses import SoftmaxCrossEntropy
+    from xray.train import build_optimizer, lr_schedule, make_step
+    x = ms.Tensor(np.random.default_rng(0).normal(size=(4, 1, 72, 72)).astype(np.float32))
+    y = ms.Tensor(np.array([0, 1, 0, 1], np.int32))
+    losses = {}
+    for p in (0.0, 0.5):
+        cfg = make_cfg("config", ["data=sample", f"model.dropout={p}", "mode=pynative", "lr=1e-9"])
+        ms.set_seed(0)
+        net = build_model(cfg.model, 72, 2)
+        step = make_step(cfg, net, SoftmaxCrossEntropy(), build_optimizer(net, cfg, lr_schedule(1e-9, cfg.optim, 1, 1)))
+        losses[p] = float(step(x, y, 0).asnumpy())
+    assert losses[0.0] != pytest.approx(losses[0.5], abs=1e-6)
