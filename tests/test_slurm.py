@@ -95,8 +95,8 @@ def test_failed_member_is_failed_in_slurm_and_outputs(sample_data, tmp_path):
     assert states[f"{array}_1"]["State"] == "COMPLETED"
     failed = next(p for p in sweep.iterdir() if p.name.startswith("0_"))
     metrics = json.loads((failed / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and "image_size=60 is too small" in metrics["error"]
-    assert "image_size=60 is too small" in (failed / "slurm.err").read_text()
+    assert metrics["status"] == "failed" and "data.image_size=60 must be an integer >= 67" in metrics["error"]
+    assert "data.image_size=60 must be an integer >= 67" in (failed / "slurm.err").read_text()
 
 
 def test_time_limited_training_is_requeued_and_completes_every_epoch(sample_data, tmp_path):
@@ -122,7 +122,8 @@ def test_time_limited_training_is_requeued_and_completes_every_epoch(sample_data
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     steps = sorted({e.step for e in acc.Scalars("train/loss")})
-    assert steps == list(range(epochs * 4))  # every step once: the TensorBoard step continued
+    per_epoch = json.loads((sample_data / "manifest.json").read_text())["splits"]["train"]["images"] // 8
+    assert steps == list(range(epochs * per_epoch))  # every step once: the TensorBoard step continued
     (job,) = submitit_job_ids(sweep)
     assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"]
     history_rows = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "--format=State"],
