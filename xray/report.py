@@ -177,6 +177,8 @@ def setting_of(members: list[Member]):
     the heat map's panels and the loss curves' colours, so members that differ in more than
     lr and momentum never share a cell or a colour."""
     levers = [k for k in varying_hparams(members) if k not in ("lr", "momentum")] or ["loss"]
+    if len(levers) > 2:  # too many to spell out: the member's own (readable) folder name
+        return lambda m: m.name
     return lambda m: ", ".join(f"{m.hparams[k]}" if k == "loss" else f"{k}={m.hparams[k]}" for k in levers)
 
 
