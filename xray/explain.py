@@ -80,7 +80,11 @@ def cam_grid(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, np.ndarray, st
     import matplotlib.pyplot as plt
 
     width = max((len(items) for _, items in rows), default=1) or 1
-    fig, axes = plt.subplots(len(rows), width, figsize=(2.6 * width, 2.9 * len(rows)), dpi=100,
+    if width == 1 and len(rows) > 1:  # one image per row: side by side, the row title above it
+        rows = [("", [(t, c, f"{title}\n{caption}") for t, c, caption in items]) for title, items in rows]
+        rows = [("", [item for _, items in rows for item in items])]
+        width = len(rows[0][1]) or 1
+    fig, axes = plt.subplots(len(rows), width, figsize=(2.6 * width, 3.2 * len(rows)), dpi=100,
                              squeeze=False)
     for r, (row_title, items) in enumerate(rows):
         for c in range(width):
