@@ -131,4 +131,7 @@ slurmctld
 wait_for 30 scontrol ping
 slurmd
 wait_for 60 bash -c "sinfo -h -n $HOST -o %t | grep -qx idle"
+# the controller registers with slurmdbd a moment after it starts; a job that ends before that
+# is recorded without its partition
+wait_for 30 bash -c "sacctmgr -n -P list cluster format=cluster | grep -qx local"
 sinfo

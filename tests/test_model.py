@@ -150,3 +150,25 @@ def test_training_steps_apply_dropout_and_inference_does_not():
         step = make_step(cfg, net, SoftmaxCrossEntropy(), build_optimizer(net, cfg, lr_schedule(1e-9, cfg.optim, 1, 1)))
         losses[p] = float(step(x, y, 0).asnumpy())
     assert losses[0.0] != pytest.approx(losses[0.5], abs=1e-6)
+
+
+def test_a_checkpoint_loads_when_free_memory_is_all_page_cache(tmp_path, monkeypatch):
+    """MindSpore 2.10 compares a checkpoint's size with *free* memory, which is near zero on a
+    node whose page cache is full (CI, after writing ~10 GB of checkpoints): it refused a
+    230 MB checkpoint with 20 GB available. Loading must judge by MemAvailable."""
+    import os
+
+    from mindspore.train import serialization
+
+    from xray.checkpoint import memory_available, read_checkpoint
+    if memory_available() is None:
+        pytest.skip("no /proc/meminfo")
+    own = serialization._get_available_memory  # undo an earlier read_checkpoint's patch
+    monkeypatch.setattr(serialization, "_get_available_memory", getattr(own, "mindspore_own", own))
+    path = tmp_path / "dense.ckpt"
+    ms.save_checkpoint(ms.nn.Dense(64, 64), str(path))
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real_sysconf(name))
+    with pytest.raises(ValueError, match="available memory"):
+        ms.load_checkpoint(str(path))  # MindSpore's own reading: one free page
+    assert read_checkpoint(path)["weight"].shape == (64, 64)

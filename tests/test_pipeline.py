@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import SAMPLE, TINY, make_cfg
-from xray.checkpoint import load_trained_model
+from xray.checkpoint import load_trained_model, read_checkpoint
 from xray.evaluate import evaluate
 from xray.files import to_json
 from xray.predict import format_results, list_images, predict_images
@@ -130,7 +130,7 @@ def test_resume_after_kill_continues_from_saved_epoch(sample_data, tmp_path):
     proc.send_signal(signal.SIGKILL)  # like a node failure: no chance to clean up
     proc.wait()
     assert last.exists(), "the first epoch never finished"
-    saved_epoch = int(ms.load_checkpoint(str(last))["epoch"].asnumpy())
+    saved_epoch = int(read_checkpoint(last)["epoch"].asnumpy())
     assert 1 <= saved_epoch < 3  # killed mid-run, so there is something to resume
 
     cfg = make_cfg("config", overrides + ["train.resume=true"])
@@ -148,7 +148,7 @@ def test_resume_restores_weights_and_optimizer_state(trained_run):
     net = build_model(cfg.model, 72, 2)
     opt = build_optimizer(net, cfg, lr_schedule(cfg.lr, cfg.optim, 2, 3))
     state = load_state(trained_run / "checkpoints" / "last.ckpt", opt)
-    saved = ms.load_checkpoint(str(trained_run / "checkpoints" / "last.ckpt"))
+    saved = read_checkpoint(trained_run / "checkpoints" / "last.ckpt")
     assert state.epoch == 2 and state.step_in_epoch == 0 and state.best_epoch in (1, 2)
     assert int(opt.global_step.asnumpy()) == 2 * 3
     for p in list(opt.moments)[:3] + net.trainable_params()[:3]:
@@ -192,7 +192,7 @@ def test_checkpoints_from_before_dropout_masks_still_load(trained_run, tmp_path)
     run = tmp_path / "old_run"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(trained_run / "config.yaml", run / "config.yaml")
-    params = ms.load_checkpoint(str(trained_run / "checkpoints" / "best.ckpt"))
+    params = read_checkpoint(trained_run / "checkpoints" / "best.ckpt")
     old_names = {"fc1.": "classifier.0.", "fc2.": "classifier.3.", "fc3.": "classifier.6."}
     renamed = []
     for name, value in params.items():

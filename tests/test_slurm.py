@@ -42,7 +42,8 @@ def sacct(job_id: str) -> dict[str, dict]:
         for line in out.splitlines():
             job, state, partition, start, end = line.split("|")
             rows[job] = {"State": state.split()[0], "Partition": partition, "Start": start, "End": end}
-        if rows and all(r["State"] not in ("PENDING", "RUNNING", "REQUEUED") for r in rows.values()):
+        if rows and all(r["State"] not in ("PENDING", "RUNNING", "REQUEUED") and r["Partition"]
+                        for r in rows.values()):
             return rows
         if time.time() > deadline:
             return rows

@@ -17,6 +17,36 @@ from xray.model import build_model
 from xray.preprocess import Preprocess
 
 
+def memory_available() -> Optional[int]:
+    """Bytes the kernel can hand out now (MemAvailable: free + reclaimable page cache)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """ms.load_checkpoint, judged against the memory that is really available.
+
+    MindSpore 2.10 refuses a checkpoint larger than *free* memory (sysconf SC_AVPHYS_PAGES),
+    which leaves out the page cache: on a node that has just written a few checkpoints that is
+    a few hundred MB, and a 230 MB AlexNet checkpoint "exceeds current available memory"
+    with 20 GB to spare. Ask for MemAvailable instead (MindSpore's own reading where there
+    is no /proc/meminfo)."""
+    from mindspore.train import serialization
+    own = getattr(serialization, "_get_available_memory", None)
+    if own is not None and not getattr(own, "reads_mem_available", False):
+        def available() -> Optional[int]:
+            return memory_available() or own()
+        available.reads_mem_available = True
+        available.mindspore_own = own
+        serialization._get_available_memory = available
+    return ms.load_checkpoint(str(path))
+
+
 @dataclass
 class TrainedModel:
     net: nn.Cell
@@ -77,7 +107,7 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
     classes = task_classes(str(OmegaConf.select(cfg, "task.name", default="binary")))
     net = build_model(cfg.model, spec.image_size, len(classes))
     try:
-        params = ms.load_checkpoint(str(checkpoint))
+        params = read_checkpoint(checkpoint)
     except (RuntimeError, ValueError) as e:
         raise XrayError(f"ckpt={checkpoint} is not a readable MindSpore checkpoint ({e})") from None
     missing, _ = ms.load_param_into_net(net, legacy_names(params))

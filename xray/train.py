@@ -29,6 +29,7 @@ from tensorboardX import SummaryWriter
 
 from xray import CONF_DIR
 from xray.checks import TRAIN, check
+from xray.checkpoint import read_checkpoint
 from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec,
                        read_manifest, split_file, task_records)
 from xray.device import setup_device
@@ -160,7 +161,7 @@ def save_ckpt(obj: nn.Cell, path: Path, meta: dict) -> None:
 def load_state(path: Path, optimizer: nn.Cell) -> RunState:
     """Weights + optimizer state from last.ckpt into the optimizer; returns the loop state."""
     try:
-        params = ms.load_checkpoint(str(path))
+        params = read_checkpoint(path)
     except (RuntimeError, ValueError, OSError) as e:
         raise XrayError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
                         "rerun with overwrite=true to start this run over") from None
