@@ -98,6 +98,7 @@ def test_a_damaged_last_checkpoint_is_one_line_and_touches_nothing(sample_data, 
     ("epochs=0", "epochs=0 must be an integer >= 1"), ("batch_size=0", "batch_size=0 must be an integer >= 1"),
     ("epochs=2.5", "epochs=2.5 must be an integer >= 1"), ("optim.schedule=linear", "must be one of constant"),
     ("data.augment.scale=[0.9,0.5]", r"data.augment.scale=\[0.9, 0.5\] must be \[low, high\]"),
+    ("train.amp=fp16", "train.amp=fp16 must be one of O0, O1, O2, O3"),
 ])
 def test_bad_training_values_are_named_with_their_range(override, message):
     with pytest.raises(XrayError, match=message):

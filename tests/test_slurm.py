@@ -76,6 +76,7 @@ def test_sweep_is_one_job_array_on_the_gpu_partition(sample_data, tmp_path):
     assert len(members) == 4
     for m in members:
         assert json.loads((m / "metrics.json").read_text())["status"] == "ok"
+        assert json.loads((m / "metrics.json").read_text())["hparams"]["amp"] == "O2"  # the GPU profile's
         assert (m / "slurm.out").resolve().is_file()  # the job's log, linked from the run
     (array,) = submitit_job_ids(sweep)
     states = sacct(array)
@@ -102,11 +103,11 @@ def test_failed_member_is_failed_in_slurm_and_outputs(sample_data, tmp_path):
 
 def test_time_limited_training_is_requeued_and_completes_every_epoch(sample_data, tmp_path):
     sweep = tmp_path / "sweep"
-    epochs = 10  # ~55 s of work on an idle machine: more than the ~45 s before the signal
+    epochs = 10  # ~55 s of fp32 work on an idle machine: more than the ~45 s before the signal
     start = time.time()
     proc = run(["-m", "xray.train", "-m", "hydra/launcher=slurm_gpu", *CPU,
                 f"data.dir={sample_data}", "data=sample", "data.image_size=72", "batch_size=8",
-                f"epochs={epochs}", "hydra.launcher.timeout_min=1",
+                f"epochs={epochs}", "train.amp=O0", "hydra.launcher.timeout_min=1",
                 "hydra.launcher.signal_delay_s=15", "hydra.launcher.max_num_timeout=20",
                 f"hydra.sweep.dir={sweep}"], tmp_path, timeout=1200)
     elapsed = time.time() - start

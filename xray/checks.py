@@ -69,6 +69,7 @@ TRAIN: dict[str, Rule] = {
     "train.max_steps_per_epoch": _int(1),
     "train.eval_bootstrap": _int(0),
     "train.cam_images": _int(0),
+    "train.amp": _choice("O0", "O1", "O2", "O3"),
 }
 EVALUATE: dict[str, Rule] = {
     "batch_size": _int(1), "bootstrap": _int(0), "seed": _int(0), "workers": _int(1),

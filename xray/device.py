@@ -19,5 +19,10 @@ def setup_device(device_target: str, mode: str = "graph") -> None:
     if target != "CPU" and not ms.hal.is_available(target):
         raise XrayError(f"device_target={target} but MindSpore cannot see a {target} on this node "
                         f"(check the job's GPU request and CUDA setup, or use device_target=CPU)")
-    ms.set_device(target)
+    try:
+        ms.set_device(target)
+    except RuntimeError:  # kernels already ran in this process (tests, notebooks): fine if on target
+        if ms.get_context("device_target") != target:
+            raise XrayError(f"device_target={target}, but this process already runs MindSpore on "
+                            f"{ms.get_context('device_target')}; start a new process") from None
     ms.set_context(mode=MODES[mode])

@@ -127,6 +127,7 @@ class RunState:
     epoch_loss_sum: float = 0.0  # their summed training loss
     best_auc: float = -1.0  # best val AUC so far, and its epoch (0: none yet)
     best_epoch: int = 0
+    loss_scale: float = 0.0  # the dynamic loss scale of train.amp O1-O3 (0: fp32, no scaling)
 
 
 def checkpoint_bytes(obj: nn.Cell) -> int:
@@ -269,7 +270,8 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     loss_fn = build_loss(cfg.loss, len(classes), train_counts)
     lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
     optimizer = build_optimizer(net, cfg, lr)
-    step_fn = make_step(cfg, net, loss_fn, optimizer)
+    scaler = loss_scaler(cfg.train.amp)
+    step_fn = make_step(cfg, mixed_precision(net, cfg.train.amp), loss_fn, optimizer, scaler)
 
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
@@ -280,6 +282,8 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
         if history_path.exists():
             history = [json.loads(line) for line in history_path.read_text().splitlines()]
             history = [h for h in history if h["epoch"] <= state.epoch]
+        if scaler is not None and state.loss_scale > 0:
+            scaler.scale_value.set_data(ms.Tensor(state.loss_scale, ms.float32))
         log.info("resume: %s after epoch %d step %d (best val AUC %.4f at epoch %d)",
                  last_ckpt, state.epoch, state.step_in_epoch, state.best_auc, state.best_epoch)
     elif cfg.train.resume:
@@ -323,6 +327,7 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
             log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, losses[-1])
             break
         if guard.pending:  # time limit or preemption: save where we are, let submitit requeue
+            state.loss_scale = current_scale(scaler)
             save_ckpt(optimizer, last_ckpt, asdict(state))
             writer.close()
             log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch,
@@ -334,6 +339,7 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
             writer.add_figure("val/grad_cam", cam_panel(net, *cam_set), global_step - 1)
         history.append(entry)
         write_text(history_path, "".join(to_json(h) + "\n" for h in history))
+        state.loss_scale = current_scale(scaler)
         save_ckpt(optimizer, last_ckpt, asdict(state))
 
     train_wall = time.perf_counter() - start_time
@@ -367,25 +373,72 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     return result
 
 
-def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cell):
-    """step(x, y, global_step) -> loss: one optimizer step, with the step's dropout masks."""
+def mixed_precision(net: nn.Cell, level: str) -> nn.Cell:
+    """The network the training step runs: `net` itself for O0, else MindSpore's auto mixed
+    precision of it (same Parameter objects, so the optimizer, the checkpoints and the
+    evaluation keep using `net`)."""
+    if level == "O0":
+        return net
+    return ms.amp.auto_mixed_precision(net, level)
 
-    def forward(x, y, mask1, mask2):
-        return loss_fn(net(x, mask1, mask2), y)
 
-    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+def loss_scaler(level: str) -> Optional[ms.amp.DynamicLossScaler]:
+    """Dynamic loss scaling for fp16 training (halved after an overflow, doubled after 1000
+    clean steps), None in fp32."""
+    if level == "O0":
+        return None
+    return ms.amp.DynamicLossScaler(scale_value=2.0 ** 16, scale_factor=2, scale_window=1000)
 
-    def train_step(x, y, mask1, mask2):
-        loss, grads = grad_fn(x, y, mask1, mask2)
-        optimizer(grads)
-        return loss
+
+def current_scale(scaler: Optional[ms.amp.DynamicLossScaler]) -> float:
+    return float(scaler.scale_value.asnumpy()) if scaler is not None else 0.0
+
+
+def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cell,
+              scaler: Optional[ms.amp.DynamicLossScaler] = None):
+    """step(x, y, global_step) -> loss: one optimizer step, with the step's dropout masks.
+    With a loss scaler (mixed precision), a step whose gradients overflow is skipped and the
+    scale lowered."""
+    if scaler is None:
+        def forward(x, y, mask1, mask2):
+            return loss_fn(net(x, mask1, mask2), y)
+
+        grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+
+        def train_step(x, y, mask1, mask2):
+            loss, grads = grad_fn(x, y, mask1, mask2)
+            optimizer(grads)
+            return loss
+    else:
+        def scaled_forward(x, y, mask1, mask2):
+            loss = loss_fn(net(x, mask1, mask2).astype(ms.float32), y)
+            return scaler.scale(loss), loss
+
+        grad_fn = ms.value_and_grad(scaled_forward, None, optimizer.parameters, has_aux=True)
+
+        def train_step(x, y, mask1, mask2):
+            (_, loss), grads = grad_fn(x, y, mask1, mask2)
+            finite = ms.amp.all_finite(grads)
+            if finite:
+                optimizer(scaler.unscale(grads))
+            scaler.adjust(finite)
+            return loss
 
     if cfg.mode == "graph":
         train_step = ms.jit(train_step)
+    compiled = []
 
     def step(x, y, global_step: int):
         masks = dropout_masks(float(cfg.model.dropout), x.shape[0], cfg.seed, global_step)
-        return train_step(x, y, *(ms.Tensor(m) for m in masks))
+        if compiled or scaler is None:
+            return train_step(x, y, *(ms.Tensor(m) for m in masks))
+        try:  # the first mixed-precision step tells whether this device runs the level
+            loss = train_step(x, y, *(ms.Tensor(m) for m in masks))
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise XrayError(f"train.amp={cfg.train.amp} does not run on {cfg.device_target} here "
+                            f"({str(e).strip().splitlines()[0][:160]}); use train.amp=O0") from None
+        compiled.append(True)
+        return loss
 
     return step
 

@@ -1,0 +1,79 @@
+"""Mixed precision (train.amp): the fp16 step learns, an overflowing step is skipped and the
+loss scale lowered, and a mixed-precision run's checkpoint serves fp32 evaluation."""
+import json
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from conftest import TINY, make_cfg
+from xray.losses import SoftmaxCrossEntropy
+from xray.model import build_model
+from xray.train import build_optimizer, loss_scaler, lr_schedule, make_step, mixed_precision
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.normal(size=(4, 1, 72, 72)).astype(np.float32))
+    return x, ms.Tensor(np.array([0, 1, 0, 1], np.int32))
+
+
+def _weights(net) -> np.ndarray:
+    return np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
+
+
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_an_overflowing_step_is_skipped_and_the_scale_halved(level):
+    cfg = make_cfg("config", ["data=sample", "mode=pynative", f"train.amp={level}"])
+    ms.set_seed(0)
+    net = build_model(cfg.model, 72, 2)
+    optimizer = build_optimizer(net, cfg, lr_schedule(0.01, cfg.optim, 1, 10))
+    scaler = loss_scaler(level)
+    step = make_step(cfg, mixed_precision(net, level), SoftmaxCrossEntropy(), optimizer, scaler)
+    x, y = _batch()
+
+    scaler.scale_value.set_data(ms.Tensor(2.0 ** 100, ms.float32))  # fp16 gradients overflow
+    before = _weights(net)
+    loss = float(step(x, y, 0).asnumpy())
+    assert np.isfinite(loss)
+    assert np.array_equal(_weights(net), before), "a step with inf gradients changed the weights"
+    assert float(scaler.scale_value.asnumpy()) == 2.0 ** 99
+
+    scaler.scale_value.set_data(ms.Tensor(1024.0, ms.float32))
+    step(x, y, 1)
+    assert not np.array_equal(_weights(net), before), "a clean step left the weights alone"
+    assert all(p.dtype == ms.float32 for p in net.trainable_params())  # master weights stay fp32
+
+
+def test_a_mixed_precision_step_follows_the_fp32_step():
+    """Same weights, same batch: the O2 loss is the fp32 loss to fp16 precision."""
+    x, y = _batch()
+    losses = {}
+    for level in ("O0", "O2"):
+        cfg = make_cfg("config", ["data=sample", "mode=pynative", "model.dropout=0"])
+        ms.set_seed(0)
+        net = build_model(cfg.model, 72, 2)
+        optimizer = build_optimizer(net, cfg, lr_schedule(0.01, cfg.optim, 1, 10))
+        step = make_step(cfg, mixed_precision(net, level), SoftmaxCrossEntropy(), optimizer,
+                         loss_scaler(level))
+        losses[level] = float(step(x, y, 0).asnumpy())
+    assert losses["O2"] == pytest.approx(losses["O0"], rel=1e-2)
+    assert losses["O2"] != losses["O0"]  # it did compute in fp16
+
+
+@pytest.mark.slow
+def test_a_mixed_precision_run_trains_resumes_and_evaluates_in_fp32(sample_data, tmp_path):
+    from xray.checkpoint import load_trained_model, read_checkpoint
+    from xray.train import train
+
+    run_dir = tmp_path / "amp"
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "train.amp=O2", "epochs=1",
+                                     "train.keep_last=true", "train.eval_splits=[]", "train.cam_images=0"])
+    result = train(cfg, run_dir)
+    assert result["status"] == "ok" and np.isfinite(result["best_val"]["auc"])
+    meta = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert float(meta["loss_scale"].asnumpy()) > 0  # the scale is part of the resumable state
+    assert json.loads((run_dir / "metrics.json").read_text())["hparams"]["amp"] == "O2"
+    model = load_trained_model(run_dir / "checkpoints" / "best.ckpt")
+    probs = model.class_probabilities(np.zeros((2, 1, 72, 72), np.float32))
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)

@@ -1,0 +1,123 @@
+"""xray.bench: every measurement is there, finite and positive, in one run; PyTorch's absence is
+reported, not a crash. Never asserts on speed: the numbers depend on the machine and its load."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_cfg
+from xray.bench import (TORCH_MISSING, bench, bench_torch, check_bench, enough_data, table,
+                        torch_alexnet)
+from xray.data import read_manifest, split_file, task_records
+from xray.errors import XrayError
+
+# tiny: one 72 px size, batches of 8, one warm-up step and two timed ones, one pipeline worker
+TINY = ["sizes=[72]", "batch_size=8", "steps=2", "warmup=1", "data.workers=1", "fullres_repeats=1"]
+ROW_KEYS = ("pipeline_img_s", "step_img_s", "end_to_end_img_s", "pipeline_vs_step", "end_to_end_vs_step")
+
+
+def positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture
+def fullres(tmp_path):
+    """Two full-size grayscale JPEGs (the shared originals need not be on every machine)."""
+    folder = tmp_path / "fullres" / "train" / "NORMAL"
+    folder.mkdir(parents=True)
+    y, x = np.mgrid[0:1200, 0:1500]
+    for i in range(2):
+        pixels = ((x // 7 + y // 5 + i * 40) % 256).astype(np.uint8)
+        Image.fromarray(pixels, "L").save(folder / f"IM-000{i}-0001.jpeg", quality=90)
+    return tmp_path / "fullres"
+
+
+def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullres, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    # just more batches than the sample's train split holds: it is streamed twice over
+    train_images = read_manifest(sample_data)["splits"]["train"]["images"]
+    steps = train_images // 8
+    cfg = make_cfg("bench", TINY + [f"steps={steps}", f"data.dir={sample_data}", f"fullres={fullres}"])
+    result = bench(cfg, tmp_path)
+    assert result["settings"]["train_repeats"] == 2
+
+    conv = result["conversion"]
+    assert conv["images"] == 2
+    for key in ("convert_img_s", "naive_decode_img_s", "convert_vs_naive_decode", "mean_megapixels"):
+        assert positive(conv[key]), (key, conv)
+    assert list(result["sizes"]) == ["72"]
+    row = result["sizes"]["72"]
+    for key in ROW_KEYS:
+        assert positive(row[key]), (key, row)
+    assert row["pipeline_vs_step"] == pytest.approx(row["pipeline_img_s"] / row["step_img_s"])
+    assert row["end_to_end_vs_step"] == pytest.approx(row["end_to_end_img_s"] / row["step_img_s"])
+    # no torch: said so, not a crash, and no made-up numbers
+    assert result["torch"] == {"available": False, "reason": TORCH_MISSING}
+    assert row["torch_step_img_s"] is None and row["mindspore_vs_torch"] is None
+    assert result["machine"]["usable_cpus"] >= 1
+    json.dumps(result, allow_nan=False)  # strict JSON: no NaN or inf anywhere
+
+    text = table(result)
+    for what in ("conversion", "naive full decode", "bare train step", "input pipeline alone",
+                 "end to end", TORCH_MISSING):
+        assert what in text, text
+
+
+def test_a_small_train_split_is_repeated(sample_data, tmp_path):
+    """MindDataset takes no more indices than records: a small set is repeated in a copy."""
+    from xray.bench import train_batches
+    from xray.data import preprocess_spec
+
+    same, repeats = enough_data(sample_data, 10, tmp_path)
+    assert (same, repeats) == (sample_data, 1)
+    records = task_records(split_file(sample_data, read_manifest(sample_data), "train"))
+    n = len(records.indices)
+    copy, repeats = enough_data(sample_data, 2 * n + 1, tmp_path)
+    assert repeats == 3 and copy != sample_data
+    manifest = read_manifest(copy)
+    big = task_records(split_file(copy, manifest, "train"))
+    assert len(big.indices) == manifest["splits"]["train"]["images"] == 3 * n
+    assert np.array_equal(big.targets, np.tile(records.targets, 3))
+    cfg = make_cfg("bench", TINY + ["batch_size=4"])
+    spec = preprocess_spec(manifest, 72, 1)
+    assert sum(1 for _ in train_batches(cfg, big, spec, epoch=1)) == 3 * n // 4
+
+
+def test_torch_alexnet_is_the_same_network():
+    """The PyTorch comparison trains xray.model.AlexNet's layers: same parameter shapes."""
+    torch = pytest.importorskip("torch")
+    from xray.model import AlexNet
+
+    for lrn in (True, False):
+        ms_shapes = [tuple(p.shape) for p in AlexNet(2, 1, lrn).trainable_params()]
+        torch_net = torch_alexnet(torch, 2, 1, lrn, 0.5)
+        assert [tuple(p.shape) for p in torch_net.parameters()] == ms_shapes
+        assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in torch_net) == (2 if lrn else 0)
+    assert torch_net(torch.zeros(2, 1, 72, 72)).shape == (2, 2)
+
+
+def test_torch_step_runs():
+    torch = pytest.importorskip("torch")
+    cfg = make_cfg("bench", TINY)
+    threads = torch.get_num_threads()
+    assert positive(bench_torch(torch, cfg, 72, 2, threads=1))
+    assert torch.get_num_threads() == threads  # restored
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sizes=[50]", "sizes=[50] must be a list of integers >= 67"),
+    ("sizes=[]", "must be a list of integers"),
+    ("steps=0", "steps=0 must be an integer >= 1"),
+    ("warmup=0", "warmup=0 must be an integer >= 1"),
+    ("fullres=/nonexistent", "fullres=/nonexistent is not a folder"),
+    ("torch=maybe", "torch=maybe must be true or false"),
+    ("lr=-1", "lr=-1 must be a number > 0"),
+])
+def test_bad_values_are_one_line(override, message):
+    with pytest.raises(XrayError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_bench(make_cfg("bench", [override]))
