@@ -214,17 +214,19 @@ def bench_pipeline(cfg: DictConfig, records, spec, size: int) -> float:
 
 
 def build_step(cfg: DictConfig, size: int, num_classes: int):
-    """(net, step_fn): the real train step of xray.train for input `size`."""
+    """(net, step_fn): xray.train's train step for input `size`, built as _train builds it
+    (train.amp included)."""
     from xray.losses import build_loss
     from xray.model import build_model
-    from xray.train import build_optimizer, lr_schedule, make_step
+    from xray.train import build_optimizer, loss_scaler, lr_schedule, make_step, mixed_precision
 
     net = build_model(cfg.model, size, num_classes)
     loss_fn = build_loss(cfg.loss, num_classes, [1] * num_classes)
     total = 3 * (cfg.warmup + cfg.steps)  # bare + end to end (+ margin): one lr per step
     optimizer = build_optimizer(net, cfg, lr_schedule(float(cfg.lr), cfg.optim, 1, total))
     net.set_train(True)
-    return net, make_step(cfg, net, loss_fn, optimizer)
+    amp = cfg.train.get("amp", "O0")
+    return net, make_step(cfg, mixed_precision(net, amp), loss_fn, optimizer, loss_scaler(amp))
 
 
 def bench_step(cfg: DictConfig, step_fn, size: int, num_classes: int) -> float:
@@ -304,12 +306,15 @@ def bench_torch(torch, cfg: DictConfig, size: int, num_classes: int, threads: Op
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(cfg.seed)
-        net = torch_alexnet(torch, num_classes, cfg.model.in_channels, cfg.model.lrn, float(cfg.model.dropout))
+        net = torch_alexnet(torch, num_classes, cfg.model.in_channels, cfg.model.lrn,
+                            float(cfg.model.dropout))
         net.train()
         params = list(net.named_parameters())
+        weights = [p for n, p in params if n.endswith("weight")]
+        others = [p for n, p in params if not n.endswith("weight")]
         optimizer = torch.optim.SGD(
-            [{"params": [p for n, p in params if n.endswith("weight")], "weight_decay": cfg.optim.weight_decay},
-             {"params": [p for n, p in params if not n.endswith("weight")], "weight_decay": 0.0}],
+            [{"params": weights, "weight_decay": float(cfg.optim.weight_decay)},
+             {"params": others, "weight_decay": 0.0}],
             lr=float(cfg.lr), momentum=float(cfg.momentum), nesterov=bool(cfg.optim.nesterov))
         if cfg.loss.name == "mse":  # xray.losses.SoftmaxMSE
             def loss_fn(logits, y):
@@ -390,11 +395,12 @@ def _bench(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
     torch, torch_reason = import_torch() if cfg.torch else (None, "torch=false")
     result: dict = {
         "settings": {"sizes": list(cfg.sizes), "batch_size": cfg.batch_size, "steps": cfg.steps,
-                     "warmup": cfg.warmup, "workers": cfg.data.workers, "data_dir": str(data_dir),
+                     "warmup": cfg.warmup, "workers": cfg.data.workers,
+                     "data_dir": str(cfg.data.dir) if cfg.data.dir is not None else "the shipped sample",
                      "augment": OmegaConf.to_container(cfg.data.augment), "lrn": cfg.model.lrn,
                      "dropout": cfg.model.dropout, "in_channels": cfg.model.in_channels,
                      "loss": cfg.loss.name, "task": cfg.task.name, "device_target": cfg.device_target,
-                     "mode": cfg.mode},
+                     "mode": cfg.mode, "amp": cfg.train.get("amp", "O0")},
         "torch": ({"available": True, "version": torch.__version__, "threads": threads}
                   if torch is not None else {"available": False, "reason": torch_reason}),
     }
