@@ -2,9 +2,12 @@
 
     python -m jobs.pipeline data.root=/data/chest_xray [+sweep=loss_lr_momentum] [lr=1e-3,1e-2 ...]
 
+0. `xray.doctor` on the GPU partition: can a node there train with the device and mixed
+   precision the members will use? (its report: <pipeline dir>/doctor.json);
 1. convert on the CPU partition;
 2. the training sweep (every other argument, Hydra multirun syntax, as for `xray.train -m`) as
-   one job array on the GPU partition, starting only after the conversion succeeded (afterok);
+   one job array on the GPU partition, starting only after the doctor and the conversion
+   succeeded (afterok; otherwise Slurm cancels everything that waits);
 3. after the whole array has ended (afterany: failed members do not block it), a GPU job that
    ranks the sweep, copies the best member to outputs/best/<sweep name>/ and evaluates it on
    the test split.
@@ -78,6 +81,25 @@ def evaluate_best(sweep_dir: str, split: str, best_root: str) -> dict:
     return evaluate([Path(best_root) / winner.sweep_name], split)
 
 
+def check_node(overrides: list[str], report_path: str) -> dict:
+    """The doctor on a node of the GPU partition, for the device and mixed-precision level
+    the members will use (their config, composed here, inside the job)."""
+    from xray.doctor import describe, doctor, require
+
+    cfg = compose_train(overrides)
+    device, amp = str(cfg.device_target).upper().replace("ASCEND", "Ascend"), str(cfg.train.amp)
+    report = doctor((device,), amp)
+    print(describe(report), flush=True)
+    try:
+        require(report, device)
+    except XrayError as e:
+        report["verdict"] = str(e)
+        raise
+    finally:
+        write_json(Path(report_path), report)
+    return report
+
+
 def executor(folder: Path, cfg: DictConfig, partition: str, cpus: int, gpus: int = 0,
              after: Optional[str] = None, name: str = "xray") -> submitit.AutoExecutor:
     """A Slurm executor from conf/cluster; `after` is an sbatch --dependency."""
@@ -92,8 +114,8 @@ def executor(folder: Path, cfg: DictConfig, partition: str, cpus: int, gpus: int
         extra["dependency"] = after
         extra["kill-on-invalid-dep"] = "yes"  # a failed conversion cancels what waits on it
     setup = [c.setup] if c.setup else []
-    if gpus:
-        setup.append("export XRAY_DEVICE_TARGET=GPU")  # -> device_target, unless overridden
+    if gpus:  # -> device_target and train.amp, unless overridden (as the slurm_gpu profile)
+        setup += ["export XRAY_DEVICE_TARGET=GPU", "export XRAY_AMP=O2"]
     ex.update_parameters(
         name=name, slurm_partition=partition, cpus_per_task=cpus, mem_gb=c.mem_gb,
         timeout_min=c.timeout_min, slurm_array_parallelism=c.array_parallelism,
@@ -115,15 +137,17 @@ def submit_pipeline(overrides: list[str], out_dir: Path, split: str = "test",
     c = first.cluster
     d = first.data
 
+    doctor_job = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,
+                          name="doctor").submit(check_node, members[0], str(out_dir / "doctor.json"))
     convert_job = executor(logs, first, c.cpu_partition, c.cpus_per_cpu_job, name="convert").submit(
         _convert, d.root, d.dir, d.short_side, d.val_source, d.val_fraction, d.seed)
     names = [f"{i}_{folder_name(compose_train(m).hydra.job.override_dirname)}" for i, m in enumerate(members)]
     train_ex = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,
-                        after=f"afterok:{convert_job.job_id}", name="train")
+                        after=f"afterok:{convert_job.job_id}:{doctor_job.job_id}", name="train")
     train_jobs = train_ex.map_array(TrainMember(), members, [str(sweep_dir / n) for n in names])
     array_id = train_jobs[0].job_id.split("_")[0]
     eval_job = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,
-                        after=f"afterany:{array_id}", name="evaluate").submit(
+                        after=f"afterany:{array_id},afterok:{doctor_job.job_id}", name="evaluate").submit(
         evaluate_best, str(sweep_dir), split, str(Path(best_root).resolve()))
     record = {
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -133,6 +157,7 @@ def submit_pipeline(overrides: list[str], out_dir: Path, split: str = "test",
         "best_dir": str(Path(best_root).resolve() / str(first.sweep_name)),
         "logs": str(logs),
         "jobs": {
+            "doctor": doctor_job.job_id,
             "convert": convert_job.job_id,
             "train": array_id,
             "evaluate": eval_job.job_id,

@@ -63,6 +63,11 @@ def status(pipeline_dir: Path) -> str:
             lines.append(f"  {step:<9} {job_id:<8} array of {len(members)}: {summary}")
         else:
             lines.append(f"  {step:<9} {job_id:<8} {states[job_id]}")
+    doctor = Path(pipeline_dir) / "doctor.json"
+    if doctor.is_file():  # why nothing trains, when the GPU nodes cannot
+        verdict = json.loads(doctor.read_text()).get("verdict")
+        if verdict:
+            lines.append(f"doctor: {verdict}")
     lines.append(f"sweep {record['sweep_dir']}")
     sweep = Path(record["sweep_dir"])
     done = Counter()

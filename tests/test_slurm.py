@@ -142,7 +142,7 @@ def test_pipeline_chain_and_a_cancelled_member(tmp_path):
                timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "jobs.json").read_text())
-    assert set(record["jobs"]) == {"convert", "train", "evaluate"}
+    assert set(record["jobs"]) == {"doctor", "convert", "train", "evaluate"}
     members = record["members"]
     assert len(members) == 4
     victim_name, victim = sorted(members.items())[0]
@@ -165,11 +165,13 @@ def test_pipeline_chain_and_a_cancelled_member(tmp_path):
     jobs = {k: sacct(v)[v] for k, v in record["jobs"].items() if k != "train"}
     tasks = sacct(record["jobs"]["train"])
     assert jobs["convert"]["State"] == "COMPLETED" and jobs["convert"]["Partition"] == "cpu"
+    assert jobs["doctor"]["State"] == "COMPLETED" and jobs["doctor"]["Partition"] == "gpu"
+    assert json.loads((out / "doctor.json").read_text())["devices"]["CPU"]["ok"]
     assert tasks[victim]["State"] == "CANCELLED"
     others = [j for n, j in members.items() if n != victim_name]
     assert {tasks[j]["State"] for j in others} == {"COMPLETED"}
-    # afterok / afterany: training started after conversion ended, evaluation after training
-    assert min(tasks[j]["Start"] for j in others) >= jobs["convert"]["End"]
+    # afterok / afterany: training started after conversion and doctor ended, evaluation after training
+    assert min(tasks[j]["Start"] for j in others) >= max(jobs["convert"]["End"], jobs["doctor"]["End"])
     assert jobs["evaluate"]["Start"] >= max(tasks[j]["End"] for j in others)
     assert jobs["evaluate"]["State"] == "COMPLETED"
     best = Path(record["best_dir"])
@@ -179,3 +181,31 @@ def test_pipeline_chain_and_a_cancelled_member(tmp_path):
     victim_line = next(line for line in status.splitlines() if victim_name in line)
     assert victim_line.split()[:2] == ["CANCELLED", "cancelled"] and "log:" in victim_line
     assert "array of 4: 1 CANCELLED, 3 COMPLETED" in status and "progress: 1 cancelled, 3 ok" in status
+
+
+def test_a_pipeline_whose_gpu_nodes_cannot_train_stops_at_the_doctor(tmp_path):
+    """device_target=GPU on a partition whose 'GPUs' have no CUDA: the doctor job fails with its
+    one line, nothing trains, and jobs.status says why."""
+    out = tmp_path / "pipe"
+    proc = run(["-m", "jobs.pipeline", "data=sample", f"data.dir={tmp_path / 'data'}",
+                "device_target=GPU", "epochs=1", "--out", str(out)], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "jobs.json").read_text())
+    doctor = record["jobs"]["doctor"]
+    deadline = time.time() + 600
+    while time.time() < deadline and sacct(doctor).get(doctor, {}).get("State") not in ("COMPLETED", "FAILED"):
+        time.sleep(5)
+    assert sacct(doctor)[doctor]["State"] == "FAILED"
+    verdict = json.loads((out / "doctor.json").read_text())["verdict"]
+    assert verdict.startswith("device_target=GPU cannot train on")
+    deadline = time.time() + 120
+    while time.time() < deadline:  # Slurm cancels what waited on the doctor
+        pending = subprocess.run(["squeue", "-h", "-r", "-j", f"{record['jobs']['train']},{record['jobs']['evaluate']}"],
+                                 capture_output=True, text=True).stdout.strip()
+        if not pending:
+            break
+        time.sleep(2)
+    assert not pending
+    assert not (out / "sweep").exists() or not any((out / "sweep").iterdir())  # nothing trained
+    status = run(["-m", "jobs.status", str(out)], tmp_path).stdout
+    assert f"doctor: {verdict}" in status

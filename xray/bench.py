@@ -13,7 +13,8 @@ Measures, in images/s, each after untimed warm-up (the first step compiles the g
 3. the bare train step: the real step (make_step, build_optimizer, the loss) on random tensors;
 4. end to end: the pipeline feeding the step, as xray.train's loop does;
 5. the same AlexNet (and LRN, dropout, loss, momentum + weight decay, batch) in PyTorch with as
-   many threads as MindSpore uses, when torch is installed (`pip install -e '.[bench]'`).
+   many threads as MindSpore uses, when torch is installed (`pip install -e '.[bench]'`); always
+   fp32, so compare it with train.amp=O0 (the default).
 
 Prints a table (img/s, ratio vs the bare step) and the JSON, which is also written to `out`
 (default: bench.json in the run folder). Ratios are the point: absolute numbers depend on the
@@ -146,12 +147,11 @@ def bench_conversion(files: list[Path], short_side: int, repeats: int = 2) -> di
 # -- 2.-4. MindSpore: pipeline, bare step, end to end ----------------------------------------
 
 def enough_data(data_dir: Path, images: int, tmp: Path, task: str = "binary") -> tuple[Path, int]:
-    """(data set, repeats): `data_dir` when one epoch of its train split holds `images` of the
-    task's images, else a
-    copy in `tmp` whose train.mindrecord holds its records `repeats` times (a small set then
-    streams as many batches as a measurement needs without restarting the pipeline, which
-    training on a real set rarely does; a sampler cannot repeat them: MindDataset refuses
-    more indices than records)."""
+    """(data set, repeats): `data_dir` when its train split holds `images` of the task's
+    images, else a copy in `tmp` whose train.mindrecord holds its records `repeats` times. A
+    small set then streams as many batches as a measurement needs from one epoch, without
+    the pipeline restarts that training on a real set rarely has (a sampler cannot repeat
+    them: MindDataset refuses more indices than records)."""
     import mindspore.dataset as ds
     from mindspore.mindrecord import FileWriter
 

@@ -63,6 +63,18 @@ def nvidia_smi() -> Optional[str]:
     return (out.stdout.strip() or out.stderr.strip()) or None
 
 
+def available_devices() -> dict[str, bool]:
+    """{device: whether MindSpore sees it}, asked in a child process (MindSpore prints its
+    failed plugin loads there, and binds a process to one device)."""
+    proc = subprocess.run([sys.executable, "-c", "import json, xray, mindspore as ms; print(json.dumps("
+                           f"{{d: d == 'CPU' or ms.hal.is_available(d) for d in {list(DEVICES)}}}))"],
+                          capture_output=True, text=True, timeout=600)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise XrayError(f"MindSpore does not import here: {(proc.stderr.strip().splitlines() or ['?'])[-1]}") from None
+
+
 def probe(device: str, amp: str = "O0") -> dict:
     """One training step of AlexNet on `device` at mixed-precision level `amp`, in a child
     process: {"ok", "seconds", "message"}."""
@@ -121,6 +133,7 @@ def doctor(devices=DEVICES, amp: str = "O0") -> dict:
     import numpy
     import PIL
 
+    seen = available_devices()
     report = {
         "python": platform.python_version(),
         "host": platform.node(),
@@ -129,7 +142,9 @@ def doctor(devices=DEVICES, amp: str = "O0") -> dict:
         "pillow": PIL.__version__,
         "nvidia_smi": nvidia_smi(),
         "gpu_plugins": gpu_plugins(),
-        "devices": {d: probe(d, amp) for d in devices},
+        "devices": {d: probe(d, amp) if seen[d] else
+                    {"ok": False, "seconds": 0.0, "message": f"MindSpore sees no {d} on this node"}
+                    for d in devices},
         "amp": amp,
     }
     return report

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -379,7 +381,14 @@ def mixed_precision(net: nn.Cell, level: str) -> nn.Cell:
     evaluation keep using `net`)."""
     if level == "O0":
         return net
-    return ms.amp.auto_mixed_precision(net, level)
+    # O1 rewrites the network's source into ./rewritten_network/ and imports it from there
+    # (MindSpore's jit reads it again later): keep that out of the user's folder
+    here = os.getcwd()
+    os.chdir(tempfile.mkdtemp(prefix="xray-amp-"))
+    try:
+        return ms.amp.auto_mixed_precision(net, level)
+    finally:
+        os.chdir(here)
 
 
 def loss_scaler(level: str) -> Optional[ms.amp.DynamicLossScaler]:
