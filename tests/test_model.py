@@ -63,7 +63,7 @@ def test_inference_is_deterministic():
 def test_lrn_is_the_papers_formula():
     """b_c = a_c / (k + alpha * sum_{|c'-c|<=2} a_c'^2)^beta, computed here in numpy."""
     a = np.random.rand(2, 16, 5, 5).astype(np.float32) * 30
-    ours = LocalResponseNorm(size=5, k=2.0, alpha=1e-4, beta=0.75)(ms.Tensor(a)).asnumpy()
+    ours = LocalResponseNorm(16, size=5, k=2.0, alpha=1e-4, beta=0.75)(ms.Tensor(a)).asnumpy()
     expected = np.empty_like(a)
     for c in range(16):
         window = (a[:, max(0, c - 2):c + 3] ** 2).sum(axis=1)

@@ -1,6 +1,7 @@
 """AlexNet as nn.Cell: the seed's layers plus the paper's LRN and dropout as switches."""
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
@@ -17,21 +18,23 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 
 class LocalResponseNorm(nn.Cell):
     """Across-channel LRN of the paper: b = a / (k + alpha * sum_{n neighbours} a^2)^beta.
 
-    Written with plain ops because nn.LRN's backward fails on CPU in MindSpore 2.10
-    ("could not execute a primitive")."""
+    Written with plain ops because nn.LRN's backward fails on CPU in MindSpore 2.10 ("could not
+    execute a primitive"), and with fast ones: the neighbour sum is a 1x1 convolution with a
+    fixed band matrix, and the power is exp(-beta * log(.)). On this CPU that made the layer's
+    forward + backward 5.5x faster than padding and five channel slices with pow and a
+    division (Pad, StridedSlice, Pow and RealDiv have slow CPU kernels)."""
 
-    def __init__(self, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75) -> None:
+    def __init__(self, channels: int, size: int = 5, k: float = 2.0, alpha: float = 1e-4,
+                 beta: float = 0.75) -> None:
         super().__init__()
-        self.size, self.k, self.alpha, self.beta = size, k, alpha, beta
+        idx = np.arange(channels)
+        band = np.abs(idx[:, None] - idx[None, :]) <= size // 2  # channel c sums c-2 .. c+2
+        self.band = ms.Tensor(band.astype(np.float32)[:, :, None, None])  # a constant, not a weight
+        self.k, self.alpha, self.beta = k, alpha, beta
 
     def construct(self, x):
-        channels = x.shape[1]
-        half = self.size // 2
-        sq = ops.pad(x * x, (0, 0, 0, 0, half, half))  # zero-pad the channel axis
-        window = sq[:, 0:channels]
-        for i in range(1, self.size):
-            window = window + sq[:, i:i + channels]
-        return x / ops.pow(self.k + self.alpha * window, self.beta)
+        window = ops.conv2d(x * x, self.band)
+        return x * ops.exp(-self.beta * ops.log(self.k + self.alpha * window))
 
 
 class AlexNet(nn.Cell):
@@ -48,13 +51,13 @@ class AlexNet(nn.Cell):
     def __init__(self, num_classes: int = 2, in_channels: int = 1, lrn: bool = True) -> None:
         super().__init__()
 
-        def norm() -> list[nn.Cell]:
-            return [LocalResponseNorm(size=5, k=2.0, alpha=1e-4, beta=0.75)] if lrn else []
+        def norm(channels: int) -> list[nn.Cell]:
+            return [LocalResponseNorm(channels, size=5, k=2.0, alpha=1e-4, beta=0.75)] if lrn else []
 
         pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2)  # noqa: E731
         self.features = nn.SequentialCell(
-            [_conv(in_channels, 96, 11, stride=4), nn.ReLU(), *norm(), pool(),
-             _conv(96, 256, 5, padding=2), nn.ReLU(), *norm(), pool(),
+            [_conv(in_channels, 96, 11, stride=4), nn.ReLU(), *norm(96), pool(),
+             _conv(96, 256, 5, padding=2), nn.ReLU(), *norm(256), pool(),
              _conv(256, 384, 3, padding=1), nn.ReLU(),
              _conv(384, 384, 3, padding=1), nn.ReLU(),
              _conv(384, 256, 3, padding=1), nn.ReLU()]
