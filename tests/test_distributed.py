@@ -1,0 +1,120 @@
+"""Data-parallel training (xray/distributed.py, xray/launch.py): 2 CPU ranks of one run, for
+real, through MindSpore's own distributed runtime, against the same run on 1 rank.
+
+A 2-rank step averages the gradients of the two halves of the global batch, so it equals a
+1-rank step on the whole batch up to float rounding: same per-step losses, same validation.
+Without the averaging (the test-only XRAY_DP_NO_GRAD_REDUCE=1) the losses part after step 0."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import xray.train
+from conftest import TINY, make_cfg
+from xray.data import epoch_plan, rank_part
+from xray.distributed import NO_GRAD_REDUCE, Group, env_from_slurm, slurm_head_node
+
+# 3 steps an epoch on the sample, 2 epochs; no final evaluation or Grad-CAM (not what is compared)
+RUN = TINY + ["lr=0.05", "train.max_steps_per_epoch=3", "train.eval_splits=[]", "train.cam_images=0"]
+
+
+def step_losses(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in sorted(acc.Scalars("train/loss"), key=lambda e: e.step)]
+
+
+def history(run_dir):
+    return [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def launch(ranks, overrides, cwd, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "xray.launch", "--ranks", str(ranks), "--", *overrides],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_each_rank_gets_its_contiguous_part_of_every_global_batch():
+    order, _ = epoch_plan(np.array([0] * 10 + [1] * 22), seed=3, epoch=2)
+    parts = [rank_part(order, 8, r, 2).reshape(-1, 4) for r in range(2)]
+    whole = order[:32].reshape(-1, 8)
+    assert np.array_equal(np.concatenate(parts, axis=1), whole)  # rank 0 | rank 1 = the global batch
+    assert Group(1, 2).slice(8) == slice(4, 8)
+
+
+def test_slurm_tasks_become_mindspore_ranks():
+    env = env_from_slurm({"SLURM_JOB_ID": "1234", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
+                          "SLURM_JOB_NODELIST": "localhost"})
+    assert env["MS_ROLE"] == "MS_WORKER" and env["MS_WORKER_NUM"] == "4" and env["MS_NODE_ID"] == "3"
+    assert env["MS_SCHED_HOST"] == "127.0.0.1"  # an IP: MindSpore cannot parse a host name
+    assert env["MS_SCHED_PORT"] == "21234"
+    assert slurm_head_node("gpu[03-05,07],cpu1") == "gpu03"
+
+
+@pytest.fixture(scope="module")
+def one_rank(sample_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    result = xray.train.train(make_cfg("config", RUN + [f"data.dir={sample_data}"]), run_dir)
+    assert result["status"] == "ok" and result["ranks"] == 1
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_ranks_train_exactly_like_one(sample_data, one_rank, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(2, RUN + [f"data.dir={sample_data}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[rank 0]" in proc.stdout and "[rank 1]" in proc.stdout
+
+    one, two = step_losses(one_rank), step_losses(run_dir)
+    assert len(one) == len(two) == 6 and len(set(one)) == 6
+    np.testing.assert_allclose(two, one, rtol=1e-4)  # step for step: gradients averaged
+    for a, b in zip(history(one_rank), history(run_dir)):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert b["val_auc"] == pytest.approx(a["val_auc"], abs=1e-6)
+        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=1e-6)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["ranks"] == 2
+
+    # only rank 0 wrote: one event file, one metrics.json, rank 0's log lines only
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert len(list(run_dir.rglob("metrics.json"))) == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt"]
+    assert (run_dir / "train.log").read_text().count("2 rank(s)") == 1
+
+
+@pytest.mark.slow
+def test_without_gradient_averaging_the_ranks_do_not_match(sample_data, one_rank, tmp_path):
+    """The guard of the test above: skip the averaging and the losses are no longer those of
+    one rank (each rank then steps on its own half-batch gradient)."""
+    run_dir = tmp_path / "run"
+    proc = launch(2, RUN + [f"data.dir={sample_data}", f"hydra.run.dir={run_dir}"], tmp_path,
+                  env={NO_GRAD_REDUCE: "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = step_losses(one_rank), step_losses(run_dir)
+    assert two[0] == pytest.approx(one[0], rel=1e-5)  # same weights before the first update
+    rel = np.abs(np.array(two[1:]) - np.array(one[1:])) / np.abs(one[1:])
+    assert rel.max() > 1e-3, rel
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_ranks_is_one_line(sample_data, tmp_path):
+    proc = launch(2, RUN + [f"data.dir={sample_data}", "batch_size=7"], tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: batch_size=7 (the global batch) does not split evenly over "
+                                   "2 ranks; use a multiple of 2")
+    assert not (tmp_path / "outputs").exists()  # nothing started
+    # the same check inside a rank (a Slurm task, msrun), before it waits for the others
+    proc = subprocess.run([sys.executable, "-m", "xray.train", *RUN, f"data.dir={sample_data}",
+                           "batch_size=7", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MS_ROLE": "MS_WORKER", "MS_WORKER_NUM": "2",
+                               "MS_NODE_ID": "0", "MS_SCHED_HOST": "127.0.0.1", "MS_SCHED_PORT": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: batch_size=7 (the global batch) does not "
+                                                    "split evenly over 2 ranks; use a multiple of 2")
