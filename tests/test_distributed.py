@@ -118,3 +118,34 @@ def test_batch_not_divisible_by_ranks_is_one_line(sample_data, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == ("error: batch_size=7 (the global batch) does not "
                                                     "split evenly over 2 ranks; use a multiple of 2")
+
+
+@pytest.mark.slow
+def test_a_stopped_group_resumes_with_the_exact_batches(sample_data, one_rank, tmp_path, capfd,
+                                                        monkeypatch):
+    """The time-limit signal reaches rank 1 only, during step 4 (epoch 2, mid-epoch): every rank
+    stops after that step, rank 0 saves last.ckpt and requeues; the resumed group ends exactly as
+    an uninterrupted run (the 1-rank run, which the 2-rank run equals)."""
+    from xray.launch import launch as launch_ranks
+
+    run_dir = tmp_path / "run"
+    overrides = RUN + [f"data.dir={sample_data}", f"hydra.run.dir={run_dir}"]
+    with monkeypatch.context() as env:
+        env.setenv("XRAY_TEST_STOP_STEP", "4")
+        env.setenv("XRAY_TEST_SIGNAL_RANK", "1")
+        env.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+        code = launch_ranks(2, overrides, module="dp_requeue_driver")
+    out = capfd.readouterr().out
+    assert code == 3, out[-3000:]  # rank 0 requeued (exit code of the submitit-like handler)
+    assert "[rank 0] requeued" in out and "stopping for requeue" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "metrics.json").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert len(step_losses(run_dir)) == 5  # steps 0..4 ran
+
+    proc = launch(2, overrides, tmp_path)  # the requeued group
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resume:" in (run_dir / "train.log").read_text()
+    np.testing.assert_allclose(step_losses(run_dir), step_losses(one_rank), rtol=1e-4)
+    for a, b in zip(history(one_rank), history(run_dir)):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs_completed"] == 2
