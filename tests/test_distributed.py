@@ -149,3 +149,29 @@ def test_a_stopped_group_resumes_with_the_exact_batches(sample_data, one_rank, t
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_completed"] == 2
+
+
+@pytest.mark.slow
+def test_tasks_started_as_slurm_starts_them_train_like_one_rank(sample_data, one_rank, tmp_path):
+    """Two `python -m xray.train` processes with only the SLURM_* variables of a 2-task job (as
+    srun starts them): they derive MindSpore's cluster variables, task 0 starts the scheduler,
+    and the run equals the 1-rank run (no Slurm needed: the variables are all they read)."""
+    run_dir = tmp_path / "run"
+    job = str(30000 + os.getpid() % 10000)  # -> its scheduler port
+    slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "SLURM_"))}
+    procs = [subprocess.Popen([sys.executable, "-m", "xray.train", *RUN, f"data.dir={sample_data}",
+                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)})
+             for task in range(2)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    np.testing.assert_allclose(step_losses(run_dir), step_losses(one_rank), rtol=1e-4)
+    assert json.loads((run_dir / "metrics.json").read_text())["ranks"] == 2
+    log = (run_dir / "train.log").read_text()
+    assert "Slurm task 0 of 2: MindSpore scheduler at 127.0.0.1:" in log and "Slurm task 1" not in log

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -240,11 +241,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         for writer in writers:
             close_quietly(writer)
-        if scheduler is not None:  # it ends when every rank has; a failed start leaves it waiting
-            try:
-                scheduler.wait(timeout=30)
-            except Exception:  # noqa: BLE001
-                scheduler.kill()
+        # the scheduler (task 0's child) ends by itself once every rank has finalized, which is
+        # at their exit; after a failure the group is broken and it would wait in vain
+        if scheduler is not None and sys.exc_info()[0] is not None:
+            scheduler.kill()
 
 
 def check_ranks(cfg: DictConfig) -> None:
