@@ -162,11 +162,19 @@ class EvalTransform:
 
 def make_train_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, seed: int,
                        epoch: int, start_batch: int = 0, augment: Optional[DictConfig] = None,
-                       sampling: str = "shuffle", workers: int = 2) -> ds.Dataset:
+                       sampling: str = "shuffle", workers: int = 2, rank: int = 0,
+                       ranks: int = 1) -> ds.Dataset:
     """Batches (image float32 NxCxSxS, label int32 N) of training epoch `epoch` (1-based),
-    from batch `start_batch` on (a resumed run continues where it stopped)."""
+    from batch `start_batch` on (a resumed run continues where it stopped).
+
+    Data-parallel: `batch_size` is the global batch; rank `rank` of `ranks` gets its contiguous
+    batch_size/ranks part of every global batch of the same plan (so the images, their order and
+    their augmentation are exactly those of a one-rank run)."""
     order, seeds = epoch_plan(records.targets, seed, epoch, sampling)
     order, seeds = order[start_batch * batch_size:], seeds[start_batch * batch_size:]
+    if ranks > 1:
+        order, seeds = (rank_part(a, batch_size, rank, ranks) for a in (order, seeds))
+        batch_size //= ranks
     images = ds.MindDataset(str(records.path), columns_list=["image"],
                             sampler=ds.SubsetSampler(records.indices[order].tolist()),
                             num_parallel_workers=workers)
@@ -176,6 +184,13 @@ def make_train_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, 
         operations=TrainTransform(spec, augment), input_columns=["image", "seed"],
         output_columns=["image"], num_parallel_workers=workers)
     return data.project(["image", "label"]).batch(batch_size, drop_remainder=True)
+
+
+def rank_part(plan: np.ndarray, batch_size: int, rank: int, ranks: int) -> np.ndarray:
+    """Rank `rank`'s contiguous 1/ranks of every whole global batch of `plan`, in order."""
+    per_rank = batch_size // ranks
+    whole = plan[:len(plan) // batch_size * batch_size].reshape(-1, batch_size)
+    return whole[:, rank * per_rank:(rank + 1) * per_rank].reshape(-1)
 
 
 def make_eval_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, workers: int = 2,

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +36,9 @@ from xray.checkpoint import read_checkpoint
 from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec,
                        read_manifest, split_file, task_records)
 from xray.device import setup_device
+from xray.distributed import (Group, any_rank, barrier, grad_reducer, init_group,
+                               join_slurm_job, launched_rank, local_device,
+                               mean_over_ranks)
 from xray.errors import XrayError, in_batch_job, one_line_errors
 from xray.files import to_json, write_json, write_text
 from xray.hparams import hparams_of, write_hparams
@@ -99,8 +103,9 @@ class PreemptionGuard:
     training loop can save last.ckpt at the next step boundary, then hand over to submitit's
     own handler, which requeues the job and exits. Outside submitit it does nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, group: Group = Group()) -> None:
         self.pending: Optional[tuple] = None
+        self.group = group
         self.previous = signal.getsignal(signal.SIGUSR2)
         if callable(self.previous) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR2, self._remember)
@@ -114,9 +119,18 @@ class PreemptionGuard:
         if self.previous is not signal.getsignal(signal.SIGUSR2) and callable(self.previous):
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
+    def stop_requested(self) -> bool:
+        """Stop at this step boundary? The same answer on every rank (a collective: every rank
+        asks at the same points), yes as soon as one rank got the signal."""
+        return any_rank(self.pending is not None, self.group)
+
     def hand_over(self) -> None:
+        """After last.ckpt is saved: rank 0 lets submitit requeue the job (the whole group);
+        the other ranks just leave."""
         signal.signal(signal.SIGUSR2, self.previous)
-        self.previous(*self.pending)  # requeues and raises SystemExit
+        if not self.group.is_main:
+            raise SystemExit(0)
+        self.previous(*(self.pending or (signal.SIGUSR2, None)))  # requeues and raises SystemExit
 
 
 @dataclass
@@ -210,17 +224,44 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  "it over)", run_dir, finished["status"])
         return finished
     writers: list[SummaryWriter] = []  # the run's one TensorBoard writer, once it is open
+    scheduler = join_slurm_job()  # a Slurm job of several tasks: one rank each
+    group = Group(rank=launched_rank())  # (until it has joined the others)
     try:
         check(cfg, TRAIN)
-        if cfg.get("overwrite"):
+        check_ranks(cfg)
+        setup_device(cfg.device_target, cfg.mode, local_device())
+        group = init_group()
+        if cfg.get("overwrite") and group.is_main:
             start_over(run_dir)
-        return _train(cfg, run_dir, writers)
+        barrier(group)
+        return _train(cfg, run_dir, writers, group)
     except Exception as e:
-        record_failure(cfg, run_dir, e, writers)
+        if group.is_main:
+            record_failure(cfg, run_dir, e, writers)
         raise
     finally:
         for writer in writers:
             close_quietly(writer)
+        # the scheduler (task 0's child) ends by itself once every rank has finalized, which is
+        # at their exit; after a failure the group is broken and it would wait in vain
+        if scheduler is not None and sys.exc_info()[0] is not None:
+            scheduler.kill()
+
+
+def check_ranks(cfg: DictConfig) -> None:
+    """batch_size is the global batch: it must split evenly over the ranks (known from the
+    cluster variables before joining it, so that a mistake fails at once on every rank)."""
+    ranks = int(os.environ.get("MS_WORKER_NUM", "1")) if os.environ.get("MS_ROLE") == "MS_WORKER" else 1
+    if cfg.batch_size % ranks:
+        raise XrayError(f"batch_size={cfg.batch_size} (the global batch) does not split evenly over "
+                        f"{ranks} ranks; use a multiple of {ranks}")
+
+
+class NullWriter:
+    """The TensorBoard writer of ranks other than 0: writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def close_quietly(writer: SummaryWriter) -> None:
@@ -246,9 +287,11 @@ def record_failure(cfg: DictConfig, run_dir: Path, error: Exception, writers: li
         log.error("could not record the failure in %s: %s", run_dir, e)
 
 
-def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, writers: list, group: Group = Group()) -> dict:
+    """The training itself. With several ranks, every rank runs all of it on its part of each
+    batch, and only rank 0 writes (checkpoints, TensorBoard, history, metrics, evaluation)."""
     start_time = time.perf_counter()
-    setup_device(cfg.device_target, cfg.mode)
+    main = group.is_main
     ms.set_seed(cfg.seed)  # weight init; data order, augmentation and dropout come from (seed, step)
 
     data_dir = Path(cfg.data.dir)
@@ -260,7 +303,7 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     val = task_records(split_file(data_dir, manifest, "val"), task)
     train_counts = np.bincount(train.targets, minlength=len(classes)).tolist()
     val_ds = make_eval_dataset(val, spec, cfg.batch_size, workers=cfg.data.workers)
-    cam_set = fixed_val_images(val, spec, classes, cfg.train.cam_images)
+    cam_set = fixed_val_images(val, spec, classes, cfg.train.cam_images) if main else None
     steps_per_epoch = len(train.targets) // cfg.batch_size
     if steps_per_epoch == 0:
         raise XrayError(f"batch_size={cfg.batch_size} is larger than the train split "
@@ -273,7 +316,7 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
     lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
     optimizer = build_optimizer(net, cfg, lr)
     scaler = loss_scaler(cfg.train.amp)
-    step_fn = make_step(cfg, mixed_precision(net, cfg.train.amp), loss_fn, optimizer, scaler)
+    step_fn = make_step(cfg, mixed_precision(net, cfg.train.amp), loss_fn, optimizer, scaler, group)
 
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
@@ -290,24 +333,28 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
                  last_ckpt, state.epoch, state.step_in_epoch, state.best_auc, state.best_epoch)
     elif cfg.train.resume:
         log.info("resume: no %s yet, starting from scratch", last_ckpt)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # best.ckpt + last.ckpt (weights and momenta) + a temp copy while one is replaced
-    ensure_space(ckpt_dir, 4 * checkpoint_bytes(net) - (sum(f.stat().st_size for f in ckpt_dir.glob("*.ckpt"))),
-                 "this run's checkpoints")
-    # the run's resolved config + preprocessing: all evaluate/predict need to rebuild the input
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["preprocess"] = spec.to_dict()
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # best.ckpt + last.ckpt (weights and momenta) + a temp copy while one is replaced
+        ensure_space(ckpt_dir, 4 * checkpoint_bytes(net) - (sum(f.stat().st_size for f in ckpt_dir.glob("*.ckpt"))),
+                     "this run's checkpoints")
+        # the run's resolved config + preprocessing: all evaluate/predict need to rebuild the input
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved["preprocess"] = spec.to_dict()
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     global_step = state.epoch * steps_per_epoch + state.step_in_epoch
     # purge_step: on resume, TensorBoard drops events an interrupted run logged after the checkpoint
-    writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step or None, flush_secs=10)
-    writers.append(writer)
-    guard = PreemptionGuard()
+    if main:
+        writer = SummaryWriter(logdir=str(run_dir), purge_step=global_step or None, flush_secs=10)
+        writers.append(writer)
+    else:
+        writer = NullWriter()
+    guard = PreemptionGuard(group)
     log.info("train: %s, task %s (%s), %d train / %d val images, %d steps/epoch, input %dx%d, "
-             "loss=%s lr=%g momentum=%g, device %s (%s mode)", data_dir, task, " / ".join(classes),
+             "loss=%s lr=%g momentum=%g, device %s (%s mode), %d rank(s)", data_dir, task, " / ".join(classes),
              len(train.targets), len(val.targets), steps_per_epoch, spec.image_size,
-             spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode)
+             spec.image_size, cfg.loss.name, cfg.lr, cfg.momentum, cfg.device_target, cfg.mode, group.size)
     status, train_time, train_images = "ok", 0.0, 0
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -316,7 +363,7 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
         if state.step_in_epoch < steps_per_epoch:  # (a job stopped in an epoch's last step has none left)
             batches = make_train_dataset(train, spec, cfg.batch_size, cfg.seed, epoch,
                                          state.step_in_epoch, cfg.data.augment, cfg.data.sampling,
-                                         cfg.data.workers)
+                                         cfg.data.workers, group.rank, group.size)
             losses, global_step = train_epoch(step_fn, net, batches, steps_per_epoch - state.step_in_epoch,
                                               lr, writer, global_step, epoch, cfg.train.log_every, guard)
         epoch_time = time.perf_counter() - epoch_start
@@ -328,21 +375,23 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
             status = "diverged"
             log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, losses[-1])
             break
-        if guard.pending:  # time limit or preemption: save where we are, let submitit requeue
+        if guard.stop_requested():  # time limit or preemption: save where we are, let submitit requeue
             state.loss_scale = current_scale(scaler)
-            save_ckpt(optimizer, last_ckpt, asdict(state))
+            if main:
+                save_ckpt(optimizer, last_ckpt, asdict(state))
             writer.close()
             log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch,
                         state.step_in_epoch, last_ckpt)
             guard.hand_over()
         entry = end_epoch(epoch, state, net, loss_fn, val_ds, classes, writer, global_step, lr,
-                          epoch_time, best_ckpt, cfg)
+                          epoch_time, best_ckpt if main else None, cfg)
         if cam_set is not None:  # where the model looks, epoch by epoch
             writer.add_figure("val/grad_cam", cam_panel(net, *cam_set), global_step - 1)
         history.append(entry)
-        write_text(history_path, "".join(to_json(h) + "\n" for h in history))
         state.loss_scale = current_scale(scaler)
-        save_ckpt(optimizer, last_ckpt, asdict(state))
+        if main:
+            write_text(history_path, "".join(to_json(h) + "\n" for h in history))
+            save_ckpt(optimizer, last_ckpt, asdict(state))
 
     train_wall = time.perf_counter() - start_time
     result = {
@@ -356,9 +405,13 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list) -> dict:
         "wall_time_s": round(train_wall, 2),
         "train_images_per_s": round(train_images / train_time, 2) if train_time else None,
         "best_checkpoint": str(best_ckpt) if best_ckpt.exists() else None,
+        "ranks": group.size,
         "hparams": hparams_of(cfg),
         "provenance": provenance(cfg),
     }
+    if not main:  # rank 0 evaluates and writes the result
+        guard.release()
+        return result
     if status == "ok" and best_ckpt.exists():
         result["eval"] = evaluate_splits(best_ckpt, data_dir, manifest, cfg, guard)
         result["eval_time_s"] = round(time.perf_counter() - start_time - train_wall, 2)
@@ -404,10 +457,16 @@ def current_scale(scaler: Optional[ms.amp.DynamicLossScaler]) -> float:
 
 
 def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cell,
-              scaler: Optional[ms.amp.DynamicLossScaler] = None):
+              scaler: Optional[ms.amp.DynamicLossScaler] = None, group: Group = Group()):
     """step(x, y, global_step) -> loss: one optimizer step, with the step's dropout masks.
     With a loss scaler (mixed precision), a step whose gradients overflow is skipped and the
-    scale lowered."""
+    scale lowered.
+
+    Data-parallel: x, y are this rank's part of the global batch; the gradients (and the loss
+    returned) are averaged over the ranks, so that a step equals a one-rank step on the global
+    batch, and the dropout masks are this rank's rows of the global batch's masks."""
+    reduce_grads = grad_reducer(optimizer.parameters, group)
+    mean_loss = mean_over_ranks(group)
     if scaler is None:
         def forward(x, y, mask1, mask2):
             return loss_fn(net(x, mask1, mask2), y)
@@ -416,8 +475,8 @@ def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cel
 
         def train_step(x, y, mask1, mask2):
             loss, grads = grad_fn(x, y, mask1, mask2)
-            optimizer(grads)
-            return loss
+            optimizer(reduce_grads(grads))
+            return mean_loss(loss)
     else:
         def scaled_forward(x, y, mask1, mask2):
             loss = loss_fn(net(x, mask1, mask2).astype(ms.float32), y)
@@ -427,18 +486,21 @@ def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cel
 
         def train_step(x, y, mask1, mask2):
             (_, loss), grads = grad_fn(x, y, mask1, mask2)
+            grads = reduce_grads(grads)  # (an overflow on one rank is one on all)
             finite = ms.amp.all_finite(grads)
             if finite:
                 optimizer(scaler.unscale(grads))
             scaler.adjust(finite)
-            return loss
+            return mean_loss(loss)
 
     if cfg.mode == "graph":
         train_step = ms.jit(train_step)
     compiled = []
 
     def step(x, y, global_step: int):
-        masks = dropout_masks(float(cfg.model.dropout), x.shape[0], cfg.seed, global_step)
+        rows = group.slice(x.shape[0] * group.size)
+        masks = [m[rows] for m in dropout_masks(float(cfg.model.dropout), x.shape[0] * group.size,
+                                                 cfg.seed, global_step)]
         if compiled or scaler is None:
             return train_step(x, y, *(ms.Tensor(m) for m in masks))
         try:  # the first mixed-precision step tells whether this device runs the level
@@ -473,7 +535,7 @@ def fixed_val_images(records, spec, classes: tuple, count: int):
 
 def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_ds, classes: tuple,
               writer: SummaryWriter, global_step: int, lr: np.ndarray, epoch_time: float,
-              best_ckpt: Path, cfg: DictConfig) -> dict:
+              best_ckpt: Optional[Path], cfg: DictConfig) -> dict:
     """Validate, keep best.ckpt, log; advances `state` to the next epoch. Returns the epoch's
     history entry. Events go at the epoch's last step, so that a resume (purge_step = the next
     step) never drops them."""
@@ -487,7 +549,8 @@ def end_epoch(epoch: int, state: RunState, net: nn.Cell, loss_fn: nn.Cell, val_d
     improved = not math.isnan(val["auc"]) and val["auc"] > state.best_auc
     if improved:
         state.best_auc, state.best_epoch = val["auc"], epoch
-        save_ckpt(net, best_ckpt, {"epoch": epoch, "val_auc": state.best_auc})
+        if best_ckpt is not None:  # (None: a rank other than 0, which writes nothing)
+            save_ckpt(net, best_ckpt, {"epoch": epoch, "val_auc": state.best_auc})
     rates = (f"sens {val['sensitivity']:.3f}  spec {val['specificity']:.3f}" if len(classes) == 2
              else f"bal_acc {val['balanced_accuracy']:.3f}")
     log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  %s  lr %.2e  "
@@ -541,7 +604,7 @@ def train_epoch(step_fn, net: nn.Cell, dataset, steps: int, lr: np.ndarray,
     net.set_train(True)
     losses: list[float] = []
     for step, (x, y) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
-        if step >= steps or (guard is not None and guard.pending):
+        if step >= steps or (guard is not None and guard.stop_requested()):
             break
         loss = float(step_fn(x, y, global_step).asnumpy())
         losses.append(loss)
@@ -594,7 +657,11 @@ def link_job_logs(run_dir: Path) -> None:
 @one_line_errors
 def main(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    link_job_logs(run_dir)
+    if launched_rank() > 0:  # only rank 0 writes into the run folder (its train.log included)
+        for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
+            logging.getLogger().removeHandler(handler)
+    else:
+        link_job_logs(run_dir)
     result = train(cfg, run_dir)
     best = result["best_val"] or {}
     return best.get("auc")  # for Hydra sweepers that optimize the return value

@@ -1,0 +1,206 @@
+"""Data-parallel training with MindSpore's own distributed runtime (mindspore.communication).
+
+One process per rank (device). Ranks find each other through MindSpore's dynamic cluster: a
+scheduler process (MS_ROLE=MS_SCHED) and one worker per rank (MS_ROLE=MS_WORKER), all given
+MS_WORKER_NUM, MS_SCHED_HOST (an IP address) and MS_SCHED_PORT. Who sets those:
+
+- `python -m xray.launch --ranks N -- <xray.train overrides>` on one machine (xray/launch.py);
+- `msrun --worker_num=N ... -m xray.train ...` (msrun also runs the script as the scheduler:
+  `init_group` is called first thing, so the scheduler does nothing else);
+- a Slurm job with one task per rank (the slurm_gpu launcher with cluster.nodes x
+  cluster.gpus_per_node tasks): `env_from_slurm` derives the variables from SLURM_* and task 0
+  starts the scheduler (`python -m xray.distributed`).
+
+Without those variables everything is one rank and nothing here talks to anything.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import mindspore as ms
+
+log = logging.getLogger(__name__)
+
+# Test-only switch: with it set, gradients are NOT averaged across ranks (the test that proves
+# the averaging matters runs with it and must then see different losses).
+NO_GRAD_REDUCE = "XRAY_DP_NO_GRAD_REDUCE"
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the data-parallel group."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one rank that writes checkpoints, TensorBoard, metrics and logs."""
+        return self.rank == 0
+
+    def slice(self, global_batch: int) -> slice:
+        """This rank's contiguous part of each global batch."""
+        per_rank = global_batch // self.size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def in_cluster() -> bool:
+    return bool(os.environ.get("MS_ROLE"))
+
+
+def init_group() -> Group:
+    """Group(0, 1) outside a MindSpore cluster; else join it (mindspore.communication.init),
+    switch to data-parallel mode and return this worker's rank and the group size.
+    Call it after ms.set_device and before any other MindSpore work."""
+    if not in_cluster():
+        return Group()
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()  # (a scheduler started as the training script stays in here until the end)
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        sys.exit(0)
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    return Group(get_rank(), get_group_size())
+
+
+def grad_reducer(params, group: Group):
+    """grads -> grads averaged over the ranks (identity on one rank). MindSpore does NOT do
+    this for a value_and_grad + optimizer step, even in DATA_PARALLEL mode."""
+    if group.size == 1 or os.environ.get(NO_GRAD_REDUCE) == "1":
+        def unchanged(grads):
+            return grads
+
+        return unchanged
+    from mindspore import nn
+
+    return nn.DistributedGradReducer(params, mean=True, degree=group.size)
+
+
+def mean_over_ranks(group: Group):
+    """A function tensor -> its mean over the ranks (identity on one rank); usable in jit."""
+    if group.size == 1:
+        def unchanged(x):
+            return x
+
+        return unchanged
+    from mindspore import ops
+
+    allreduce = ops.AllReduce(ops.ReduceOp.SUM)  # CPU supports SUM only
+    scale = 1.0 / group.size
+
+    def mean(x):
+        return allreduce(x) * scale
+
+    return mean
+
+
+def any_rank(flag: bool, group: Group) -> bool:
+    """True on every rank when `flag` is true on at least one (every rank must call it at the
+    same point: it is a collective)."""
+    if group.size == 1:
+        return bool(flag)
+    from mindspore import ops
+
+    # (float32: AllReduce on CPU takes float16/float32 only, and SUM only)
+    total = ops.AllReduce(ops.ReduceOp.SUM)(ms.Tensor([float(bool(flag))], ms.float32))
+    return float(total.asnumpy()[0]) > 0.5
+
+
+def barrier(group: Group) -> None:
+    if group.size > 1:
+        any_rank(False, group)
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (MS_NODE_ID, or the Slurm task of a job of
+    several tasks), before joining the cluster; 0 when it is not data-parallel."""
+    if os.environ.get("MS_ROLE") == "MS_WORKER" and os.environ.get("MS_NODE_ID"):
+        return int(os.environ["MS_NODE_ID"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
+def local_device() -> int:
+    """Which of this node's accelerators this rank uses (DEVICE_ID, as msrun and xray.launch
+    set it, and env_from_slurm from SLURM_LOCALID); 0 outside data-parallel runs."""
+    return int(os.environ.get("DEVICE_ID", "0")) if in_cluster() else 0
+
+
+def ipv4(host: str) -> str:
+    """The IPv4 address of `host` (MindSpore's scheduler address must be an IP, not a name)."""
+    return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+
+
+def slurm_head_node(nodelist: str) -> str:
+    """The first host of a Slurm node list ("gpu[03-05,07]" -> "gpu03")."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    match = re.match(r"([^\[,]+)(?:\[(\d+))?", nodelist)  # without scontrol: "gpu[03-05]" -> gpu03
+    return match.group(1) + (match.group(2) or "")
+
+
+def env_from_slurm(environ: Optional[dict] = None) -> dict:
+    """The MindSpore cluster variables of this Slurm task: one task = one rank, the scheduler
+    on the job's first node, its port from the job id (so that jobs sharing a node differ)."""
+    env = os.environ if environ is None else environ
+    job = int(env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]) + int(env.get("SLURM_ARRAY_TASK_ID") or 0)
+    return {
+        "MS_ROLE": "MS_WORKER",
+        "MS_WORKER_NUM": env["SLURM_NTASKS"],
+        "MS_NODE_ID": env["SLURM_PROCID"],
+        "MS_SCHED_HOST": ipv4(slurm_head_node(env["SLURM_JOB_NODELIST"])),
+        "MS_SCHED_PORT": str(20000 + job % 20000),
+        "DEVICE_ID": env.get("SLURM_LOCALID", "0"),  # this task's GPU among the node's
+        "MS_TOPO_TIMEOUT": env.get("MS_TOPO_TIMEOUT", "300"),
+    }
+
+
+def start_scheduler(env: dict, log_path: Optional[str] = None) -> subprocess.Popen:
+    """The cluster's scheduler as a child process (`python -m xray.distributed`)."""
+    child = {k: v for k, v in os.environ.items() if k != "MS_NODE_ID"}
+    child.update(env, MS_ROLE="MS_SCHED")
+    child.pop("MS_NODE_ID", None)
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "xray.distributed"], env=child, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def join_slurm_job() -> Optional[subprocess.Popen]:
+    """Inside a Slurm job of several tasks and not yet in a cluster: set this task's MindSpore
+    variables; task 0 also starts the scheduler (returned, to be waited for at the end)."""
+    if in_cluster() or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return None
+    env = env_from_slurm()
+    os.environ.update(env)
+    log.info("Slurm task %s of %s: MindSpore scheduler at %s:%s", env["MS_NODE_ID"],
+             env["MS_WORKER_NUM"], env["MS_SCHED_HOST"], env["MS_SCHED_PORT"])
+    if env["MS_NODE_ID"] == "0":
+        return start_scheduler(env)
+    return None
+
+
+def main() -> None:
+    """The stand-alone scheduler: waits in init() until every worker has finished."""
+    if os.environ.get("MS_ROLE") != "MS_SCHED":
+        sys.exit("run with MS_ROLE=MS_SCHED (xray.launch and Slurm jobs start it for you)")
+    ms.set_device("CPU")
+    from mindspore.communication import init
+
+    init()
+
+
+if __name__ == "__main__":
+    main()
