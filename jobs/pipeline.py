@@ -57,15 +57,17 @@ class TrainMember(submitit.helpers.Checkpointable):
     training loop saves last.ckpt, then submitit requeues this same call, which resumes."""
 
     def __call__(self, overrides: list[str], run_dir: str) -> dict:
+        from xray.distributed import launched_rank
         from xray.train import link_job_logs, train
 
         cfg = compose_train(overrides)
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         run = Path(run_dir)
-        (run / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(task, run / ".hydra" / "config.yaml")
-        OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
-        link_job_logs(run)
+        if launched_rank() == 0:  # a data-parallel member runs one task per rank; rank 0 writes
+            (run / ".hydra").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(task, run / ".hydra" / "config.yaml")
+            OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+            link_job_logs(run)
         return train(task, run)
 
 
@@ -101,8 +103,10 @@ def check_node(overrides: list[str], report_path: str) -> dict:
 
 
 def executor(folder: Path, cfg: DictConfig, partition: str, cpus: int, gpus: int = 0,
-             after: Optional[str] = None, name: str = "xray") -> submitit.AutoExecutor:
-    """A Slurm executor from conf/cluster; `after` is an sbatch --dependency."""
+             after: Optional[str] = None, name: str = "xray", nodes: int = 1,
+             tasks_per_node: int = 1) -> submitit.AutoExecutor:
+    """A Slurm executor from conf/cluster; `after` is an sbatch --dependency; several tasks
+    are the ranks of a data-parallel training (cpus: per task)."""
     folder.mkdir(parents=True, exist_ok=True)  # the log folder exists before sbatch runs
     c = cfg.cluster
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), slurm_max_num_timeout=c.max_requeues)
@@ -119,8 +123,8 @@ def executor(folder: Path, cfg: DictConfig, partition: str, cpus: int, gpus: int
     ex.update_parameters(
         name=name, slurm_partition=partition, cpus_per_task=cpus, mem_gb=c.mem_gb,
         timeout_min=c.timeout_min, slurm_array_parallelism=c.array_parallelism,
-        slurm_setup=setup, slurm_additional_parameters=extra,
-        **({"gpus_per_node": gpus} if gpus else {}))
+        slurm_setup=setup, slurm_additional_parameters=extra, nodes=nodes,
+        tasks_per_node=tasks_per_node, **({"gpus_per_node": gpus} if gpus else {}))
     return ex
 
 
@@ -143,7 +147,8 @@ def submit_pipeline(overrides: list[str], out_dir: Path, split: str = "test",
         _convert, d.root, d.dir, d.short_side, d.val_source, d.val_fraction, d.seed)
     names = [f"{i}_{folder_name(compose_train(m).hydra.job.override_dirname)}" for i, m in enumerate(members)]
     train_ex = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,
-                        after=f"afterok:{convert_job.job_id}:{doctor_job.job_id}", name="train")
+                        after=f"afterok:{convert_job.job_id}:{doctor_job.job_id}", name="train",
+                        nodes=c.nodes, tasks_per_node=c.gpus_per_node)  # one task per rank
     train_jobs = train_ex.map_array(TrainMember(), members, [str(sweep_dir / n) for n in names])
     array_id = train_jobs[0].job_id.split("_")[0]
     eval_job = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,

@@ -209,3 +209,26 @@ def test_a_pipeline_whose_gpu_nodes_cannot_train_stops_at_the_doctor(tmp_path):
     assert not (out / "sweep").exists() or not any((out / "sweep").iterdir())  # nothing trained
     status = run(["-m", "jobs.status", str(out)], tmp_path).stdout
     assert f"doctor: {verdict}" in status
+
+
+def test_a_data_parallel_member_runs_as_two_slurm_tasks(sample_data, tmp_path):
+    """cluster.gpus_per_node=2: the slurm_gpu profile asks for 2 tasks, each one rank of the
+    same run (MindSpore's scheduler started by task 0); the run says ranks 2, only rank 0
+    wrote, and its losses are those of one rank (tests/test_distributed.py checks that step by
+    step without Slurm)."""
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "xray.train", "-m", "hydra/launcher=slurm_gpu", *CPU, "train.amp=O0",
+                "cluster.gpus_per_node=2", "cluster.cpus_per_gpu_job=1", f"data.dir={sample_data}",
+                "data=sample", "data.image_size=72", "batch_size=8", "epochs=1",
+                "train.max_steps_per_epoch=2", "train.eval_splits=[]", "train.cam_images=0",
+                f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (member,) = [p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()]
+    metrics = json.loads((member / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["ranks"] == 2
+    assert len(list(member.glob("events.out.tfevents.*"))) == 1
+    (job,) = submitit_job_ids(sweep)
+    assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"]
+    tasks = subprocess.run(["sacct", "-n", "-P", "-j", job, "--format=JobID,NTasks"],
+                           capture_output=True, text=True).stdout
+    assert any(line.split("|")[1] == "2" for line in tasks.splitlines() if line.count("|") == 1), tasks
