@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import mindspore as ms
+from xray.errors import XrayError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def init_group() -> Group:
     Call it after ms.set_device and before any other MindSpore work."""
     if not in_cluster():
         return Group()
+    import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
     init()  # (a scheduler started as the training script stays in here until the end)
@@ -68,6 +69,13 @@ def init_group() -> Group:
         sys.exit(0)
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
     return Group(get_rank(), get_group_size())
+
+
+def check_batch_split(batch_size: int, ranks: int) -> None:
+    """batch_size is the global batch: it must split evenly over the ranks."""
+    if int(batch_size) % ranks:
+        raise XrayError(f"batch_size={batch_size} (the global batch) does not split evenly over "
+                        f"{ranks} ranks; use a multiple of {ranks}")
 
 
 def grad_reducer(params, group: Group):
@@ -106,6 +114,7 @@ def any_rank(flag: bool, group: Group) -> bool:
     same point: it is a collective)."""
     if group.size == 1:
         return bool(flag)
+    import mindspore as ms
     from mindspore import ops
 
     # (float32: AllReduce on CPU takes float16/float32 only, and SUM only)
@@ -168,13 +177,12 @@ def env_from_slurm(environ: Optional[dict] = None) -> dict:
     }
 
 
-def start_scheduler(env: dict, log_path: Optional[str] = None) -> subprocess.Popen:
+def start_scheduler(env: dict, stdout=subprocess.DEVNULL) -> subprocess.Popen:
     """The cluster's scheduler as a child process (`python -m xray.distributed`)."""
     child = {k: v for k, v in os.environ.items() if k != "MS_NODE_ID"}
     child.update(env, MS_ROLE="MS_SCHED")
-    child.pop("MS_NODE_ID", None)
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "xray.distributed"], env=child, stdout=out,
+    child.pop("MS_NODE_ID", None)  # (env may carry this task's own id)
+    return subprocess.Popen([sys.executable, "-m", "xray.distributed"], env=child, stdout=stdout,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -196,6 +204,8 @@ def main() -> None:
     """The stand-alone scheduler: waits in init() until every worker has finished."""
     if os.environ.get("MS_ROLE") != "MS_SCHED":
         sys.exit("run with MS_ROLE=MS_SCHED (xray.launch and Slurm jobs start it for you)")
+    import mindspore as ms
+
     ms.set_device("CPU")
     from mindspore.communication import init
 

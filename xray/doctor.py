@@ -130,16 +130,16 @@ def _probe_here(device: str, amp: str) -> str:
 
 
 def doctor(devices=DEVICES, amp: str = "O0") -> dict:
-    import numpy
-    import PIL
+    from xray.provenance import versions
 
     seen = available_devices()
+    installed = versions()
     report = {
-        "python": platform.python_version(),
+        "python": installed["python"],
         "host": platform.node(),
-        "mindspore": _mindspore_version(),
-        "numpy": numpy.__version__,
-        "pillow": PIL.__version__,
+        "mindspore": installed["mindspore"],
+        "numpy": installed["numpy"],
+        "pillow": installed["pillow"],
         "nvidia_smi": nvidia_smi(),
         "gpu_plugins": gpu_plugins(),
         "devices": {d: probe(d, amp) if seen[d] else
@@ -148,14 +148,6 @@ def doctor(devices=DEVICES, amp: str = "O0") -> dict:
         "amp": amp,
     }
     return report
-
-
-def _mindspore_version() -> str:
-    import re as _re
-
-    text = (mindspore_dir() / "version.py").read_text() if (mindspore_dir() / "version.py").exists() else ""
-    found = _re.search(r"['\"]([0-9][^'\"]*)['\"]", text)
-    return found.group(1) if found else "unknown"
 
 
 def describe(report: dict) -> str:

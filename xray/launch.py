@@ -20,7 +20,9 @@ import sys
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
+
+from xray.distributed import check_batch_split, start_scheduler
+from xray.errors import XrayError, one_line_errors
 
 NOISE = ("Topology build timed out", "retry(")  # MindSpore waiting for the other ranks: harmless
 
@@ -39,10 +41,7 @@ def check_batch(overrides: list[str], ranks: int) -> None:
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    if int(cfg.batch_size) % ranks:
-        print(f"error: batch_size={cfg.batch_size} (the global batch) does not split evenly over "
-              f"{ranks} ranks; use a multiple of {ranks}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    check_batch_split(cfg.batch_size, ranks)
 
 
 def pump(stream, prefix: str, out, keep: collections.deque | None = None) -> None:
@@ -82,9 +81,7 @@ def launch(ranks: int, overrides: list[str], port: int = 0, module: str = "xray.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
     env.pop("MS_NODE_ID", None)
     sched_out: collections.deque = collections.deque(maxlen=40)
-    scheduler = subprocess.Popen([sys.executable, "-m", "xray.distributed"],
-                                 env=dict(env, MS_ROLE="MS_SCHED"), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+    scheduler = start_scheduler(env, stdout=subprocess.PIPE)
     threads = [threading.Thread(target=pump, args=(scheduler.stdout, "", None, sched_out), daemon=True)]
     workers = []
     for rank in range(ranks):
@@ -128,6 +125,7 @@ def launch(ranks: int, overrides: list[str], port: int = 0, module: str = "xray.
     return code
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  usage="python -m xray.launch --ranks N -- <xray.train overrides>")
@@ -138,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="xray.train overrides (after --)")
     args = ap.parse_args(argv)
     if args.ranks < 1:
-        print(f"error: --ranks={args.ranks} must be >= 1", file=sys.stderr)
-        sys.exit(2)
+        raise XrayError(f"--ranks={args.ranks} must be >= 1")
     check_batch(args.overrides, args.ranks)
     sys.exit(launch(args.ranks, args.overrides, args.port, topo_timeout=args.topo_timeout))
 

@@ -36,7 +36,7 @@ from xray.checkpoint import read_checkpoint
 from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec,
                        read_manifest, split_file, task_records)
 from xray.device import setup_device
-from xray.distributed import (Group, any_rank, barrier, grad_reducer, init_group,
+from xray.distributed import (Group, any_rank, barrier, check_batch_split, grad_reducer, init_group,
                                join_slurm_job, launched_rank, local_device,
                                mean_over_ranks)
 from xray.errors import XrayError, in_batch_job, one_line_errors
@@ -252,9 +252,7 @@ def check_ranks(cfg: DictConfig) -> None:
     """batch_size is the global batch: it must split evenly over the ranks (known from the
     cluster variables before joining it, so that a mistake fails at once on every rank)."""
     ranks = int(os.environ.get("MS_WORKER_NUM", "1")) if os.environ.get("MS_ROLE") == "MS_WORKER" else 1
-    if cfg.batch_size % ranks:
-        raise XrayError(f"batch_size={cfg.batch_size} (the global batch) does not split evenly over "
-                        f"{ranks} ranks; use a multiple of {ranks}")
+    check_batch_split(cfg.batch_size, ranks)
 
 
 class NullWriter:
