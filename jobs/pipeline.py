@@ -86,10 +86,13 @@ def evaluate_best(sweep_dir: str, split: str, best_root: str) -> dict:
 def check_node(overrides: list[str], report_path: str) -> dict:
     """The doctor on a node of the GPU partition, for the device and mixed-precision level
     the members will use (their config, composed here, inside the job)."""
+    from xray.checks import TRAIN, check
+    from xray.device import DEVICES
     from xray.doctor import describe, doctor, require
 
     cfg = compose_train(overrides)
-    device, amp = str(cfg.device_target).upper().replace("ASCEND", "Ascend"), str(cfg.train.amp)
+    check(cfg, TRAIN)  # (device_target among them)
+    device, amp = DEVICES[str(cfg.device_target).lower()], str(cfg.train.amp)
     report = doctor((device,), amp)
     print(describe(report), flush=True)
     try:

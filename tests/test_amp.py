@@ -24,7 +24,9 @@ def _weights(net) -> np.ndarray:
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 def test_an_overflowing_step_is_skipped_and_the_scale_halved(level, tmp_path, monkeypatch):
-    cfg = make_cfg("config", ["data=sample", "mode=pynative", f"train.amp={level}"])
+    # the step as training compiles it (jit, graph mode), whatever earlier tests left set
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cfg = make_cfg("config", ["data=sample", "mode=graph", f"train.amp={level}"])
     ms.set_seed(0)
     net = build_model(cfg.model, 72, 2)
     optimizer = build_optimizer(net, cfg, lr_schedule(0.01, cfg.optim, 1, 10))
@@ -34,14 +36,15 @@ def test_an_overflowing_step_is_skipped_and_the_scale_halved(level, tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # O1's rewritten source does not land in the user's folder
     x, y = _batch()
 
-    scaler.scale_value.set_data(ms.Tensor(2.0 ** 100, ms.float32))  # fp16 gradients overflow
+    # in place: a compiled graph keeps reading the parameter's memory, which set_data would replace
+    ms.ops.assign(scaler.scale_value, ms.Tensor(2.0 ** 100, ms.float32))  # fp16 gradients overflow
     before = _weights(net)
     loss = float(step(x, y, 0).asnumpy())
     assert np.isfinite(loss)
     assert np.array_equal(_weights(net), before), "a step with inf gradients changed the weights"
     assert float(scaler.scale_value.asnumpy()) == 2.0 ** 99
 
-    scaler.scale_value.set_data(ms.Tensor(1024.0, ms.float32))
+    ms.ops.assign(scaler.scale_value, ms.Tensor(1024.0, ms.float32))
     step(x, y, 1)
     assert not np.array_equal(_weights(net), before), "a clean step left the weights alone"
     assert all(p.dtype == ms.float32 for p in net.trainable_params())  # master weights stay fp32

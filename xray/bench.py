@@ -214,19 +214,14 @@ def bench_pipeline(cfg: DictConfig, records, spec, size: int) -> float:
 
 
 def build_step(cfg: DictConfig, size: int, num_classes: int):
-    """(net, step_fn): xray.train's train step for input `size`, built as _train builds it
-    (train.amp included)."""
-    from xray.losses import build_loss
-    from xray.model import build_model
-    from xray.train import build_optimizer, loss_scaler, lr_schedule, make_step, mixed_precision
+    """(net, step_fn): xray.train's train step for input `size` (train.amp included)."""
+    from xray.train import build_training, lr_schedule
 
-    net = build_model(cfg.model, size, num_classes)
-    loss_fn = build_loss(cfg.loss, num_classes, [1] * num_classes)
     total = 3 * (cfg.warmup + cfg.steps)  # bare + end to end (+ margin): one lr per step
-    optimizer = build_optimizer(net, cfg, lr_schedule(float(cfg.lr), cfg.optim, 1, total))
+    net, _, _, _, step = build_training(cfg, size, [1] * num_classes,
+                                        lr_schedule(float(cfg.lr), cfg.optim, 1, total))
     net.set_train(True)
-    amp = cfg.train.get("amp", "O0")
-    return net, make_step(cfg, mixed_precision(net, amp), loss_fn, optimizer, loss_scaler(amp))
+    return net, step
 
 
 def bench_step(cfg: DictConfig, step_fn, size: int, num_classes: int) -> float:

@@ -99,24 +99,18 @@ def _probe_here(device: str, amp: str) -> str:
     import numpy as np
 
     import mindspore as ms
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
     from xray import CONF_DIR
     from xray.device import setup_device
-    from xray.losses import SoftmaxCrossEntropy
-    from xray.model import build_model
-    from xray.train import build_optimizer, loss_scaler, lr_schedule, make_step, mixed_precision
+    from xray.train import build_training, lr_schedule
 
     if device != "CPU" and not ms.hal.is_available(device):
         raise XrayError(f"MindSpore sees no {device} here")
     setup_device(device, "graph")
-    cfg = OmegaConf.create({"model": OmegaConf.load(Path(CONF_DIR) / "model" / "alexnet.yaml"),
-                            "optim": OmegaConf.load(Path(CONF_DIR) / "optim" / "momentum.yaml"),
-                            "lr": 0.01, "momentum": 0.9, "mode": "graph", "seed": 0,
-                            "device_target": device, "train": {"amp": amp}})
-    net = build_model(cfg.model, PROBE_SIZE, 2)
-    optimizer = build_optimizer(net, cfg, lr_schedule(0.01, cfg.optim, 1, 2))
-    step = make_step(cfg, mixed_precision(net, amp), SoftmaxCrossEntropy(), optimizer, loss_scaler(amp))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the training defaults
+        cfg = compose("config", overrides=[f"device_target={device}", f"train.amp={amp}", "seed=0"])
+    _, _, _, _, step = build_training(cfg, PROBE_SIZE, [1, 1], lr_schedule(0.01, cfg.optim, 1, 2))
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.normal(size=(8, 1, PROBE_SIZE, PROBE_SIZE)).astype(np.float32))
     y = ms.Tensor(np.array([0, 1] * 4, np.int32))

@@ -309,12 +309,9 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list, group: Group = Group()
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(cfg.train.max_steps_per_epoch))
 
-    net = build_model(cfg.model, cfg.data.image_size, len(classes))
-    loss_fn = build_loss(cfg.loss, len(classes), train_counts)
     lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, steps_per_epoch)
-    optimizer = build_optimizer(net, cfg, lr)
-    scaler = loss_scaler(cfg.train.amp)
-    step_fn = make_step(cfg, mixed_precision(net, cfg.train.amp), loss_fn, optimizer, scaler, group)
+    net, loss_fn, optimizer, scaler, step_fn = build_training(cfg, cfg.data.image_size, train_counts,
+                                                              lr, group)
 
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
@@ -452,6 +449,18 @@ def loss_scaler(level: str) -> Optional[ms.amp.DynamicLossScaler]:
 
 def current_scale(scaler: Optional[ms.amp.DynamicLossScaler]) -> float:
     return float(scaler.scale_value.asnumpy()) if scaler is not None else 0.0
+
+
+def build_training(cfg: DictConfig, image_size: int, class_counts: list[int], lr: np.ndarray,
+                   group: Group = Group()):
+    """(net, loss_fn, optimizer, scaler, step): the network and the step the training loop runs,
+    from the config (train.amp included); xray.bench and xray.doctor time this same step."""
+    net = build_model(cfg.model, image_size, len(class_counts))
+    loss_fn = build_loss(cfg.loss, len(class_counts), class_counts)
+    optimizer = build_optimizer(net, cfg, lr)
+    scaler = loss_scaler(cfg.train.amp)
+    step = make_step(cfg, mixed_precision(net, cfg.train.amp), loss_fn, optimizer, scaler, group)
+    return net, loss_fn, optimizer, scaler, step
 
 
 def make_step(cfg: DictConfig, net: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Cell,
