@@ -180,6 +180,27 @@ def test_report_reads_sweeps_made_before_the_recipe_keys(smoke_sweep, tmp_path):
     assert m.hparams["equalize"] == "none" and m.hparams["augment_gamma"] == 0.0
 
 
+def test_a_search_over_a_continuous_lr_gets_no_lr_grid_figures(smoke_sweep, tmp_path):
+    """An Optuna search draws a new lr per member: one heat-map column or loss-curve panel per
+    lr would make a figure tens of thousands of pixels wide; the report leaves them out."""
+    import shutil
+    import yaml
+    _, sweep_dir, _ = smoke_sweep
+    search = tmp_path / "search"
+    member = next(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    for i in range(10):
+        copy = search / f"{i}_lr={0.001 * (i + 1):g}"
+        shutil.copytree(member, copy, ignore=shutil.ignore_patterns("*.ckpt"))
+        config = copy / ".hydra" / "config.yaml"
+        cfg = yaml.safe_load(config.read_text())
+        cfg["lr"] = 0.001 * (i + 1)
+        config.write_text(yaml.safe_dump(cfg))
+    members = report(search, best_root=None)
+    assert len({m.hparams["lr"] for m in members}) == 10
+    assert (search / "report.csv").exists()
+    assert not (search / "heatmap_auc.png").exists() and not (search / "loss_curves.png").exists()
+
+
 @pytest.mark.slow
 def test_a_sweep_over_a_config_group_gets_one_folder_per_member(sample_data, tmp_path):
     """+sweep=generalization sweeps data/augment: its "/" must not split a member's folder."""

@@ -182,6 +182,16 @@ def setting_of(members: list[Member]):
     return lambda m: ", ".join(f"{m.hparams[k]}" if k == "loss" else f"{k}={m.hparams[k]}" for k in levers)
 
 
+MAX_GRID_VALUES = 8  # lr or momentum values beyond which the lr x momentum figures are unreadable
+
+
+def is_grid(members: list[Member]) -> bool:
+    """True when lr and momentum each take a few values (a grid sweep), so that one heat-map
+    cell or loss-curve panel per (lr, momentum) is readable; an Optuna search draws a new lr
+    for every member."""
+    return all(len({m.hparams.get(k) for m in members}) <= MAX_GRID_VALUES for k in ("lr", "momentum"))
+
+
 def heatmap_figure(members: list[Member]):
     """Best val AUC over lr x momentum, one panel per setting of the other levers (per loss in
     a loss x lr x momentum sweep); diverged/failed cells say so."""
@@ -385,9 +395,13 @@ def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), fo
     write_csv(members, sweep_dir / "report.csv")
     write_text(sweep_dir / "report.md", f"# Sweep {sweep_dir.name}\n\nRanked by {rank_by}.\n\n"
                + table(members, markdown=True))
-    if {"lr", "momentum"} & set(varying_hparams(members)):
-        save_figure(heatmap_figure(members), sweep_dir / "heatmap_auc.png")
-    save_figure(curves_figure(members), sweep_dir / "loss_curves.png")
+    if is_grid(members):
+        if {"lr", "momentum"} & set(varying_hparams(members)):
+            save_figure(heatmap_figure(members), sweep_dir / "heatmap_auc.png")
+        save_figure(curves_figure(members), sweep_dir / "loss_curves.png")
+    else:
+        log.info("report: lr and momentum take more than %d values (a search, not a grid): no "
+                 "heat map or loss-curve grid; read the table and TensorBoard", MAX_GRID_VALUES)
     for split in eval_splits(members):
         if split != "val":
             save_figure(val_vs_split_figure(members, split), sweep_dir / f"val_vs_{split}.png")
