@@ -1,0 +1,69 @@
+"""The pneumonia-type runs on the test half, side by side (README "Pneumonia type"):
+bacterial vs viral ROC of each model, and per-class sensitivity of the 3-class models.
+
+    python sweeps/results/subtype_cpu/compare.py <runs folder> [out.png]
+
+<runs folder> holds the run folders 1_bacterial_vs_viral, 2_bacterial_vs_viral_balanced,
+0_subtype and 2_subtype_balanced (the commands are in the README); each has predictions_test.csv.
+"""
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from xray.metrics import roc_auc, roc_curve  # noqa: E402
+
+
+def read(path: Path) -> dict:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+def bacterial_vs_viral(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(y = 1 for bacterial, p(bacterial)) on the pneumonia images of the test half."""
+    p = read(run / "predictions_test.csv")
+    if "p_viral" not in p:  # a bacterial_vs_viral model: VIRAL = 0, BACTERIAL = 1
+        return p["label"].astype(int), p["p_bacterial"].astype(float)
+    pneumonia = p["label"].astype(int) > 0  # a subtype model: NORMAL 0, BACTERIAL 1, VIRAL 2
+    bact, viral = p["p_bacterial"].astype(float)[pneumonia], p["p_viral"].astype(float)[pneumonia]
+    return (p["label"].astype(int)[pneumonia] == 1).astype(int), bact / (bact + viral)
+
+
+def main(runs: Path, out: Path) -> None:
+    fig, (roc_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    for name, label in [("1_bacterial_vs_viral", "bacterial_vs_viral, shuffle"),
+                        ("2_bacterial_vs_viral_balanced", "bacterial_vs_viral, balanced"),
+                        ("0_subtype", "read off subtype, shuffle"),
+                        ("2_subtype_balanced", "read off subtype, balanced")]:
+        y, p = bacterial_vs_viral(runs / name)
+        fpr, tpr, _ = roc_curve(y, p)
+        roc_ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc(y, p):.3f})")
+    roc_ax.plot([0, 1], [0, 1], ":", color="grey")
+    roc_ax.set(xlabel="1 - specificity (viral called bacterial)", ylabel="sensitivity (bacterial)",
+               title="Bacterial vs viral, test half (193 pneumonia images)")
+    roc_ax.legend(fontsize=8, loc="lower right")
+    classes = ["NORMAL", "BACTERIAL", "VIRAL"]
+    for k, (name, label) in enumerate([("0_subtype", "shuffle"), ("2_subtype_balanced", "balanced")]):
+        p = read(runs / name / "predictions_test.csv")
+        y = p["label"].astype(int)
+        top = np.stack([p[f"p_{c.lower()}"].astype(float) for c in classes], 1).argmax(1)
+        sens = [float(np.mean(top[y == c] == c)) for c in range(3)]
+        bars = bar_ax.bar(np.arange(3) + (k - 0.5) * 0.38, sens, 0.38,
+                          label=f"subtype, {label} (accuracy {np.mean(top == y):.3f})")
+        bar_ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    bar_ax.set_xticks(range(3), classes)
+    bar_ax.set(ylim=(0, 1.08), ylabel="sensitivity (argmax)", title="3 classes, test half (310 images)")
+    bar_ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2] if len(sys.argv) > 2 else "levers_test.png"))
