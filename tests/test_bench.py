@@ -17,8 +17,10 @@ from xray.data import read_manifest, split_file, task_records
 from xray.errors import XrayError
 
 # tiny: one 72 px size, batches of 8, one warm-up step and two timed ones, one pipeline worker
-TINY = ["sizes=[72]", "batch_size=8", "steps=2", "warmup=1", "data.workers=1", "fullres_repeats=1"]
-ROW_KEYS = ("pipeline_img_s", "step_img_s", "end_to_end_img_s", "pipeline_vs_step", "end_to_end_vs_step")
+TINY = ["sizes=[72]", "batch_size=8", "steps=2", "warmup=1", "pipeline_steps=2", "data.workers=1",
+        "fullres_repeats=1"]
+ROW_KEYS = ("pipeline_img_s", "step_img_s", "end_to_end_img_s", "pipeline_vs_step", "end_to_end_vs_step",
+            "pil_pipeline_img_s", "pipeline_vs_pil", "eval_pipeline_img_s", "eval_pipeline_vs_step")
 
 
 def positive(value) -> bool:
@@ -42,7 +44,8 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
     # just more batches than the sample's train split holds: it is streamed twice over
     train_images = read_manifest(sample_data)["splits"]["train"]["images"]
     steps = train_images // 8
-    cfg = make_cfg("bench", TINY + [f"steps={steps}", f"data.dir={sample_data}", f"fullres={fullres}"])
+    cfg = make_cfg("bench", TINY + [f"steps={steps}", f"pipeline_steps={steps}", f"data.dir={sample_data}",
+                                    f"fullres={fullres}"])
     result = bench(cfg, tmp_path)
     assert result["settings"]["train_repeats"] == 2
 
@@ -56,6 +59,7 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
         assert positive(row[key]), (key, row)
     assert row["pipeline_vs_step"] == pytest.approx(row["pipeline_img_s"] / row["step_img_s"])
     assert row["end_to_end_vs_step"] == pytest.approx(row["end_to_end_img_s"] / row["step_img_s"])
+    assert row["pipeline_vs_pil"] == pytest.approx(row["pipeline_img_s"] / row["pil_pipeline_img_s"])
     # no torch: said so, not a crash, and no made-up numbers
     assert result["torch"] == {"available": False, "reason": TORCH_MISSING}
     assert row["torch_step_img_s"] is None and row["mindspore_vs_torch"] is None
@@ -64,7 +68,8 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
 
     text = table(result)
     for what in ("conversion", "naive full decode", "bare train step", "input pipeline alone",
-                 "end to end", TORCH_MISSING):
+                 "Pillow ops of older runs", "evaluation's (MindSpore C++ ops only)", "end to end",
+                 TORCH_MISSING):
         assert what in text, text
 
 
@@ -114,6 +119,7 @@ def test_torch_step_runs():
     ("sizes=[]", "must be a list of integers"),
     ("steps=0", "steps=0 must be an integer >= 1"),
     ("warmup=0", "warmup=0 must be an integer >= 1"),
+    ("pipeline_steps=0", "pipeline_steps=0 must be an integer >= 1"),
     ("fullres=/nonexistent", "fullres=/nonexistent is not a folder"),
     ("torch=maybe", "torch=maybe must be true or false"),
     ("lr=-1", "lr=-1 must be a number > 0"),

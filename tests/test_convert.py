@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import REPO, copy_sample, gray_pattern
 from xray.convert import convert
 from xray.errors import XrayError
-from xray.preprocess import decode_png, load_image
+from xray.preprocess import clahe, load_image, stored_image
 
 SHORT = 32
 
@@ -122,8 +122,9 @@ def test_convert_keeps_odd_images_and_lists_bad_ones(tmp_path):
         d = ds.MindDataset(str(tmp_path / "out" / f"{split}.mindrecord"), shuffle=False)
         for row in d.create_dict_iterator(output_numpy=True):
             names.add(str(row["file_name"]))
-            image = decode_png(row["image"])
+            image = stored_image(row["image"], row["height"], row["width"])
             assert image.dtype == np.uint8 and min(image.shape[:2]) == SHORT
+            assert np.array_equal(stored_image(row["image_clahe"], row["height"], row["width"]), clahe(image))
     assert kinds["good"] <= names
     counts = manifest["splits"]
     assert counts["train"]["images"] + counts["val"]["images"] == 8 + len(kinds["good"])
@@ -144,9 +145,9 @@ def test_mean_std_come_from_train_only(tmp_path):
     m = convert(tmp_path / "cx", tmp_path / "out", short_side=SHORT, workers=1)
     pixels = {}
     for split in ("train", "val", "test"):
-        d = ds.MindDataset(str(tmp_path / "out" / f"{split}.mindrecord"), columns_list=["image"],
-                           shuffle=False)
-        pixels[split] = np.concatenate([decode_png(r["image"]).ravel() / 255.0
+        d = ds.MindDataset(str(tmp_path / "out" / f"{split}.mindrecord"),
+                           columns_list=["image", "height", "width"], shuffle=False)
+        pixels[split] = np.concatenate([stored_image(r["image"], r["height"], r["width"]).ravel() / 255.0
                                         for r in d.create_dict_iterator(output_numpy=True)])
     assert m["mean"] == pytest.approx(pixels["train"].mean(), rel=1e-6)
     assert m["std"] == pytest.approx(pixels["train"].std(), rel=1e-4)

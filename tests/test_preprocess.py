@@ -1,5 +1,6 @@
 """One preprocessing function: evaluation's pipeline and predict on the raw JPEG give
 identical tensors."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,15 +9,19 @@ import pytest
 from conftest import SAMPLE
 from xray.data import (epoch_plan, make_eval_dataset, make_train_dataset, preprocess_spec,
                        read_manifest, split_file, task_records)
+from xray.checkpoint import load_trained_model
 from xray.errors import XrayError
 from xray.preprocess import Preprocess, preprocess_file, to_tensor
 
 
-@pytest.mark.parametrize("channels, equalize, tta", [(1, "none", 1), (3, "none", 1),
-                                                     (1, "clahe", 1), (1, "hist", 3)])
-def test_eval_pipeline_equals_predict_on_raw_jpeg(sample_data, channels, equalize, tta):
+@pytest.mark.parametrize("channels, equalize, tta, pipeline", [
+    (1, "none", 1, "mindspore"), (3, "none", 1, "mindspore"), (1, "clahe", 1, "mindspore"),
+    (1, "hist", 3, "mindspore"), (1, "clahe", 1, "pil"), (3, "hist", 1, "pil")])
+def test_eval_pipeline_equals_predict_on_raw_jpeg(sample_data, channels, equalize, tta, pipeline):
+    """The C++ ops in the pipeline and run eagerly by predict give the same tensors; so does
+    the Pillow path that runs trained before them keep."""
     manifest = read_manifest(sample_data)
-    spec = preprocess_spec(manifest, image_size=96, channels=channels, equalize=equalize)
+    spec = preprocess_spec(manifest, image_size=96, channels=channels, equalize=equalize, pipeline=pipeline)
     dataset = make_eval_dataset(task_records(split_file(sample_data, manifest, "test")), spec, batch_size=4,
                                 workers=2, with_names=True, tta=tta)
     seen = 0
@@ -70,3 +75,56 @@ def test_missing_split_names_what_exists(sample_data):
     manifest["splits"] = {k: v for k, v in manifest["splits"].items() if k != "test"}
     with pytest.raises(XrayError, match="split=test is not in .* \\(it has train, val\\)"):
         split_file(Path(sample_data), manifest, "test")
+
+
+def test_a_data_set_of_an_older_format_asks_to_convert_again(sample_data, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((sample_data / "manifest.json").read_text())
+    manifest.pop("format")  # format 1 (PNG records) wrote "format": 1; the very first none
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(XrayError, match=r"older xray \(data format 1, this one reads 2\); convert it again"):
+        read_manifest(old)
+
+
+def test_a_training_view_of_the_whole_image_unrotated_is_close_to_the_eval_tensor(sample_data):
+    """Training's one-resampling warp and evaluation's C++ area resize agree (no train/eval
+    skew in sharpness or scale); a real crop or rotation does not."""
+    from omegaconf import OmegaConf
+    manifest = read_manifest(sample_data)
+    spec = preprocess_spec(manifest, image_size=48, channels=3, equalize="clahe")
+    records = task_records(split_file(sample_data, manifest, "train"))
+    plain = np.concatenate([b[0] for b in make_eval_dataset(records, spec, 8, workers=1)
+                            .create_tuple_iterator(output_numpy=True)])
+    order, _ = epoch_plan(records.targets, 0, 1)
+    plain = plain[order[:24]]
+
+    def epoch(scale, degrees):
+        cfg = OmegaConf.create({"enabled": True, "scale": scale, "ratio": [1.0, 1.0], "degrees": degrees})
+        data = make_train_dataset(records, spec, 8, seed=0, epoch=1, augment=cfg, workers=2)
+        return np.concatenate([b[0] for b in data.create_tuple_iterator(output_numpy=True)])
+
+    whole = epoch([1.0, 1.0], 0)
+    assert whole.shape == plain.shape == (24, 3, 48, 48)
+    skew = np.abs(whole - plain).mean()
+    assert skew < 0.06  # normalized units: ~1.5 gray levels
+    for changed in (epoch([1.0, 1.0], 7), epoch([0.6, 0.6], 0)):
+        assert np.abs(changed - plain).mean() > 4 * skew
+
+
+def test_a_run_trained_before_the_cpp_ops_keeps_its_pillow_preprocessing(trained_run, tmp_path):
+    """A run whose config.yaml records no `pipeline` loads as `pil` and predicts with Pillow."""
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(trained_run / "config.yaml")
+    assert config.preprocess.pipeline == "mindspore"
+    del config.preprocess["pipeline"]
+    old = tmp_path / "old_run"
+    (old / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(config, old / "config.yaml")
+    (old / "checkpoints" / "best.ckpt").write_bytes((trained_run / "checkpoints" / "best.ckpt").read_bytes())
+    model = load_trained_model(old / "checkpoints" / "best.ckpt")
+    assert model.spec.pipeline == "pil"
+    image = next(SAMPLE.glob("test/NORMAL/*.jpeg"))
+    new = preprocess_file(image, load_trained_model(trained_run / "checkpoints" / "best.ckpt").spec)
+    assert not np.array_equal(preprocess_file(image, model.spec), new)  # Pillow's resize, not area
+    assert np.abs(preprocess_file(image, model.spec) - new).mean() < 0.1  # ... of the same image

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import SAMPLE, TINY, make_cfg, gray_pattern
-from xray.augment import TTA_VIEWS, adjust_intensity, augment, crop_box, random_resized_crop, tta_views
+from xray.augment import TTA_VIEWS, adjust_intensity, augment, crop_box, resize_box, tta_views
 from xray.checkpoint import load_trained_model, resolve_checkpoints
 from xray.errors import XrayError
 from xray.evaluate import evaluate
@@ -65,7 +65,7 @@ def test_crop_box_keeps_area_and_relative_aspect_in_range(h, w):
     assert 0.47 < min(areas) and max(areas) < 0.93 and np.std(areas) > 0.05
     assert 0.76 < min(aspects) and max(aspects) < 1.31 and np.std(aspects) > 0.05
     image = gray_pattern(h, w)
-    out = random_resized_crop(image, np.random.default_rng(0), 50, (1.0, 1.0), (1.0, 1.0))
+    out = resize_box(image, crop_box(h, w, np.random.default_rng(0), (1.0, 1.0), (1.0, 1.0)), 50)
     whole = np.asarray(Image.fromarray(image).resize((50, 50), Image.Resampling.BILINEAR))
     assert np.array_equal(out, whole)  # area 1, the image's own aspect: the whole image
 
@@ -247,3 +247,20 @@ def test_augment_shifts_intensity_then_standardizes_then_crops():
     assert seen[0].shape == image.shape and not np.array_equal(seen[0], image)  # shifted, full size
     expected = np.asarray(Image.fromarray(equalize_hist(seen[0])).resize((64, 64), Image.Resampling.BILINEAR))
     assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("size, box, degrees", [(227, (10, 5, 280, 240), 5.0), (227, (0, 0, 310, 256), -6.0),
+                                                (96, (20, 10, 300, 250), 4.0), (64, (0, 0, 310, 256), 0.0)])
+def test_warp_is_one_crop_resize_rotation(size, box, degrees):
+    """The single resampling of a training view = crop, resize and rotation done in turn
+    (within a gray level on a smooth image; 20-30 when it turns the wrong way), shrinking by 4x
+    included."""
+    from xray.augment import rotate, warp
+    y, x = np.mgrid[0:256, 0:310]
+    image = (127 + 60 * np.sin(x / 17.0) + 60 * np.cos(y / 23.0)).astype(np.uint8)
+    image[100:140, 50:60] = 255  # a mark that shows a rotation the wrong way round
+    steps = resize_box(image, box, size)
+    steps = rotate(steps, degrees) if degrees else steps
+    inner = slice(size // 8, -size // 8)  # corners: where rotation fills black, edges differ
+    diff = np.abs(warp(image, box, degrees, size).astype(float) - steps)[inner, inner]
+    assert diff.mean() < 1.0

@@ -5,7 +5,8 @@ xray.data.epoch_plan), so an epoch's augmentation is fixed by (seed, epoch, posi
 different draw every epoch, the same draw in a rerun, and in a resumed run, whatever the number
 of pipeline workers. Intensity first, on the stored image (brightness, contrast, gamma, blur,
 noise: the shifts a new hospital's X-rays bring), then the run's contrast normalisation, as an
-evaluated image gets it, then geometry (random resized crop to the model input, rotation).
+evaluated image gets it, then geometry: a random crop squashed to the model input and rotated, in
+one resampling (`warp`; runs trained before it did crop-resize and rotation in turn: `augment`).
 """
 from __future__ import annotations
 
@@ -33,12 +34,9 @@ def crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float
     return 0, 0, w, h
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
-    """A random crop (see crop_box) resized to size x size."""
-    box = crop_box(*image.shape, rng, scale, ratio)
-    crop = Image.fromarray(image, "L").resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(crop)
+def resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The (left, top, right, bottom) part of the image resized to size x size (Pillow)."""
+    return np.asarray(Image.fromarray(image, "L").resize((size, size), Image.Resampling.BILINEAR, box=box))
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
@@ -80,18 +78,60 @@ def adjust_intensity(image: np.ndarray, rng: np.random.Generator, cfg: Mapping,
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
+def has_intensity(cfg: Mapping | None) -> bool:
+    """Whether an augmentation config changes pixel values (not only geometry)."""
+    return cfg is not None and any(float(cfg.get(k, 0)) for k in INTENSITY)
+
+
+INTENSITY = ("brightness", "contrast", "gamma", "blur", "noise")
+
+
+def geometry(h: int, w: int, rng: np.random.Generator, cfg: Mapping) -> tuple[tuple, float]:
+    """The random crop box (see crop_box) and rotation in degrees of one training view."""
+    box = crop_box(h, w, rng, tuple(cfg["scale"]), tuple(cfg["ratio"]))
+    degrees = float(cfg.get("degrees", 0))
+    return box, (float(rng.uniform(-degrees, degrees)) if degrees else 0.0)
+
+
+def intensity_then_standardize(image: np.ndarray, rng: np.random.Generator, cfg: Mapping, size: int,
+                               standardize: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The pixel-value part of a training view: intensity shifts, then `standardize` (the
+    run's contrast normalisation, as evaluation applies it)."""
+    image = adjust_intensity(image, rng, cfg, blur_scale=min(image.shape) / size)
+    return standardize(image)
+
+
+def warp(image: np.ndarray, box: tuple[int, int, int, int], degrees: float, size: int) -> np.ndarray:
+    """The (left, top, right, bottom) part of the image, squashed to size x size and rotated
+    by `degrees` about its centre (counter-clockwise, black where nothing was), in one bilinear
+    resampling (Pillow's affine transform). A crop more than twice the output size is first
+    shrunk by an integer factor (box filter), so the warp never aliases the way a 1:3
+    bilinear sampling would, and stays close to evaluation's area resize."""
+    left, top, right, bottom = box
+    im = Image.fromarray(image, "L")
+    factor = int(min(right - left, bottom - top) / size)
+    if factor >= 2:
+        im = im.reduce(factor, box=box)
+        left, top, right, bottom = 0, 0, (right - left) / factor, (bottom - top) / factor
+    sx, sy = (right - left) / size, (bottom - top) / size
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    half = size / 2
+    # output pixel (x, y) -> rotated about the output centre -> the box's pixel (x' = ax + by + c)
+    coefficients = (sx * cos, -sx * sin, left + sx * (half - cos * half + sin * half),
+                    sy * sin, sy * cos, top + sy * (half - sin * half - cos * half))
+    out = im.transform((size, size), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
+    return np.asarray(out)
+
+
 def augment(image: np.ndarray, rng: np.random.Generator, cfg: Mapping, size: int,
             standardize: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
-    """One training view of a stored uint8 HxW image: intensity shifts, then `standardize`
-    (the run's contrast normalisation, as evaluation applies it), then a random resized crop
-    to size x size and a rotation."""
-    image = adjust_intensity(image, rng, cfg, blur_scale=min(image.shape) / size)
-    image = standardize(image)
-    image = random_resized_crop(image, rng, size, tuple(cfg["scale"]), tuple(cfg["ratio"]))
-    degrees = float(cfg.get("degrees", 0))
-    if degrees:
-        image = rotate(image, rng.uniform(-degrees, degrees))
-    return image
+    """One training view of a stored uint8 HxW image as runs with `pipeline: pil` made it:
+    intensity shifts, `standardize`, then a random resized crop to size x size (Pillow) and a
+    rotation. (`pipeline: mindspore`: xray.data.TrainCrop, same draws, C++ resize.)"""
+    image = intensity_then_standardize(image, rng, cfg, size, standardize)
+    box, degrees = geometry(*image.shape, rng, cfg)
+    image = resize_box(image, box, size)
+    return rotate(image, degrees) if degrees else image
 
 
 # Test-time augmentation: fixed views within the training augmentation's range, each

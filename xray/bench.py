@@ -6,10 +6,12 @@
 
 Measures, in images/s, each after untimed warm-up (the first step compiles the graph):
 1. conversion of the full-size originals in `fullres` exactly as xray.convert does it per image
-   (draft-mode decode, grayscale, resize to data.short_side, PNG encode), vs a naive full decode
+   (draft-mode decode, grayscale, resize to data.short_side, its CLAHE), vs a naive full decode
    (Pillow open + load at full size, nothing else); one process, files already in the page cache;
 2. the input pipeline alone: the real training dataset (make_train_dataset, with
-   data.augment and data.workers) iterated, at each size;
+   data.augment and data.workers) iterated, at each size; then the same with the Pillow ops
+   that runs trained before data format 2 keep (`pipeline: pil`), on the same records; then
+   evaluation's pipeline (MindSpore's C++ ops only); `pipeline_steps` batches each;
 3. the bare train step: the real step (make_step, build_optimizer, the loss) on random tensors;
 4. end to end: the pipeline feeding the step, as xray.train's loop does;
 5. the same AlexNet (and LRN, dropout, loss, momentum + weight decay, batch) in PyTorch with as
@@ -24,6 +26,7 @@ that each measurement streams its batches from one epoch, as training on a real 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -58,6 +61,7 @@ BENCH_CONFIG = {
     "sizes": [96, 227],     # model input sizes to measure (px, >= 67)
     "steps": 20,            # timed steps / batches per measurement
     "warmup": 3,            # untimed ones before them (>= 1: the first step compiles the graph)
+    "pipeline_steps": 100,  # timed batches of the input pipeline alone (fast: more, for a steady number)
     "fullres": "../shared/data/chest_xray_fullres",  # full-size originals (*.jpeg/.jpg/.png,
                             # any depth) for the conversion measurement; null skips it
     "fullres_images": None,  # use only the first N of them (null = all)
@@ -114,13 +118,13 @@ def naive_decode(path: Path) -> tuple[int, int]:
 
 def convert_one(path: Path, short_side: int) -> int:
     """Exactly xray.convert's per-image work (its pool workers' function): decode in draft
-    mode, upright grayscale, resize to short_side, PNG encode, pixel statistics."""
+    mode, upright grayscale, resize to short_side, its stored CLAHE, pixel statistics."""
     from xray.convert import _decode
 
-    _, png, error, _ = _decode((0, str(path), short_side, MAX_PIXELS))
-    if png is None:
+    _, columns, error, _ = _decode((0, str(path), short_side, MAX_PIXELS))
+    if columns is None:
         raise XrayError(f"{path}: {error}; the conversion benchmark needs readable images")
-    return len(png)
+    return len(columns["image"])
 
 
 def bench_conversion(files: list[Path], short_side: int, repeats: int = 2) -> dict:
@@ -169,8 +173,8 @@ def enough_data(data_dir: Path, images: int, tmp: Path, task: str = "binary") ->
     out.mkdir(parents=True)
     log.info("bench: %s has %d train images, %d needed: repeating them %d times in %s",
              data_dir, len(rows), images, repeats, out)
-    rows = [{"file_name": str(r["file_name"]), "label": int(r["label"]), "subtype": str(r["subtype"]),
-             "patient_id": str(r["patient_id"]), "image": r["image"].tobytes()} for r in rows]
+    as_python = {"string": str, "int32": int, "bytes": lambda v: v.tobytes()}
+    rows = [{k: as_python[SCHEMA[k]["type"]](v) for k, v in r.items()} for r in rows]
     writer = FileWriter(str(out / "train.mindrecord"), shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "chest_xray")
     for _ in range(repeats):
@@ -192,25 +196,36 @@ def train_batches(cfg: DictConfig, records, spec, epoch: int):
     return data.create_tuple_iterator(num_epochs=1)  # Tensors, as xray.train's loop gets them
 
 
-def timed(items, cfg: DictConfig, what: str, body: Callable[[int, object], None]) -> float:
-    """body(i, item) for the first warmup + steps items; img/s of the last `steps` of them,
-    fetching included (warmup >= 1)."""
-    total, tick = cfg.warmup + cfg.steps, None
+def timed(items, cfg: DictConfig, what: str, body: Callable[[int, object], None],
+          steps: Optional[int] = None) -> float:
+    """body(i, item) for the first warmup + steps (default cfg.steps) items; img/s of the last
+    `steps` of them, fetching included (warmup >= 1)."""
+    steps = steps or cfg.steps
+    total, tick = cfg.warmup + steps, None
     for i, item in enumerate(items):
         if tick is not None:
             tick(i - cfg.warmup)
         body(i, item)
         if i + 1 == cfg.warmup:
-            tick = Ticker(what, cfg.steps, cfg.batch_size)  # the clock starts here
+            tick = Ticker(what, steps, cfg.batch_size)  # the clock starts here
         elif i + 1 == total:
-            return rate(cfg.steps * cfg.batch_size, time.perf_counter() - tick.start)
+            return rate(steps * cfg.batch_size, time.perf_counter() - tick.start)
     raise XrayError(f"{what}: the data gave fewer than warmup + steps = {total} batches")
 
 
 def bench_pipeline(cfg: DictConfig, records, spec, size: int) -> float:
     """img/s of the input pipeline alone (the real training dataset, augmented)."""
     batches = train_batches(cfg, records, spec, epoch=1)
-    return timed(batches, cfg, f"{size} px pipeline", lambda i, batch: None)
+    return timed(batches, cfg, f"{size} px {spec.pipeline} pipeline", lambda i, batch: None,
+                 steps=cfg.pipeline_steps)
+
+
+def bench_eval_pipeline(cfg: DictConfig, records, spec, size: int) -> float:
+    """img/s of evaluation's input pipeline alone (MindSpore's C++ ops from the stored bytes)."""
+    from xray.data import make_eval_dataset
+
+    batches = make_eval_dataset(records, spec, cfg.batch_size, cfg.data.workers).create_tuple_iterator(num_epochs=1)
+    return timed(batches, cfg, f"{size} px eval pipeline", lambda i, batch: None, steps=cfg.pipeline_steps)
 
 
 def build_step(cfg: DictConfig, size: int, num_classes: int):
@@ -343,7 +358,8 @@ def check_bench(cfg: DictConfig) -> None:
                             for s in sizes):
         raise XrayError(f"sizes={cfg.sizes} must be a list of integers >= {MIN_IMAGE_SIZE}, "
                         "e.g. sizes=[96,227]")
-    for key, low in (("steps", 1), ("warmup", 1), ("fullres_repeats", 1), ("fullres_images", 1)):
+    for key, low in (("steps", 1), ("warmup", 1), ("pipeline_steps", 1), ("fullres_repeats", 1),
+                     ("fullres_images", 1)):
         value = cfg.get(key)
         if value is None and key == "fullres_images":
             continue
@@ -412,7 +428,8 @@ def _bench(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
                  result["conversion"]["convert_img_s"], result["conversion"]["naive_decode_img_s"])
 
     task, classes = check_task(read_manifest(data_dir), cfg.task.name, data_dir)
-    train_dir, repeats = enough_data(data_dir, (cfg.warmup + cfg.steps) * cfg.batch_size, tmp, task)
+    batches = cfg.warmup + max(cfg.steps, cfg.pipeline_steps)
+    train_dir, repeats = enough_data(data_dir, batches * cfg.batch_size, tmp, task)
     manifest = read_manifest(train_dir)
     records = task_records(split_file(train_dir, manifest, "train"), task)
     result["settings"]["train_repeats"] = repeats
@@ -424,11 +441,17 @@ def _bench(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
         step = bench_step(cfg, step_fn, size, len(classes))
         log.info("  bare step %.1f img/s; input pipeline alone", step)
         pipeline = bench_pipeline(cfg, records, spec, size)
-        log.info("  pipeline %.1f img/s; end to end", pipeline)
+        log.info("  pipeline %.1f img/s; the Pillow pipeline of runs before data format 2", pipeline)
+        pil_pipeline = bench_pipeline(cfg, records, dataclasses.replace(spec, pipeline="pil"), size)
+        log.info("  Pillow pipeline %.1f img/s; evaluation's pipeline", pil_pipeline)
+        eval_pipeline = bench_eval_pipeline(cfg, records, spec, size)
+        log.info("  evaluation's pipeline %.1f img/s; end to end", eval_pipeline)
         end_to_end = bench_end_to_end(cfg, records, spec, step_fn, size)
         log.info("  end to end %.1f img/s", end_to_end)
         row = {"pipeline_img_s": pipeline, "step_img_s": step, "end_to_end_img_s": end_to_end,
                "pipeline_vs_step": pipeline / step, "end_to_end_vs_step": end_to_end / step,
+               "pil_pipeline_img_s": pil_pipeline, "pipeline_vs_pil": pipeline / pil_pipeline,
+               "eval_pipeline_img_s": eval_pipeline, "eval_pipeline_vs_step": eval_pipeline / step,
                "torch_step_img_s": None, "mindspore_vs_torch": None}
         if torch is not None:
             log.info("  PyTorch step (%s threads)", threads or "default")
@@ -452,14 +475,18 @@ def table(result: dict) -> str:
     if "skipped" in conv:
         rows.append(("conversion vs naive full decode", "-", "skipped", conv["skipped"]))
     else:
-        rows.append((f"conversion (decode+resize {conv['short_side']}+PNG)", "full",
+        rows.append((f"conversion (decode+resize {conv['short_side']}+CLAHE)", "full",
                      f"{conv['convert_img_s']:.1f}", f"{conv['convert_vs_naive_decode']:.2f} x naive decode"))
         rows.append((f"naive full decode ({conv['mean_megapixels']:.1f} Mpx)", "full",
                      f"{conv['naive_decode_img_s']:.1f}", "1.00"))
     for size, r in result["sizes"].items():
         rows.append(("bare train step (MindSpore)", size, f"{r['step_img_s']:.1f}", "1.00"))
-        rows.append(("input pipeline alone", size, f"{r['pipeline_img_s']:.1f}",
+        rows.append(("input pipeline alone (training, augmented)", size, f"{r['pipeline_img_s']:.1f}",
                      f"{r['pipeline_vs_step']:.2f} x bare step"))
+        rows.append(("  same, the Pillow ops of older runs", size, f"{r['pil_pipeline_img_s']:.1f}",
+                     f"now / Pillow {r['pipeline_vs_pil']:.2f}"))
+        rows.append(("  evaluation's (MindSpore C++ ops only)", size, f"{r['eval_pipeline_img_s']:.1f}",
+                     f"{r['eval_pipeline_vs_step']:.2f} x bare step"))
         rows.append(("end to end (pipeline -> step)", size, f"{r['end_to_end_img_s']:.1f}",
                      f"{r['end_to_end_vs_step']:.2f} x bare step"))
         if r["torch_step_img_s"] is not None:

@@ -25,7 +25,8 @@ from xray.checks import CONVERT, check
 from xray.errors import XrayError, one_line_errors
 from xray.files import atomic_dir, to_json
 from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name, supported_tasks
-from xray.preprocess import MAX_PIXELS, encode_png, load_image
+from xray.preprocess import (FORMAT, MAX_PIXELS, STORED_EQUALIZE, encode_stored, load_image,
+                             standardize_by_name)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ SCHEMA = {
     "label": {"type": "int32"},
     "subtype": {"type": "string"},
     "patient_id": {"type": "string"},
-    "image": {"type": "bytes"},
+    "height": {"type": "int32"},
+    "width": {"type": "int32"},
+    "image": {"type": "bytes"},  # uncompressed BMP (xray.preprocess.encode_stored)
+    **{f"image_{name}": {"type": "bytes"} for name in STORED_EQUALIZE},  # e.g. its CLAHE, computed once
 }
 
 
@@ -119,8 +123,9 @@ def assign_splits(found: dict[str, list[Item]], val_source: str, val_fraction: f
     return splits
 
 
-def _decode(job: tuple[int, str, int, int]) -> tuple[int, Optional[bytes], str, tuple[float, float, int]]:
-    """Worker: decode one file. Returns (index, png or None, error, (sum, sum_sq, n_pixels))."""
+def _decode(job: tuple[int, str, int, int]) -> tuple[int, Optional[dict], str, tuple[float, float, int]]:
+    """Worker: decode one file. Returns (index, its image columns or None, error,
+    (sum, sum_sq, n_pixels))."""
     index, path, short_side, max_pixels = job
     if os.path.islink(path) and not os.path.exists(path):
         try:
@@ -135,7 +140,9 @@ def _decode(job: tuple[int, str, int, int]) -> tuple[int, Optional[bytes], str, 
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
         return index, None, reason, (0.0, 0.0, 0)
     x = image.astype(np.float64) / 255.0
-    return index, encode_png(image), "", (float(x.sum()), float((x * x).sum()), x.size)
+    columns = {"height": image.shape[0], "width": image.shape[1], "image": encode_stored(image),
+               **{f"image_{name}": encode_stored(standardize_by_name(image, name)) for name in STORED_EQUALIZE}}
+    return index, columns, "", (float(x.sum()), float((x * x).sum()), x.size)
 
 
 def _write(writer, rows: Optional[list[dict]], out_dir: Path) -> None:
@@ -208,10 +215,10 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
         # spawn: workers only need Pillow, and must not inherit MindSpore's threads
         with mp.get_context("spawn").Pool(workers) as pool:
             tasks = [(i, str(it.path), short_side, max_pixels) for i, (it, _) in enumerate(jobs)]
-            for done, (i, png, error, pixel_stats) in enumerate(
+            for done, (i, columns, error, pixel_stats) in enumerate(
                     pool.imap(_decode, tasks, chunksize=8), start=1):
                 item, split = jobs[i]
-                if png is None:
+                if columns is None:
                     if strict:
                         raise XrayError(f"{item.path}: {error} (strict=true; remove the file "
                                         "or run without strict to skip it)")
@@ -221,7 +228,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
                     kept[split].append(item)
                     pending[split].append({
                         "file_name": item.path.name, "label": item.label,
-                        "subtype": item.subtype, "patient_id": item.patient_id, "image": png,
+                        "subtype": item.subtype, "patient_id": item.patient_id, **columns,
                     })
                     if split == "train":
                         stats += pixel_stats
@@ -242,7 +249,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
             summary[split] = _split_summary(items)
             summary[split]["file"] = f"{split}.mindrecord" if items else None
         manifest = {
-            "format": 1,
+            "format": FORMAT,
             "source": str(Path(root).resolve()),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "classes": list(CLASSES),

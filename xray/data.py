@@ -1,6 +1,12 @@
 """MindRecord -> mindspore.dataset pipelines. Training adds augmentation; everything else
 goes through exactly the transform that `predict` applies to a raw file.
 
+Records hold uncompressed BMPs and their CLAHE, computed once by convert. Evaluation runs on
+MindSpore's C++ ops alone (decode, resize, normalise, HWC -> CHW: xray.preprocess.decode_ops +
+tensor_ops), as predict does eagerly. Training augmentation draws its parameters per image from
+the epoch plan, which MindSpore's C++ random ops cannot take, so it runs in Python, one call per
+batch (TrainBatch), one resampling per image.
+
 Training epochs are planned in numpy (xray.data.epoch_plan), not by the pipeline's own
 shuffle and random ops: those repeat themselves in every epoch that starts a fresh iterator
 under one seed, and are not reproducible with several workers."""
@@ -15,10 +21,11 @@ import mindspore.dataset as ds
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from xray.augment import augment
+from xray.augment import augment, geometry, has_intensity, intensity_then_standardize, warp
 from xray.errors import XrayError
 from xray.labels import supported_tasks, task_classes, task_targets
-from xray.preprocess import EQUALIZE, Preprocess, decode_png, model_input, standardize, to_tensor
+from xray.preprocess import (EQUALIZE, FORMAT, PIPELINES, STORED_EQUALIZE, Preprocess, decode_ops,
+                             standardize, standardized_input, stored_image, tensor_ops, to_tensor)
 
 
 def read_manifest(data_dir: Path) -> dict:
@@ -32,6 +39,12 @@ def read_manifest(data_dir: Path) -> dict:
         manifest["splits"], manifest["short_side"], manifest["mean"], manifest["std"]  # noqa: B018
     except (ValueError, KeyError, TypeError) as e:
         raise XrayError(f"{path} is damaged ({type(e).__name__}: {e}); {RECONVERT.format(data_dir)}") from None
+    found = manifest.get("format", 1)
+    if found != FORMAT:
+        raise XrayError(f"{data_dir} was converted by {'an older' if found < FORMAT else 'a newer'} xray "
+                        f"(data format {found}, this one reads {FORMAT}); {RECONVERT.format(data_dir)} "
+                        "(the same options give the same images and split, and runs trained on the "
+                        "old one evaluate as before)")
     return manifest
 
 
@@ -51,13 +64,16 @@ RECONVERT = ("convert it again: python -m xray.convert data.root=<chest_xray fol
              "data.dir={} overwrite=true")
 
 
-def preprocess_spec(manifest: dict, image_size: int, channels: int, equalize: str = "none") -> Preprocess:
-    """The model-input definition for a converted data set."""
+def preprocess_spec(manifest: dict, image_size: int, channels: int, equalize: str = "none",
+                    pipeline: str = "mindspore") -> Preprocess:
+    """The model-input definition of a new run on a converted data set."""
     if equalize not in EQUALIZE:
         raise XrayError(f"data.equalize={equalize} is unknown; use {', '.join(EQUALIZE)}")
+    if pipeline not in PIPELINES:
+        raise XrayError(f"pipeline={pipeline} is unknown; use {', '.join(PIPELINES)}")
     return Preprocess(short_side=manifest["short_side"], image_size=image_size,
                       mean=manifest["mean"], std=manifest["std"], channels=channels,
-                      equalize=equalize)
+                      equalize=equalize, pipeline=pipeline)
 
 
 def split_file(data_dir: Path, manifest: dict, split: str) -> Path:
@@ -134,30 +150,69 @@ def epoch_plan(labels: np.ndarray, seed: int, epoch: int, sampling: str = "shuff
     return order, rng.integers(0, 2**62, size=n, dtype=np.int64)
 
 
-class TrainTransform:
-    """PNG bytes + per-sample seed -> standardized, augmented model input (picklable)."""
+def image_column(spec: Preprocess, augment: Optional[dict] = None) -> str:
+    """The stored column a pipeline reads: the run's equalisation as convert stored it, unless
+    intensity augmentation has to come before the equalisation."""
+    if spec.equalize in STORED_EQUALIZE and not has_intensity(augment):
+        return f"image_{spec.equalize}"
+    return "image"
 
-    def __init__(self, spec: Preprocess, augment: Optional[DictConfig]) -> None:
-        self.spec = spec
-        self.augment = OmegaConf.to_container(augment) if augment is not None and augment.enabled else None
 
-    def __call__(self, data, seed):
-        image = decode_png(data)
-        if self.augment is None:
-            return model_input(image, self.spec)
-        image = augment(image, np.random.default_rng(int(seed)), self.augment, self.spec.image_size,
-                        standardize=lambda x: standardize(x, self.spec))
-        return to_tensor(image, self.spec)
+def _augment_dict(augment: Optional[DictConfig]) -> Optional[dict]:
+    return OmegaConf.to_container(augment) if augment is not None and augment.enabled else None
 
 
 class EvalTransform:
-    """PNG bytes -> model input (CxSxS), or tta > 1 views of it (VxCxSxS) (picklable)."""
+    """Stored record -> model input (CxSxS), or tta > 1 views of it (VxCxSxS), in Python: for
+    what the C++ ops cannot do alone (hist equalisation, test-time views, `pipeline: pil` runs)
+    (picklable)."""
 
-    def __init__(self, spec: Preprocess, tta: int = 1) -> None:
-        self.spec, self.tta = spec, tta
+    def __init__(self, spec: Preprocess, column: str, tta: int = 1) -> None:
+        self.spec, self.tta, self.standardized = spec, tta, column != "image"
 
-    def __call__(self, data):
-        return model_input(decode_png(data), self.spec, self.tta)
+    def __call__(self, data, height, width):
+        image = stored_image(data, height, width)
+        return standardized_input(image if self.standardized else standardize(image, self.spec),
+                                  self.spec, self.tta)
+
+
+class TrainTransform:
+    """Stored record + per-sample seed -> augmented model input, as `pipeline: pil` runs made
+    it (Pillow, one Python call per image) (picklable)."""
+
+    def __init__(self, spec: Preprocess, augment: dict, column: str) -> None:
+        self.spec, self.augment, self.standardized = spec, augment, column != "image"
+
+    def __call__(self, data, height, width, seed):
+        image = stored_image(data, height, width)
+        standardize_fn = (lambda x: x) if self.standardized else (lambda x: standardize(x, self.spec))
+        image = augment(image, np.random.default_rng(int(seed)), self.augment, self.spec.image_size,
+                        standardize=standardize_fn)
+        return to_tensor(image, self.spec)
+
+
+class TrainBatch:
+    """A batch of stored records + their per-sample seeds -> the augmented NxCxSxS batch of a
+    `pipeline: mindspore` run: one Python call per batch, not per image (MindSpore's per-row
+    hand-over costs more than the work), each view one resampling (xray.augment.warp) with the
+    same draws as augment() (picklable)."""
+
+    def __init__(self, spec: Preprocess, augment: dict, column: str) -> None:
+        self.spec, self.augment, self.standardized = spec, augment, column != "image"
+
+    def view(self, data, height, width, seed) -> np.ndarray:
+        image = stored_image(data, height, width)
+        rng = np.random.default_rng(int(seed))
+        if not self.standardized:
+            image = intensity_then_standardize(image, rng, self.augment, self.spec.image_size,
+                                               lambda x: standardize(x, self.spec))
+        box, degrees = geometry(*image.shape, rng, self.augment)
+        return warp(image, box, degrees, self.spec.image_size)
+
+    def __call__(self, images, heights, widths, seeds, _batch_info):
+        views = np.stack([self.view(*row) for row in zip(images, heights, widths, seeds)])
+        x = (views.astype(np.float32) * np.float32(1 / 255) - np.float32(self.spec.mean)) / np.float32(self.spec.std)
+        return (np.repeat(x[:, None], self.spec.channels, axis=1),)
 
 
 def make_train_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, seed: int,
@@ -175,15 +230,37 @@ def make_train_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, 
     if ranks > 1:
         order, seeds = (rank_part(a, batch_size, rank, ranks) for a in (order, seeds))
         batch_size //= ranks
-    images = ds.MindDataset(str(records.path), columns_list=["image"],
+    augment = _augment_dict(augment)
+    column = image_column(spec, augment)
+    images = ds.MindDataset(str(records.path), columns_list=[column, "height", "width"],
                             sampler=ds.SubsetSampler(records.indices[order].tolist()),
                             num_parallel_workers=workers)
     keys = ds.NumpySlicesDataset({"seed": seeds, "label": records.targets[order].astype(np.int32)},
                                  shuffle=False)
-    data = ds.zip((images, keys)).map(
-        operations=TrainTransform(spec, augment), input_columns=["image", "seed"],
-        output_columns=["image"], num_parallel_workers=workers)
+    data = ds.zip((images, keys))
+    if augment is not None and spec.pipeline == "mindspore":
+        # worker processes, not threads: the warp holds the GIL for most of its time
+        return data.batch(batch_size, drop_remainder=True, input_columns=[column, "height", "width", "seed"],
+                          output_columns=["image"], per_batch_map=TrainBatch(spec, augment, column),
+                          num_parallel_workers=workers, python_multiprocessing=workers > 1
+                          ).project(["image", "label"])
+    if augment is None:
+        data = _to_model_input(data, spec, column, workers)
+    else:
+        data = data.map(TrainTransform(spec, augment, column), input_columns=[column, "height", "width", "seed"],
+                        output_columns=["image"], num_parallel_workers=workers)
     return data.project(["image", "label"]).batch(batch_size, drop_remainder=True)
+
+
+def _to_model_input(data: ds.Dataset, spec: Preprocess, column: str, workers: int, tta: int = 1) -> ds.Dataset:
+    """The `column`, `height`, `width` columns -> the model input in `image`, as predict makes it:
+    by MindSpore's C++ ops alone (decode_ops + tensor_ops) when the stored column is all it
+    needs and there is one view, else in Python."""
+    if spec.pipeline == "mindspore" and tta == 1 and (column != "image" or spec.equalize == "none"):
+        return data.map(decode_ops() + tensor_ops(spec), input_columns=[column], output_columns=["image"],
+                        num_parallel_workers=workers)
+    return data.map(EvalTransform(spec, column, tta), input_columns=[column, "height", "width"],
+                    output_columns=["image"], num_parallel_workers=workers)
 
 
 def rank_part(plan: np.ndarray, batch_size: int, rank: int, ranks: int) -> np.ndarray:
@@ -197,12 +274,11 @@ def make_eval_dataset(records: TaskRecords, spec: Preprocess, batch_size: int, w
                       with_names: bool = False, tta: int = 1) -> ds.Dataset:
     """Batches (image float32 NxCxSxS or NxVxCxSxS with tta > 1, label int32 N[, file_name])
     of the task's records in file order, exactly as predict sees those images."""
-    columns = ["image"] + (["file_name"] if with_names else [])
-    images = ds.MindDataset(str(records.path), columns_list=columns,
+    column = image_column(spec)
+    names = ["file_name"] if with_names else []
+    images = ds.MindDataset(str(records.path), columns_list=[column, "height", "width"] + names,
                             sampler=ds.SubsetSampler(records.indices.tolist()),
                             num_parallel_workers=workers)
     labels = ds.NumpySlicesDataset({"label": records.targets.astype(np.int32)}, shuffle=False)
-    data = ds.zip((images, labels)).map(operations=EvalTransform(spec, tta), input_columns=["image"],
-                                        num_parallel_workers=workers)
-    return data.project(["image", "label"] + (["file_name"] if with_names else [])).batch(
-        batch_size, drop_remainder=False)
+    data = _to_model_input(ds.zip((images, labels)), spec, column, workers, tta)
+    return data.project(["image", "label"] + names).batch(batch_size, drop_remainder=False)

@@ -6,7 +6,10 @@ An image goes through three steps:
 2. `standardize`: the run's optional contrast normalisation (`equalize`: none, hist, clahe),
    before any augmentation, so that intensity augmentation is not undone by it.
 3. `to_tensor`: that array (possibly augmented during training) -> the model input, a
-   normalized float32 CHW tensor.
+   normalized float32 CHW tensor: resize to the square input, normalize, HWC -> CHW, done by
+   MindSpore's C++ vision ops (`tensor_ops`; `pipeline: mindspore`). The dataset pipelines run
+   those ops; predict runs the very same ops eagerly on one image. Runs trained before them
+   record no `pipeline` and keep the Pillow path they were trained with (`pipeline: pil`).
 `model_input` = steps 2 + 3: evaluate's pipeline and predict call the same function.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -34,12 +38,16 @@ class Preprocess:
     std: float  # train-split pixel std
     channels: int = 1  # 1 = grayscale; 3 = grayscale repeated (for RGB-shaped models)
     equalize: str = "none"  # none | hist (global histogram equalisation) | clahe (local)
+    pipeline: str = "pil"  # mindspore (C++ vision ops, every run since format 2) | pil (older runs)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 EQUALIZE = ("none", "hist", "clahe")
+PIPELINES = ("mindspore", "pil")
+FORMAT = 2  # of converted data sets: 2 = uncompressed BMP + height/width + stored CLAHE (1 = PNG)
+STORED_EQUALIZE = ("clahe",)  # equalisations convert stores next to the image, as image_<name>
 
 
 def _to_grayscale(im: Image.Image) -> Image.Image:
@@ -97,23 +105,59 @@ def _load(fp, short_side: int, max_pixels: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).copy()
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """Lossless storage of a uint8 HxW array (what MindRecord holds)."""
+def encode_stored(image: np.ndarray) -> bytes:
+    """A uint8 HxW array as MindRecord stores it: an uncompressed 8-bit BMP (lossless, nothing
+    to decompress: numpy reads it as a view, MindSpore's C++ Decode reads it as an image)."""
     buf = io.BytesIO()
-    Image.fromarray(image, "L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(image, "L").save(buf, format="BMP")
     return buf.getvalue()
 
 
-def decode_png(data: Union[bytes, np.ndarray]) -> np.ndarray:
-    """MindRecord image bytes -> uint8 HxW array."""
+def stored_image(data: Union[bytes, np.ndarray], height: int, width: int) -> np.ndarray:
+    """MindRecord image bytes (encode_stored) -> uint8 HxW array, without a decoder: the
+    pixels start at the offset in bytes 10-13, rows bottom-up, each padded to 4 bytes."""
     raw = data.tobytes() if isinstance(data, np.ndarray) else data
-    with Image.open(io.BytesIO(raw)) as im:
-        return np.asarray(im.convert("L"), dtype=np.uint8)
+    height, width = int(height), int(width)
+    stride = (width + 3) // 4 * 4
+    rows = np.frombuffer(raw, np.uint8, count=stride * height, offset=int.from_bytes(raw[10:14], "little"))
+    return np.ascontiguousarray(rows.reshape(height, stride)[::-1, :width])
+
+
+def decode_ops() -> list:
+    """MindSpore's C++ ops from stored bytes to the uint8 HxW image (== stored_image)."""
+    import mindspore.dataset.vision as vision
+
+    return [vision.Decode(), vision.ConvertColor(vision.ConvertMode.COLOR_RGB2GRAY)]
+
+
+def tensor_ops(spec: Preprocess) -> list:
+    """MindSpore's C++ ops from a uint8 HxW image to the model input (normalized float32
+    CxSxS, the gray channel repeated C = spec.channels times): squash to the square input
+    (keeps the whole chest in view rather than cropping its sides) with area interpolation (no
+    aliasing when it shrinks), HWC -> CHW float, normalize. The eval pipeline maps them after
+    decode_ops; `to_tensor` runs them eagerly."""
+    import mindspore.dataset.vision as vision
+
+    ops = [vision.Resize((spec.image_size, spec.image_size), vision.Inter.AREA)]
+    if spec.channels == 3:
+        ops.append(vision.ConvertColor(vision.ConvertMode.COLOR_GRAY2RGB))
+    # ToTensor: HxW(xC) uint8 -> CxHxW float32 / 255 (a plain HxW gets its channel axis)
+    return ops + [vision.ToTensor(),
+                  vision.Normalize([spec.mean] * spec.channels, [spec.std] * spec.channels, is_hwc=False)]
+
+
+@lru_cache(maxsize=16)
+def _eager_tensor_ops(spec: Preprocess):
+    import mindspore.dataset.transforms as transforms
+
+    return transforms.Compose(tensor_ops(spec))
 
 
 def to_tensor(image: np.ndarray, spec: Preprocess) -> np.ndarray:
     """uint8 HxW -> normalized float32 CxSxS, S = spec.image_size."""
     image = np.asarray(image)
+    if spec.pipeline == "mindspore":
+        return _eager_tensor_ops(spec)(np.ascontiguousarray(image))
     if image.shape != (spec.image_size, spec.image_size):
         # squash to a square: keeps the whole chest in view rather than cropping its sides
         resized = Image.fromarray(image, "L").resize(
@@ -171,9 +215,13 @@ def clahe(image: np.ndarray, tiles: int = 8, clip_limit: float = 2.0) -> np.ndar
 
 def standardize(image: np.ndarray, spec: Preprocess) -> np.ndarray:
     """The run's contrast normalisation of a stored uint8 HxW image."""
-    if spec.equalize == "hist":
+    return standardize_by_name(image, spec.equalize)
+
+
+def standardize_by_name(image: np.ndarray, equalize: str) -> np.ndarray:
+    if equalize == "hist":
         return equalize_hist(image)
-    if spec.equalize == "clahe":
+    if equalize == "clahe":
         return clahe(image)
     return image
 
@@ -182,9 +230,13 @@ def model_input(image: np.ndarray, spec: Preprocess, tta: int = 1) -> np.ndarray
     """A stored (or freshly loaded) image -> the model input (CxSxS) as evaluation and predict
     see it; with tta > 1 its first `tta` test-time views (VxCxSxS), standardized first as in
     training."""
+    return standardized_input(standardize(image, spec), spec, tta)
+
+
+def standardized_input(image: np.ndarray, spec: Preprocess, tta: int = 1) -> np.ndarray:
+    """`model_input` of an image that is already standardized (e.g. the stored CLAHE)."""
     from xray.augment import tta_views
 
-    image = standardize(image, spec)
     if tta <= 1:
         return to_tensor(image, spec)
     return np.stack([to_tensor(view, spec) for view in tta_views(image, tta)])

@@ -4,7 +4,8 @@ bacterial vs viral ROC of each model, and per-class sensitivity of the 3-class m
     python sweeps/results/subtype_cpu/compare.py <runs folder> [out.png]
 
 <runs folder> holds the run folders 1_bacterial_vs_viral, 2_bacterial_vs_viral_balanced,
-0_subtype and 2_subtype_balanced (the commands are in the README); each has predictions_test.csv.
+0_subtype, 2_subtype_balanced and 3_subtype_balanced_16ep (the commands are in the README); each
+has predictions_test.csv.
 """
 import csv
 import sys
@@ -36,11 +37,12 @@ def bacterial_vs_viral(run: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(runs: Path, out: Path) -> None:
-    fig, (roc_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    fig, (roc_ax, bar_ax) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     for name, label in [("1_bacterial_vs_viral", "bacterial_vs_viral, shuffle"),
                         ("2_bacterial_vs_viral_balanced", "bacterial_vs_viral, balanced"),
                         ("0_subtype", "read off subtype, shuffle"),
-                        ("2_subtype_balanced", "read off subtype, balanced")]:
+                        ("2_subtype_balanced", "read off subtype, balanced"),
+                        ("3_subtype_balanced_16ep", "read off subtype, balanced, 16 epochs")]:
         y, p = bacterial_vs_viral(runs / name)
         fpr, tpr, _ = roc_curve(y, p)
         roc_ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc(y, p):.3f})")
@@ -49,14 +51,17 @@ def main(runs: Path, out: Path) -> None:
                title="Bacterial vs viral, test half (193 pneumonia images)")
     roc_ax.legend(fontsize=8, loc="lower right")
     classes = ["NORMAL", "BACTERIAL", "VIRAL"]
-    for k, (name, label) in enumerate([("0_subtype", "shuffle"), ("2_subtype_balanced", "balanced")]):
+    runs3 = [("0_subtype", "shuffle"), ("2_subtype_balanced", "balanced"),
+             ("3_subtype_balanced_16ep", "balanced, 16 epochs")]
+    width = 0.8 / len(runs3)
+    for k, (name, label) in enumerate(runs3):
         p = read(runs / name / "predictions_test.csv")
         y = p["label"].astype(int)
         top = np.stack([p[f"p_{c.lower()}"].astype(float) for c in classes], 1).argmax(1)
         sens = [float(np.mean(top[y == c] == c)) for c in range(3)]
-        bars = bar_ax.bar(np.arange(3) + (k - 0.5) * 0.38, sens, 0.38,
+        bars = bar_ax.bar(np.arange(3) + (k - (len(runs3) - 1) / 2) * width, sens, width,
                           label=f"subtype, {label} (accuracy {np.mean(top == y):.3f})")
-        bar_ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        bar_ax.bar_label(bars, fmt="%.2f", fontsize=7)
     bar_ax.set_xticks(range(3), classes)
     bar_ax.set(ylim=(0, 1.08), ylabel="sensitivity (argmax)", title="3 classes, test half (310 images)")
     bar_ax.legend(fontsize=8, loc="lower left")
