@@ -128,3 +128,27 @@ def test_a_run_trained_before_the_cpp_ops_keeps_its_pillow_preprocessing(trained
     new = preprocess_file(image, load_trained_model(trained_run / "checkpoints" / "best.ckpt").spec)
     assert not np.array_equal(preprocess_file(image, model.spec), new)  # Pillow's resize, not area
     assert np.abs(preprocess_file(image, model.spec) - new).mean() < 0.1  # ... of the same image
+
+
+def test_resuming_a_run_from_before_the_cpp_ops_keeps_its_pillow_pipeline(trained_run, tmp_path):
+    """An interrupted run begun with Pillow preprocessing (its config.yaml records no
+    `pipeline`) finishes with Pillow preprocessing; a new run in a fresh folder gets MindSpore's."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from conftest import TINY, make_cfg
+    from xray.train import input_pipeline, train
+    old = tmp_path / "old_run"
+    shutil.copytree(trained_run, old)
+    (old / "metrics.json").unlink()  # interrupted: last.ckpt, no result
+    config = OmegaConf.load(old / "config.yaml")
+    del config.preprocess["pipeline"]
+    OmegaConf.save(config, old / "config.yaml")
+    assert input_pipeline(old, resume=True) == "pil"
+    assert input_pipeline(old, resume=False) == input_pipeline(tmp_path / "new", resume=True) == "mindspore"
+    data_dir = OmegaConf.load(trained_run / "config.yaml").data.dir
+    result = train(make_cfg("config", TINY + [f"data.dir={data_dir}", "epochs=3", "train.eval_splits=[]",
+                                              "train.cam_images=0"]), old)
+    assert result["status"] == "ok" and result["epochs_completed"] == 3
+    assert OmegaConf.load(old / "config.yaml").preprocess.pipeline == "pil"

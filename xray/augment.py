@@ -104,21 +104,21 @@ def intensity_then_standardize(image: np.ndarray, rng: np.random.Generator, cfg:
 def warp(image: np.ndarray, box: tuple[int, int, int, int], degrees: float, size: int) -> np.ndarray:
     """The (left, top, right, bottom) part of the image, squashed to size x size and rotated
     by `degrees` about its centre (counter-clockwise, black where nothing was), in one bilinear
-    resampling (Pillow's affine transform). A crop more than twice the output size is first
-    shrunk by an integer factor (box filter), so the warp never aliases the way a 1:3
-    bilinear sampling would, and stays close to evaluation's area resize."""
+    resampling (Pillow's affine transform). A box at least twice the output size along an axis
+    is first shrunk by an integer factor along it (box filter), so the warp never aliases the way
+    a 1:3 bilinear sampling would, and stays close to evaluation's area resize."""
     left, top, right, bottom = box
     im = Image.fromarray(image, "L")
-    factor = int(min(right - left, bottom - top) / size)
-    if factor >= 2:
-        im = im.reduce(factor, box=box)
-        left, top, right, bottom = 0, 0, (right - left) / factor, (bottom - top) / factor
-    sx, sy = (right - left) / size, (bottom - top) / size
+    # cut to the box first (corners a rotation uncovers are black, as in evaluation's views);
+    # shrink by an integer factor per axis where the box is more than twice the output
+    factors = (max(1, (right - left) // size), max(1, (bottom - top) // size))
+    im = im.reduce(factors, box=box) if max(factors) > 1 else im.crop(box)
+    sx, sy = (right - left) / factors[0] / size, (bottom - top) / factors[1] / size
     cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
     half = size / 2
-    # output pixel (x, y) -> rotated about the output centre -> the box's pixel (x' = ax + by + c)
-    coefficients = (sx * cos, -sx * sin, left + sx * (half - cos * half + sin * half),
-                    sy * sin, sy * cos, top + sy * (half - sin * half - cos * half))
+    # output pixel (x, y) -> rotated about the output centre -> the cut's pixel (x' = ax + by + c)
+    coefficients = (sx * cos, -sx * sin, sx * (half - cos * half + sin * half),
+                    sy * sin, sy * cos, sy * (half - sin * half - cos * half))
     out = im.transform((size, size), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
     return np.asarray(out)
 
@@ -127,7 +127,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, cfg: Mapping, size: int
             standardize: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
     """One training view of a stored uint8 HxW image as runs with `pipeline: pil` made it:
     intensity shifts, `standardize`, then a random resized crop to size x size (Pillow) and a
-    rotation. (`pipeline: mindspore`: xray.data.TrainCrop, same draws, C++ resize.)"""
+    rotation. (`pipeline: mindspore`: xray.data.TrainBatch, same draws, one warp.)"""
     image = intensity_then_standardize(image, rng, cfg, size, standardize)
     box, degrees = geometry(*image.shape, rng, cfg)
     image = resize_box(image, box, size)

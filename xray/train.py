@@ -285,6 +285,15 @@ def record_failure(cfg: DictConfig, run_dir: Path, error: Exception, writers: li
         log.error("could not record the failure in %s: %s", run_dir, e)
 
 
+def input_pipeline(run_dir: Path, resume: bool) -> str:
+    """The input pipeline (preprocess.pipeline) of a run: a resumed run keeps the one it began
+    with (runs from before data format 2 recorded none: Pillow's), a new one gets MindSpore's."""
+    config = run_dir / "config.yaml"
+    if resume and (run_dir / "checkpoints" / "last.ckpt").exists() and config.is_file():
+        return str(OmegaConf.select(OmegaConf.load(config), "preprocess.pipeline", default="pil"))
+    return "mindspore"
+
+
 def _train(cfg: DictConfig, run_dir: Path, writers: list, group: Group = Group()) -> dict:
     """The training itself. With several ranks, every rank runs all of it on its part of each
     batch, and only rank 0 writes (checkpoints, TensorBoard, history, metrics, evaluation)."""
@@ -294,7 +303,8 @@ def _train(cfg: DictConfig, run_dir: Path, writers: list, group: Group = Group()
 
     data_dir = Path(cfg.data.dir)
     manifest = read_manifest(data_dir)
-    spec = preprocess_spec(manifest, cfg.data.image_size, cfg.model.in_channels, cfg.data.equalize)
+    spec = preprocess_spec(manifest, cfg.data.image_size, cfg.model.in_channels, cfg.data.equalize,
+                           pipeline=input_pipeline(run_dir, cfg.train.resume))
     task, classes = check_task(manifest, cfg.task.name, data_dir)
     # (reading the records also checks the files: a damaged one is one line now, not later)
     train = task_records(split_file(data_dir, manifest, "train"), task)
