@@ -9,6 +9,7 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -150,7 +151,9 @@ def _write(writer, rows: Optional[list[dict]], out_dir: Path) -> None:
     try:
         writer.write_raw_data(rows) if rows is not None else writer.commit()
     except RuntimeError as e:
-        if "free disk" in str(e):
+        # MindSpore says "free disk" when it checks first, "Failed to seekp file" when a page
+        # write hits the full disk; either way the disk is what to fix
+        if "free disk" in str(e) or shutil.disk_usage(out_dir.parent).free < 64 * 2**20:
             raise XrayError(f"disk full writing {out_dir}; free some space (a MindRecord file takes "
                             "at least one 32 MB page) and convert again") from None
         raise
