@@ -78,12 +78,12 @@ def adjust_intensity(image: np.ndarray, rng: np.random.Generator, cfg: Mapping,
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
+INTENSITY = ("brightness", "contrast", "gamma", "blur", "noise")
+
+
 def has_intensity(cfg: Mapping | None) -> bool:
     """Whether an augmentation config changes pixel values (not only geometry)."""
     return cfg is not None and any(float(cfg.get(k, 0)) for k in INTENSITY)
-
-
-INTENSITY = ("brightness", "contrast", "gamma", "blur", "noise")
 
 
 def geometry(h: int, w: int, rng: np.random.Generator, cfg: Mapping) -> tuple[tuple, float]:

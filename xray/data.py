@@ -162,18 +162,28 @@ def _augment_dict(augment: Optional[DictConfig]) -> Optional[dict]:
     return OmegaConf.to_container(augment) if augment is not None and augment.enabled else None
 
 
+class Standardizer:
+    """The run's contrast normalisation of an image read from `column`: nothing when convert
+    stored it already (`image_<equalize>`), else computed (picklable, for worker processes)."""
+
+    def __init__(self, spec: Preprocess, column: str) -> None:
+        self.spec, self.stored = spec, column != "image"
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return image if self.stored else standardize(image, self.spec)
+
+
 class EvalTransform:
     """Stored record -> model input (CxSxS), or tta > 1 views of it (VxCxSxS), in Python: for
     what the C++ ops cannot do alone (hist equalisation, test-time views, `pipeline: pil` runs)
     (picklable)."""
 
     def __init__(self, spec: Preprocess, column: str, tta: int = 1) -> None:
-        self.spec, self.tta, self.standardized = spec, tta, column != "image"
+        self.spec, self.tta, self.standardize = spec, tta, Standardizer(spec, column)
 
     def __call__(self, data, height, width):
-        image = stored_image(data, height, width)
-        return standardized_input(image if self.standardized else standardize(image, self.spec),
-                                  self.spec, self.tta)
+        image = self.standardize(stored_image(data, height, width))
+        return standardized_input(image, self.spec, self.tta)
 
 
 class TrainTransform:
@@ -181,13 +191,12 @@ class TrainTransform:
     it (Pillow, one Python call per image) (picklable)."""
 
     def __init__(self, spec: Preprocess, augment: dict, column: str) -> None:
-        self.spec, self.augment, self.standardized = spec, augment, column != "image"
+        self.spec, self.augment, self.standardize = spec, augment, Standardizer(spec, column)
 
     def __call__(self, data, height, width, seed):
         image = stored_image(data, height, width)
-        standardize_fn = (lambda x: x) if self.standardized else (lambda x: standardize(x, self.spec))
         image = augment(image, np.random.default_rng(int(seed)), self.augment, self.spec.image_size,
-                        standardize=standardize_fn)
+                        standardize=self.standardize)
         return to_tensor(image, self.spec)
 
 
@@ -198,14 +207,14 @@ class TrainBatch:
     same draws as augment() (picklable)."""
 
     def __init__(self, spec: Preprocess, augment: dict, column: str) -> None:
-        self.spec, self.augment, self.standardized = spec, augment, column != "image"
+        self.spec, self.augment, self.standardize = spec, augment, Standardizer(spec, column)
 
     def view(self, data, height, width, seed) -> np.ndarray:
         image = stored_image(data, height, width)
         rng = np.random.default_rng(int(seed))
-        if not self.standardized:
+        if not self.standardize.stored:
             image = intensity_then_standardize(image, rng, self.augment, self.spec.image_size,
-                                               lambda x: standardize(x, self.spec))
+                                               self.standardize)
         box, degrees = geometry(*image.shape, rng, self.augment)
         return warp(image, box, degrees, self.spec.image_size)
 
