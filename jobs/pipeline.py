@@ -4,7 +4,9 @@
 
 0. `xray.doctor` on the GPU partition: can a node there train with the device and mixed
    precision the members will use? (its report: <pipeline dir>/doctor.json);
-1. convert on the CPU partition;
+1. convert on the CPU partition (a data.dir that already holds data.root converted with the same
+   settings is kept; one that holds anything else is refused before anything is submitted,
+   unless overwrite=true);
 2. the training sweep (every other argument, Hydra multirun syntax, as for `xray.train -m`) as
    one job array on the GPU partition, starting only after the doctor and the conversion
    succeeded (afterok; otherwise Slurm cancels everything that waits);
@@ -30,6 +32,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from xray import CONF_DIR, folder_name
+from xray.convert import convert, holds_conversion, settings
 from xray.errors import XrayError, one_line_errors
 from xray.files import write_json
 
@@ -143,11 +146,18 @@ def submit_pipeline(overrides: list[str], out_dir: Path, split: str = "test",
     logs = out_dir / "slurm"
     c = first.cluster
     d = first.data
+    reconvert = bool(first.get("overwrite"))
+    wanted = settings(d.root, d.short_side, d.val_source, d.val_fraction, d.stratify, d.seed)
+    if holds_conversion(d.dir, wanted) is False and not reconvert:  # before anything is submitted
+        raise XrayError(f"data.dir={d.dir} already holds something else than {d.root} converted with "
+                        "these settings (another source, split or data format); pass another data.dir, "
+                        "or overwrite=true to convert it again (members start over too)")
 
     doctor_job = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,
                           name="doctor").submit(check_node, members[0], str(out_dir / "doctor.json"))
     convert_job = executor(logs, first, c.cpu_partition, c.cpus_per_cpu_job, name="convert").submit(
-        _convert, d.root, d.dir, d.short_side, d.val_source, d.val_fraction, d.seed)
+        _convert, d.root, d.dir, d.short_side, d.val_source, d.val_fraction, d.seed, d.stratify,
+        d.max_pixels, reconvert)
     names = [f"{i}_{folder_name(compose_train(m).hydra.job.override_dirname)}" for i, m in enumerate(members)]
     train_ex = executor(logs, first, c.gpu_partition, c.cpus_per_gpu_job, c.gpus_per_node,
                         after=f"afterok:{convert_job.job_id}:{doctor_job.job_id}", name="train",
@@ -177,14 +187,22 @@ def submit_pipeline(overrides: list[str], out_dir: Path, split: str = "test",
 
 
 def _convert(root: str, out_dir: str, short_side: int, val_source: str, val_fraction: float,
-             seed: int) -> dict:
+             seed: int, stratify: str, max_pixels: int, reconvert: bool = False) -> dict:
+    """The conversion job: a data.dir that already holds this very conversion is kept (the same
+    settings give the same images and split), anything else there only with `reconvert`."""
     import logging
 
-    from xray.convert import convert
+    from xray.data import read_manifest  # (imports MindSpore: only in the job)
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    if not reconvert and holds_conversion(out_dir, settings(root, short_side, val_source, val_fraction,
+                                                            stratify, seed)):
+        logging.getLogger("jobs.pipeline").info("%s already holds %s converted with these settings; kept "
+                                                "(overwrite=true converts it again)", out_dir, root)
+        return read_manifest(Path(out_dir))
     return convert(Path(root), Path(out_dir), short_side, val_source, val_fraction, seed,
-                   workers=len(os.sched_getaffinity(0)), overwrite=True)
+                   workers=len(os.sched_getaffinity(0)), overwrite=reconvert, max_pixels=max_pixels,
+                   stratify=stratify)
 
 
 @one_line_errors

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, copy_sample, gray_pattern
+from conftest import REPO, SAMPLE, copy_sample, gray_pattern
 from xray.convert import convert
 from xray.errors import XrayError
 from xray.preprocess import clahe, load_image, stored_image
@@ -196,3 +196,24 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
         f"error: data.root={tmp_path / 'nowhere'} does not exist; expected "
         "<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg (Kaggle chest-xray-pneumonia)"]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_the_pipelines_conversion_keeps_the_same_one_and_refuses_another(tmp_path):
+    from jobs.pipeline import _convert, submit_pipeline
+    from xray.preprocess import MAX_PIXELS
+
+    out = tmp_path / "data"
+    args = (str(SAMPLE), str(out), 128, "patients", 0.2, 42)
+    first = _convert(*args, "subtype", MAX_PIXELS)
+    stamp = (out / "train.mindrecord").stat().st_mtime_ns
+    assert _convert(*args, "subtype", MAX_PIXELS)["created"] == first["created"]  # kept, not redone
+    assert (out / "train.mindrecord").stat().st_mtime_ns == stamp
+    # another split in the same data.dir: refused before anything is submitted, and by the job
+    with pytest.raises(XrayError, match=f"data.dir={out} already holds something else"):
+        submit_pipeline(["data=sample", f"data.dir={out}", "data.stratify=label"], tmp_path / "pipeline")
+    assert not (tmp_path / "pipeline").exists()
+    with pytest.raises(XrayError, match="exists"):
+        _convert(*args, "label", MAX_PIXELS)
+    # overwrite=true: converted again, with the split it asks for
+    assert _convert(*args, "label", MAX_PIXELS, reconvert=True)["stratify"] == "label"
+    assert json.loads((out / "manifest.json").read_text())["stratify"] == "label"

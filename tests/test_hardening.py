@@ -21,6 +21,7 @@ from xray.data import read_labels, read_manifest
 from xray.errors import XrayError
 from xray.files import atomic_dir, remove_stale_temps
 from xray.preprocess import load_image
+from xray.report import collect
 from xray.train import train
 
 
@@ -55,10 +56,15 @@ def snapshot(folder: Path) -> dict:
 @pytest.mark.slow
 def test_rerunning_a_finished_run_with_a_typo_changes_nothing(finished_run, tmp_path):
     before = snapshot(finished_run)
-    proc = run(["xray.train", *TINY, "data.dir=/nonexistent", f"hydra.run.dir={finished_run}"], tmp_path)
+    lr = json.loads((finished_run / "metrics.json").read_text())["hparams"]["lr"]
+    proc = run(["xray.train", *TINY, "data.dir=/nonexistent", f"lr={lr * 10}", f"hydra.run.dir={finished_run}"],
+               tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already finished (status ok); not training it again" in proc.stdout + proc.stderr
     assert snapshot(finished_run) == before  # metrics.json, config.yaml, events, checkpoints
+    # Hydra rewrote .hydra/config.yaml with the typo; the report still shows what the run trained with
+    [member] = collect(finished_run.parent)
+    assert member.hparams["lr"] == lr
 
 
 @pytest.mark.slow
@@ -66,9 +72,12 @@ def test_overwrite_starts_a_finished_run_over(finished_run, sample_data):
     first = json.loads((finished_run / "metrics.json").read_text())
     cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=2", "train.max_steps_per_epoch=1",
                                      "train.eval_splits=[]", "overwrite=true"])
+    (finished_run / "calibration.json").write_text('{"temperature": 3.0}')  # the old model's
+    (finished_run / "reliability_val.png").write_bytes(b"old")
     result = train(cfg, finished_run)
     assert result["epochs_completed"] == 2 and first["epochs_completed"] == 1
     assert len(list(finished_run.glob("events.out.tfevents.*"))) == 1  # the old events went
+    assert not (finished_run / "calibration.json").exists() and not (finished_run / "reliability_val.png").exists()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import numpy as np
 from xray.errors import XrayError
 from xray.files import write_json
 
-FILE = "calibration.json"  # beside the checkpoint: its temperature
+FILE = "calibration.json"  # in the run folder: the temperature of its checkpoint
 BINS = 15
 EPS = 1e-7
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -187,6 +188,27 @@ def _split_summary(items: list[Item]) -> dict:
     }
 
 
+def settings(root: Path, short_side: int, val_source: str, val_fraction: float, stratify: str,
+             seed: int) -> dict:
+    """What a conversion was made from and how, as its manifest records it."""
+    patients = val_source == "patients"
+    return {"format": FORMAT, "source": str(Path(root).resolve()), "short_side": short_side,
+            "val_source": val_source, "val_fraction": val_fraction if patients else None,
+            "stratify": stratify if patients else None, "seed": seed}
+
+
+def holds_conversion(out_dir: Path, wanted: dict) -> Optional[bool]:
+    """Whether `out_dir` holds a finished conversion with the settings `wanted` (None: no
+    out_dir at all; False: something else, e.g. another source, split or data format)."""
+    if not Path(out_dir).exists():
+        return None
+    try:
+        manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in wanted.items())
+
+
 def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = "patients",
             val_fraction: float = 0.1, seed: int = 42, workers: int = 0, strict: bool = False,
             overwrite: bool = False, max_pixels: int = MAX_PIXELS, stratify: str = "subtype") -> dict:
@@ -252,15 +274,9 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
             summary[split] = _split_summary(items)
             summary[split]["file"] = f"{split}.mindrecord" if items else None
         manifest = {
-            "format": FORMAT,
-            "source": str(Path(root).resolve()),
+            **settings(root, short_side, val_source, val_fraction, stratify, seed),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "classes": list(CLASSES),
-            "short_side": short_side,
-            "val_source": val_source,
-            "val_fraction": val_fraction if val_source == "patients" else None,
-            "stratify": stratify if val_source == "patients" else None,
-            "seed": seed,
             "tasks": supported_tasks(summary["train"]["subtypes"]),
             "mean": float(mean),
             "std": std,

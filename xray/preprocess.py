@@ -2,7 +2,7 @@
 
 An image goes through three steps:
 1. `load_image`: any file Pillow reads -> upright 8-bit grayscale, shorter side = short_side.
-   Convert stores this array (lossless PNG) in MindRecord; predict applies it to a raw file.
+   Convert stores this array (an uncompressed 8-bit BMP) in MindRecord; predict applies it to a raw file.
 2. `standardize`: the run's optional contrast normalisation (`equalize`: none, hist, clahe),
    before any augmentation, so that intensity augmentation is not undone by it.
 3. `to_tensor`: that array (possibly augmented during training) -> the model input, a

@@ -79,8 +79,10 @@ def collect(sweep_dir: Path, rank_by: str = "best_val_auc") -> list[Member]:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         evals = {f.stem[len("eval_"):]: json.loads(f.read_text())
                  for f in sorted(path.glob("eval_*.json")) if "_tta" not in f.stem}
+        # a finished run's own record first: a rerun of it (with a typo) rewrites .hydra/, not that
+        hparams = {**hparams_of(cfg), **metrics.get("hparams", {})}
         members.append(Member(path.name, path, metrics.get("status", "unfinished"),
-                              hparams_of(cfg), str(cfg.get("sweep_name", "sweep")), metrics, evals))
+                              hparams, str(cfg.get("sweep_name", "sweep")), metrics, evals))
     if not members:
         raise XrayError(f"{sweep_dir} has no sweep members (no */.hydra/config.yaml); "
                         "pass the folder a `python -m xray.train -m ...` wrote")

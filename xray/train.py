@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from tensorboardX import SummaryWriter
 
 from xray import CONF_DIR
+from xray.calibration import FILE as CALIBRATION
 from xray.checks import TRAIN, check
 from xray.checkpoint import read_checkpoint
 from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec,
@@ -200,11 +201,12 @@ def finished_result(run_dir: Path) -> Optional[dict]:
 
 
 def start_over(run_dir: Path) -> None:
-    """overwrite=true: remove what an earlier attempt wrote (not .hydra/ or the logs)."""
+    """overwrite=true: remove what an earlier attempt wrote (not .hydra/ or the logs), also what
+    evaluating it wrote (a stale calibration.json would give the new model the old temperature)."""
     for path in [run_dir / "checkpoints", *run_dir.glob("events.out.tfevents.*"),
-                 *(run_dir / name for name in ("metrics.json", "history.jsonl", "config.yaml")),
-                 *run_dir.glob("eval_*.json"), *run_dir.glob("predictions_*.csv"),
-                 *run_dir.glob("roc_*.png"), *run_dir.glob("confusion_*.png")]:
+                 *(run_dir / name for name in ("metrics.json", "history.jsonl", "config.yaml", CALIBRATION)),
+                 *(path for kind in ("eval_*.json", "predictions_*.csv", "roc_*.png", "confusion_*.png",
+                                     "reliability_*.png", "cam_errors_*.png") for path in run_dir.glob(kind))]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

@@ -3,9 +3,8 @@ bacterial vs viral ROC of each model, and per-class sensitivity of the 3-class m
 
     python sweeps/results/subtype_cpu/compare.py <runs folder> [out.png]
 
-<runs folder> holds the run folders 1_bacterial_vs_viral, 2_bacterial_vs_viral_balanced,
-0_subtype, 2_subtype_balanced and 3_subtype_balanced_16ep (the commands are in the README); each
-has predictions_test.csv.
+<runs folder> holds the run folders named below (the commands are in the README); each has
+predictions_test.csv. Runs not there (yet) are left out of the figure.
 """
 import csv
 import sys
@@ -42,7 +41,13 @@ def main(runs: Path, out: Path) -> None:
                         ("2_bacterial_vs_viral_balanced", "bacterial_vs_viral, balanced"),
                         ("0_subtype", "read off subtype, shuffle"),
                         ("2_subtype_balanced", "read off subtype, balanced"),
-                        ("3_subtype_balanced_16ep", "read off subtype, balanced, 16 epochs")]:
+                        ("3_subtype_balanced_16ep", "read off subtype, balanced, 16 epochs"),
+                        ("3_bacterial_vs_viral_balanced_16ep", "bacterial_vs_viral, balanced, 16 epochs"),
+                        ("4_subtype_balanced_16ep_clahe", "read off subtype, balanced, 16 epochs, CLAHE"),
+                        ("4_bacterial_vs_viral_balanced_16ep_clahe",
+                         "bacterial_vs_viral, balanced, 16 epochs, CLAHE")]:
+        if not (runs / name / "predictions_test.csv").exists():
+            continue
         y, p = bacterial_vs_viral(runs / name)
         fpr, tpr, _ = roc_curve(y, p)
         roc_ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc(y, p):.3f})")
@@ -52,7 +57,9 @@ def main(runs: Path, out: Path) -> None:
     roc_ax.legend(fontsize=8, loc="lower right")
     classes = ["NORMAL", "BACTERIAL", "VIRAL"]
     runs3 = [("0_subtype", "shuffle"), ("2_subtype_balanced", "balanced"),
-             ("3_subtype_balanced_16ep", "balanced, 16 epochs")]
+             ("3_subtype_balanced_16ep", "balanced, 16 epochs"),
+             ("4_subtype_balanced_16ep_clahe", "balanced, 16 epochs, CLAHE")]
+    runs3 = [(name, label) for name, label in runs3 if (runs / name / "predictions_test.csv").exists()]
     width = 0.8 / len(runs3)
     for k, (name, label) in enumerate(runs3):
         p = read(runs / name / "predictions_test.csv")
