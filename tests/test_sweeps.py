@@ -175,6 +175,10 @@ def test_report_reads_sweeps_made_before_the_recipe_keys(smoke_sweep, tmp_path):
     for key in ("brightness", "contrast", "gamma", "blur", "noise"):
         del cfg["data"]["augment"][key]
     config.write_text(yaml.safe_dump(cfg))
+    metrics = json.loads((old / member.name / "metrics.json").read_text())  # nor did its own record
+    for key in ("label_smoothing", "sampling", "equalize", "augment_gamma"):
+        metrics.get("hparams", {}).pop(key, None)
+    (old / member.name / "metrics.json").write_text(json.dumps(metrics))
     [m] = collect(old)
     assert m.hparams["label_smoothing"] == 0.0 and m.hparams["sampling"] == "shuffle"
     assert m.hparams["equalize"] == "none" and m.hparams["augment_gamma"] == 0.0
@@ -195,6 +199,9 @@ def test_a_search_over_a_continuous_lr_gets_no_lr_grid_figures(smoke_sweep, tmp_
         cfg = yaml.safe_load(config.read_text())
         cfg["lr"] = 0.001 * (i + 1)
         config.write_text(yaml.safe_dump(cfg))
+        metrics = json.loads((copy / "metrics.json").read_text())  # what the report reads first
+        metrics["hparams"]["lr"] = cfg["lr"]
+        (copy / "metrics.json").write_text(json.dumps(metrics))
     members = report(search, best_root=None)
     assert len({m.hparams["lr"] for m in members}) == 10
     assert (search / "report.csv").exists()
