@@ -254,7 +254,7 @@ def test_augment_shifts_intensity_then_standardizes_then_crops():
                                                 (67, (10, 20, 110, 120), 10.0), (96, (0, 0, 310, 256), 7.0)])
 def test_warp_is_one_crop_resize_rotation(size, box, degrees):
     """The single resampling of a training view = crop, resize and rotation done in turn
-    (within a gray level on a smooth image; 20-30 when it turns the wrong way), shrinking by 4x
+    (within a gray level on a smooth image; 20-45 when it turns the wrong way), shrinking by 4x
     included, with the same black corners where the rotation uncovers nothing (also for an
     inner crop, whose surroundings must not leak in)."""
     from xray.augment import rotate, warp
@@ -264,5 +264,7 @@ def test_warp_is_one_crop_resize_rotation(size, box, degrees):
     steps = resize_box(image, box, size)
     steps = rotate(steps, degrees) if degrees else steps
     warped = warp(image, box, degrees, size)
-    assert np.abs(warped.astype(float) - steps).mean() < 1.0
+    # the edge of an uncovered corner may fall one pixel either way: compare the image itself
+    both = (warped > 0) & (steps > 0)
+    assert np.abs(warped.astype(float) - steps)[both].mean() < 1.0
     assert abs(int((warped == 0).sum()) - int((steps == 0).sum())) <= 0.1 * max(1, (steps == 0).sum())

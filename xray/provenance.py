@@ -29,7 +29,8 @@ def git_state() -> dict:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for package in ("xray", "mindspore", "numpy", "pillow", "hydra-core", "tensorboardX"):
+    for package in ("xray", "mindspore", "numpy", "pillow", "opencv-python-headless", "hydra-core",
+                    "tensorboardX"):
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
