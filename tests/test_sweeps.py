@@ -251,3 +251,23 @@ def test_the_report_ranks_without_mindspore(smoke_sweep, tmp_path):
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 ok, 2 diverged, 4 failed" in proc.stdout
+
+
+def test_a_resumed_runs_loss_curve_has_each_step_once_and_no_tensorflow_warning(tmp_path, caplog):
+    """A resumed run has two event files, the second restarting at its checkpoint's step (as
+    xray.train writes them, purge_step = that step): the curve keeps the first file's steps up
+    to it and the second's from it, quietly (the reader's "TensorFlow restart" warning would only
+    puzzle a user of the report)."""
+    from tensorboardX import SummaryWriter
+
+    from xray.report import Member, train_loss_curve
+    for suffix, steps in ((".1", range(0, 100, 10)), (".2", range(50, 150, 10))):  # stopped at 95, resumed at 50
+        writer = SummaryWriter(str(tmp_path), filename_suffix=suffix, purge_step=steps[0] or None)
+        for step in steps:
+            writer.add_scalar("train/loss", 1.0 / (1 + step) + (suffix == ".1" and step > 50), step)
+        writer.close()
+    caplog.set_level("INFO")
+    steps, losses = train_loss_curve(Member("run", tmp_path, "ok", {}, "sweep"))
+    assert steps.tolist() == list(range(0, 150, 10))
+    assert np.allclose(losses, [1.0 / (1 + s) for s in steps])  # the resumed part's values after 50
+    assert not [r for r in caplog.records if "restart" in r.getMessage()], caplog.text

@@ -167,7 +167,16 @@ def train_loss_curve(member: Member) -> tuple[np.ndarray, np.ndarray]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(member.path), size_guidance={"scalars": 0})
-    acc.Reload()
+    # a resumed run's next event file restarts at its checkpoint's step; the accumulator then
+    # drops what the interrupted part logged after that step (it was trained again), which is
+    # right, and warns about "a TensorFlow restart", which is not for our users
+    tensorboard_log = logging.getLogger("tensorboard")
+    level = tensorboard_log.level
+    tensorboard_log.setLevel(logging.ERROR)
+    try:
+        acc.Reload()
+    finally:
+        tensorboard_log.setLevel(level)
     if "train/loss" in acc.Tags().get("scalars", []):
         events = acc.Scalars("train/loss")
         return np.array([e.step for e in events]), np.array([e.value for e in events])
