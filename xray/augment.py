@@ -110,9 +110,9 @@ def warp(image: np.ndarray, box: tuple[int, int, int, int], degrees: float, size
     """The (left, top, right, bottom) part of the image, squashed to size x size and rotated
     by `degrees` about its centre (counter-clockwise, black where nothing was), in one bilinear
     resampling (OpenCV's affine warp, about 3x faster than the Pillow affine transform it
-    replaced; the two differ by half a gray level). A box at least twice the output size along an axis is first shrunk
-    by an integer factor along it (box filter), so the warp never aliases the way a 1:3 bilinear
-    sampling would, and stays close to evaluation's area resize."""
+    replaced; the two differ by half a gray level). A box at least twice the output size along
+    an axis is first shrunk by an integer factor along it (box filter), so the warp never aliases
+    the way a 1:3 bilinear sampling would, and stays close to evaluation's area resize."""
     left, top, right, bottom = box
     # cut to the box first (corners a rotation uncovers are black, as in evaluation's views);
     # shrink by an integer factor per axis where the box is more than twice the output
@@ -132,8 +132,8 @@ def warp(image: np.ndarray, box: tuple[int, int, int, int], degrees: float, size
     # "transparent": a pixel whose source is outside the cut keeps its 0, so the edges of the
     # uncovered corners stay sharp (a constant border would blend them into black)
     out = np.zeros((size, size), np.uint8)
-    return cv2.warpAffine(cut, inverse, (size, size), dst=out, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_TRANSPARENT)
+    return cv2.warpAffine(cut, inverse, (size, size), dst=out,
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_TRANSPARENT)
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, cfg: Mapping, size: int,
