@@ -45,7 +45,8 @@ def main(runs: Path, out: Path) -> None:
                         ("3_bacterial_vs_viral_balanced_16ep", "bacterial_vs_viral, balanced, 16 epochs"),
                         ("4_subtype_balanced_16ep_clahe", "read off subtype, balanced, 16 epochs, CLAHE"),
                         ("4_bacterial_vs_viral_balanced_16ep_clahe",
-                         "bacterial_vs_viral, balanced, 16 epochs, CLAHE")]:
+                         "bacterial_vs_viral, balanced, 16 epochs, CLAHE"),
+                        ("5_subtype_balanced_24ep", "read off subtype, balanced, 24 epochs")]:
         if not (runs / name / "predictions_test.csv").exists():
             continue
         y, p = bacterial_vs_viral(runs / name)
@@ -58,7 +59,8 @@ def main(runs: Path, out: Path) -> None:
     classes = ["NORMAL", "BACTERIAL", "VIRAL"]
     runs3 = [("0_subtype", "shuffle"), ("2_subtype_balanced", "balanced"),
              ("3_subtype_balanced_16ep", "balanced, 16 epochs"),
-             ("4_subtype_balanced_16ep_clahe", "balanced, 16 epochs, CLAHE")]
+             ("4_subtype_balanced_16ep_clahe", "balanced, 16 epochs, CLAHE"),
+             ("5_subtype_balanced_24ep", "balanced, 24 epochs")]
     runs3 = [(name, label) for name, label in runs3 if (runs / name / "predictions_test.csv").exists()]
     width = 0.8 / len(runs3)
     for k, (name, label) in enumerate(runs3):
