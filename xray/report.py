@@ -167,9 +167,10 @@ def train_loss_curve(member: Member) -> tuple[np.ndarray, np.ndarray]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(member.path), size_guidance={"scalars": 0})
-    # a resumed run's next event file restarts at its checkpoint's step; the accumulator then
-    # drops what the interrupted part logged after that step (it was trained again), which is
-    # right, and warns about "a TensorFlow restart", which is not for our users
+    # quiet while reading: the directory watcher's "No path found after ..." lines, and a resumed
+    # run's next event file restarting at its checkpoint's step, where the accumulator drops what
+    # the interrupted part logged after that step (it was trained again), which is right, and
+    # warns about "a TensorFlow restart", which is not for our users
     tensorboard_log = logging.getLogger("tensorboard")
     level = tensorboard_log.level
     tensorboard_log.setLevel(logging.ERROR)
@@ -441,7 +442,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..." noise
     report(args.sweep_dir, None if args.no_best else args.best_root, args.force, rank_by=args.rank_by,
            top_k=args.top_k)
 
