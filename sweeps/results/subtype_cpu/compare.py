@@ -1,10 +1,13 @@
 """The pneumonia-type runs on the test half, side by side (README "Pneumonia type"):
-bacterial vs viral ROC of each model, and per-class sensitivity of the 3-class models.
+bacterial vs viral ROC of each model, and per-class sensitivity of the 3-class models; prints
+the bacterial-vs-viral figures of each run with bootstrap 95 % CIs (a 3-class model's read off
+as p_bact / (p_bact + p_viral) on the pneumonia images), at 0.5 and at the threshold chosen on
+val (Youden, on the run's predictions_val.csv read off the same way).
 
     python sweeps/results/subtype_cpu/compare.py <runs folder> [out.png]
 
 <runs folder> holds the run folders named below (the commands are in the README); each has
-predictions_test.csv. Runs not there (yet) are left out of the figure.
+predictions_test.csv. Runs not there (yet) are left out.
 """
 import csv
 import sys
@@ -16,7 +19,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from xray.metrics import roc_auc, roc_curve  # noqa: E402
+from xray.metrics import (binary_metrics, bootstrap_ci, roc_auc, roc_curve,  # noqa: E402
+                          youden_threshold)
 
 
 def read(path: Path) -> dict:
@@ -25,14 +29,28 @@ def read(path: Path) -> dict:
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
-def bacterial_vs_viral(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(y = 1 for bacterial, p(bacterial)) on the pneumonia images of the test half."""
-    p = read(run / "predictions_test.csv")
+def bacterial_vs_viral(run: Path, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """(y = 1 for bacterial, p(bacterial)) on the pneumonia images of a split."""
+    p = read(run / f"predictions_{split}.csv")
     if "p_viral" not in p:  # a bacterial_vs_viral model: VIRAL = 0, BACTERIAL = 1
         return p["label"].astype(int), p["p_bacterial"].astype(float)
     pneumonia = p["label"].astype(int) > 0  # a subtype model: NORMAL 0, BACTERIAL 1, VIRAL 2
     bact, viral = p["p_bacterial"].astype(float)[pneumonia], p["p_viral"].astype(float)[pneumonia]
     return (p["label"].astype(int)[pneumonia] == 1).astype(int), bact / (bact + viral)
+
+
+def print_bacterial_vs_viral(run: Path, y: np.ndarray, p: np.ndarray) -> None:
+    ci = bootstrap_ci(y, p, binary_metrics)
+    m = binary_metrics(y, p, 0.5)
+    line = (f"{run.name}: bacterial vs viral AUC {m['auc']:.3f} ({ci['auc'][0]:.3f}-{ci['auc'][1]:.3f}); "
+            f"at 0.5 accuracy {m['accuracy']:.3f} ({ci['accuracy'][0]:.3f}-{ci['accuracy'][1]:.3f}), "
+            f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}")
+    if (run / "predictions_val.csv").exists():
+        threshold = youden_threshold(*bacterial_vs_viral(run, "val"))
+        t = binary_metrics(y, p, threshold)
+        line += (f"; at the val-chosen {threshold:.2f} accuracy {t['accuracy']:.3f}, "
+                 f"sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")
+    print(line)
 
 
 def main(runs: Path, out: Path) -> None:
@@ -46,10 +64,12 @@ def main(runs: Path, out: Path) -> None:
                         ("4_subtype_balanced_16ep_clahe", "read off subtype, balanced, 16 epochs, CLAHE"),
                         ("4_bacterial_vs_viral_balanced_16ep_clahe",
                          "bacterial_vs_viral, balanced, 16 epochs, CLAHE"),
-                        ("5_subtype_balanced_24ep", "read off subtype, balanced, 24 epochs")]:
+                        ("5_subtype_balanced_24ep", "read off subtype, balanced, 24 epochs"),
+                        ("6_subtype_balanced_24ep_seed7", "read off subtype, balanced, 24 epochs, seed 7")]:
         if not (runs / name / "predictions_test.csv").exists():
             continue
         y, p = bacterial_vs_viral(runs / name)
+        print_bacterial_vs_viral(runs / name, y, p)
         fpr, tpr, _ = roc_curve(y, p)
         roc_ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc(y, p):.3f})")
     roc_ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -60,7 +80,8 @@ def main(runs: Path, out: Path) -> None:
     runs3 = [("0_subtype", "shuffle"), ("2_subtype_balanced", "balanced"),
              ("3_subtype_balanced_16ep", "balanced, 16 epochs"),
              ("4_subtype_balanced_16ep_clahe", "balanced, 16 epochs, CLAHE"),
-             ("5_subtype_balanced_24ep", "balanced, 24 epochs")]
+             ("5_subtype_balanced_24ep", "balanced, 24 epochs"),
+             ("6_subtype_balanced_24ep_seed7", "balanced, 24 epochs, seed 7")]
     runs3 = [(name, label) for name, label in runs3 if (runs / name / "predictions_test.csv").exists()]
     width = 0.8 / len(runs3)
     for k, (name, label) in enumerate(runs3):
