@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +177,37 @@ def test_tasks_started_as_slurm_starts_them_train_like_one_rank(sample_data, one
     assert json.loads((run_dir / "metrics.json").read_text())["ranks"] == 2
     log = (run_dir / "train.log").read_text()
     assert "Slurm task 0 of 2: MindSpore scheduler at 127.0.0.1:" in log and "Slurm task 1" not in log
+
+
+@pytest.mark.slow
+def test_every_rank_leaves_after_rank_0_has_written_the_result(sample_data, tmp_path):
+    """Rank 0 evaluates after training while the others have nothing left to do; they wait for
+    it (a rank tearing MindSpore down while rank 0 still worked died of SIGSEGV under Slurm),
+    also past MindSpore's default 30 s wait of a CPU collective, and every rank exits 0."""
+    run_dir = tmp_path / "run"
+    job = str(30000 + (os.getpid() + 1) % 10000)
+    slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+             "XRAY_TEST_END_DELAY": "40"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "SLURM_"))}
+    driver = Path(__file__).with_name("dp_slow_end_driver.py")
+    procs = [subprocess.Popen([sys.executable, str(driver), *RUN, f"data.dir={sample_data}",
+                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)})
+             for task in range(2)]
+    ended = {}
+    try:
+        deadline = time.time() + 600
+        while len(ended) < 2 and time.time() < deadline:
+            for task, p in enumerate(procs):
+                if task not in ended and p.poll() is not None:
+                    ended[task] = time.time()
+            time.sleep(0.2)
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "leaving without waiting" not in outs[1], outs[1][-3000:]
+    written = (run_dir / "metrics.json").stat().st_mtime
+    assert ended[1] >= written, f"rank 1 left {written - ended[1]:.0f} s before rank 0 wrote the result"

@@ -50,6 +50,19 @@ def sacct(job_id: str) -> dict[str, dict]:
         time.sleep(1)
 
 
+def job_report(job_id: str, folder: Path) -> str:
+    """What a failed assertion on a job should show: every step's state and exit code (which
+    task failed, and how), and the end of each task's log without MindSpore's chatter."""
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", str(job_id), "--format=JobID,State,ExitCode,NTasks"],
+                           capture_output=True, text=True).stdout
+    tails = []
+    for log_file in sorted(folder.glob(f".submitit/{job_id}*/*_log.*")):
+        lines = [x for x in log_file.read_text(errors="replace").splitlines()
+                 if not x.startswith(("[WARNING] ", "[INFO] "))]
+        tails.append(f"--- {log_file.name}\n" + "\n".join(lines[-15:]))
+    return "sacct:\n" + steps + "\n".join(tails)
+
+
 def submitit_job_ids(folder: Path) -> set[str]:
     return {p.name.split("_")[0] for p in (folder / ".submitit").iterdir() if p.is_dir()}
 
@@ -62,7 +75,7 @@ def test_convert_runs_on_the_cpu_partition(tmp_path):
     assert manifest["splits"]["test"]["images"] == 20
     (job,) = submitit_job_ids(tmp_path / "sweep")
     states = sacct(job)
-    assert [r["State"] for r in states.values()] == ["COMPLETED"]
+    assert [r["State"] for r in states.values()] == ["COMPLETED"], job_report(job, tmp_path / "sweep")
     assert [r["Partition"] for r in states.values()] == ["cpu"]
 
 
@@ -81,7 +94,7 @@ def test_sweep_is_one_job_array_on_the_gpu_partition(sample_data, tmp_path):
     (array,) = submitit_job_ids(sweep)
     states = sacct(array)
     assert sorted(states) == [f"{array}_{i}" for i in range(4)]
-    assert {r["State"] for r in states.values()} == {"COMPLETED"}
+    assert {r["State"] for r in states.values()} == {"COMPLETED"}, job_report(array, sweep)
     assert {r["Partition"] for r in states.values()} == {"gpu"}
 
 
@@ -127,7 +140,7 @@ def test_time_limited_training_is_requeued_and_completes_every_epoch(sample_data
     per_epoch = json.loads((sample_data / "manifest.json").read_text())["splits"]["train"]["images"] // 8
     assert steps == list(range(epochs * per_epoch))  # every step once: the TensorBoard step continued
     (job,) = submitit_job_ids(sweep)
-    assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"]
+    assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"], job_report(job, sweep)
     history_rows = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "--format=State"],
                                   capture_output=True, text=True).stdout.split()
     requeues = history_rows.count("REQUEUED")
@@ -228,7 +241,7 @@ def test_a_data_parallel_member_runs_as_two_slurm_tasks(sample_data, tmp_path):
     assert metrics["status"] == "ok" and metrics["ranks"] == 2
     assert len(list(member.glob("events.out.tfevents.*"))) == 1
     (job,) = submitit_job_ids(sweep)
-    assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"]
+    assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"], job_report(job, sweep)
     tasks = subprocess.run(["sacct", "-n", "-P", "-j", job, "--format=JobID,NTasks"],
                            capture_output=True, text=True).stdout
     assert any(line.split("|")[1] == "2" for line in tasks.splitlines() if line.count("|") == 1), tasks

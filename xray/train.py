@@ -38,7 +38,7 @@ from xray.data import (check_task, make_eval_dataset, make_train_dataset, prepro
                        read_manifest, split_file, task_records)
 from xray.device import setup_device
 from xray.distributed import (Group, any_rank, barrier, check_batch_split, grad_reducer, init_group,
-                               join_slurm_job, launched_rank, local_device,
+                               join_slurm_job, launched_rank, leave_together, local_device,
                                mean_over_ranks)
 from xray.errors import XrayError, in_batch_job, one_line_errors
 from xray.files import to_json, write_json, write_text
@@ -236,7 +236,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if cfg.get("overwrite") and group.is_main:
             start_over(run_dir)
         barrier(group)
-        return _train(cfg, run_dir, writers, group)
+        result = _train(cfg, run_dir, writers, group)
+        leave_together(group)
+        return result
     except Exception as e:
         if group.is_main:
             record_failure(cfg, run_dir, e, writers)

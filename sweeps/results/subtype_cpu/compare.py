@@ -7,7 +7,8 @@ val (Youden, on the run's predictions_val.csv read off the same way).
     python sweeps/results/subtype_cpu/compare.py <runs folder> [out.png]
 
 <runs folder> holds the run folders named below (the commands are in the README); each has
-predictions_test.csv. Runs not there (yet) are left out.
+predictions_test.csv (an ensemble: the folder `python -m xray.evaluate` wrote). Runs not there
+(yet) are left out.
 """
 import csv
 import sys
@@ -65,7 +66,9 @@ def main(runs: Path, out: Path) -> None:
                         ("4_bacterial_vs_viral_balanced_16ep_clahe",
                          "bacterial_vs_viral, balanced, 16 epochs, CLAHE"),
                         ("5_subtype_balanced_24ep", "read off subtype, balanced, 24 epochs"),
-                        ("6_subtype_balanced_24ep_seed7", "read off subtype, balanced, 24 epochs, seed 7")]:
+                        ("6_subtype_balanced_24ep_seed7", "read off subtype, balanced, 24 epochs, seed 7"),
+                        ("7_subtype_balanced_24ep_seed42", "read off subtype, balanced, 24 epochs, seed 42 again"),
+                        ("8_subtype_ensemble_24ep_seeds_42_7", "read off the mean of seeds 42 and 7")]:
         if not (runs / name / "predictions_test.csv").exists():
             continue
         y, p = bacterial_vs_viral(runs / name)
@@ -81,7 +84,9 @@ def main(runs: Path, out: Path) -> None:
              ("3_subtype_balanced_16ep", "balanced, 16 epochs"),
              ("4_subtype_balanced_16ep_clahe", "balanced, 16 epochs, CLAHE"),
              ("5_subtype_balanced_24ep", "balanced, 24 epochs"),
-             ("6_subtype_balanced_24ep_seed7", "balanced, 24 epochs, seed 7")]
+             ("6_subtype_balanced_24ep_seed7", "balanced, 24 epochs, seed 7"),
+             ("7_subtype_balanced_24ep_seed42", "balanced, 24 epochs, seed 42 again"),
+             ("8_subtype_ensemble_24ep_seeds_42_7", "mean of seeds 42 and 7")]
     runs3 = [(name, label) for name, label in runs3 if (runs / name / "predictions_test.csv").exists()]
     width = 0.8 / len(runs3)
     for k, (name, label) in enumerate(runs3):
