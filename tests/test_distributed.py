@@ -54,6 +54,10 @@ def test_slurm_tasks_become_mindspore_ranks():
     assert env["MS_ROLE"] == "MS_WORKER" and env["MS_WORKER_NUM"] == "4" and env["MS_NODE_ID"] == "3"
     assert env["MS_SCHED_HOST"] == "127.0.0.1"  # an IP: MindSpore cannot parse a host name
     assert env["MS_SCHED_PORT"] == "21234"
+    assert env["MS_CPU_COMM_OP_TIMEOUT"] == "1200"  # the ranks' last wait outlasts rank 0's evaluation
+    assert env_from_slurm({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                           "SLURM_JOB_NODELIST": "localhost",
+                           "MS_CPU_COMM_OP_TIMEOUT": "60"})["MS_CPU_COMM_OP_TIMEOUT"] == "60"
     assert slurm_head_node("gpu[03-05,07],cpu1") == "gpu03"
 
 
@@ -159,7 +163,7 @@ def test_tasks_started_as_slurm_starts_them_train_like_one_rank(sample_data, one
     srun starts them): they derive MindSpore's cluster variables, task 0 starts the scheduler,
     and the run equals the 1-rank run (no Slurm needed: the variables are all they read)."""
     run_dir = tmp_path / "run"
-    job = str(30000 + os.getpid() % 10000)  # -> its scheduler port
+    job = str(1000 + os.getpid() % 9000)  # -> its scheduler port, 21000-29999 (below the ephemeral ports)
     slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "SLURM_"))}
     procs = [subprocess.Popen([sys.executable, "-m", "xray.train", *RUN, f"data.dir={sample_data}",
@@ -185,16 +189,19 @@ def test_every_rank_leaves_after_rank_0_has_written_the_result(sample_data, tmp_
     it (a rank tearing MindSpore down while rank 0 still worked died of SIGSEGV under Slurm),
     also past MindSpore's default 30 s wait of a CPU collective, and every rank exits 0."""
     run_dir = tmp_path / "run"
-    job = str(30000 + (os.getpid() + 1) % 10000)
+    job = str(1000 + (os.getpid() + 1) % 9000)  # -> scheduler port 21000-29999
     slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
              "XRAY_TEST_END_DELAY": "40"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "SLURM_"))}
     driver = Path(__file__).with_name("dp_slow_end_driver.py")
-    procs = [subprocess.Popen([sys.executable, str(driver), *RUN, f"data.dir={sample_data}",
-                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)})
-             for task in range(2)]
+    logs = [tmp_path / f"task{task}.log" for task in range(2)]  # (files: a full pipe would block a rank)
+    procs = []
+    for task in range(2):
+        with open(logs[task], "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(driver), *RUN, f"data.dir={sample_data}", f"hydra.run.dir={run_dir}"],
+                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)}))
     ended = {}
     try:
         deadline = time.time() + 600
@@ -203,11 +210,13 @@ def test_every_rank_leaves_after_rank_0_has_written_the_result(sample_data, tmp_
                 if task not in ended and p.poll() is not None:
                     ended[task] = time.time()
             time.sleep(0.2)
-        outs = [p.communicate(timeout=60)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
+            p.wait()
+    outs = [path.read_text(errors="replace") for path in logs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "leaving without waiting" not in outs[1], outs[1][-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["eval_time_s"] >= 40  # rank 0 was slow
     written = (run_dir / "metrics.json").stat().st_mtime
     assert ended[1] >= written, f"rank 1 left {written - ended[1]:.0f} s before rank 0 wrote the result"

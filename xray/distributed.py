@@ -28,9 +28,10 @@ from xray.errors import XrayError
 
 log = logging.getLogger(__name__)
 
-# How long a CPU collective waits for the other ranks (MindSpore's default is 30 s): at the end
+# Seconds a CPU collective waits for the other ranks (MindSpore's default is 30 s): at the end
 # of a run the ranks wait for rank 0's final evaluation (leave_together), which takes minutes.
-COMM_OP_TIMEOUT_S = "1200"
+# The price: a rank that hangs (rather than dies) mid-training stalls the others this long.
+COMM_OP_TIMEOUT_S = 1200
 
 # Test-only switch: with it set, gradients are NOT averaged across ranks (the test that proves
 # the averaging matters runs with it and must then see different losses).
@@ -132,11 +133,12 @@ def barrier(group: Group) -> None:
 
 
 def leave_together(group: Group) -> None:
-    """The run's last collective: every rank waits here until rank 0 has evaluated and written
-    the result, so that all ranks tear MindSpore down at once (a rank that tore it down while
-    rank 0 still worked was seen to die of SIGSEGV under Slurm, failing a finished job). On CPU
-    the wait is bounded by MS_CPU_COMM_OP_TIMEOUT (COMM_OP_TIMEOUT_S from our launchers); past
-    it a rank leaves anyway: the result is already written."""
+    """The group's last collective, at the end of a run or before a requeue: every rank waits
+    here until rank 0 has written the result (or last.ckpt), so that all ranks tear MindSpore
+    down at once (a rank that tore it down while rank 0 still worked was seen to die of SIGSEGV
+    under Slurm, failing a finished job). On CPU the wait is bounded by MS_CPU_COMM_OP_TIMEOUT
+    (COMM_OP_TIMEOUT_S from our launchers); past it this rank leaves anyway, with a warning:
+    its own part is done, and rank 0 records its own outcome."""
     try:
         barrier(group)
     except RuntimeError as e:
@@ -191,7 +193,7 @@ def env_from_slurm(environ: Optional[dict] = None) -> dict:
         "MS_SCHED_PORT": str(20000 + job % 20000),
         "DEVICE_ID": env.get("SLURM_LOCALID", "0"),  # this task's GPU among the node's
         "MS_TOPO_TIMEOUT": env.get("MS_TOPO_TIMEOUT", "300"),
-        "MS_CPU_COMM_OP_TIMEOUT": env.get("MS_CPU_COMM_OP_TIMEOUT", COMM_OP_TIMEOUT_S),
+        "MS_CPU_COMM_OP_TIMEOUT": env.get("MS_CPU_COMM_OP_TIMEOUT", str(COMM_OP_TIMEOUT_S)),
     }
 
 

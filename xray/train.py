@@ -127,7 +127,8 @@ class PreemptionGuard:
 
     def hand_over(self) -> None:
         """After last.ckpt is saved: rank 0 lets submitit requeue the job (the whole group);
-        the other ranks just leave."""
+        the other ranks leave with it."""
+        leave_together(self.group)
         signal.signal(signal.SIGUSR2, self.previous)
         if not self.group.is_main:
             raise SystemExit(0)
