@@ -40,6 +40,40 @@ def launch(ranks, overrides, cwd, env=None, timeout=600):
                           env={**os.environ, **(env or {})})
 
 
+def start_as_slurm_tasks(script, args, tmp_path, job_offset=0, extra=None):
+    """Two processes of `script args` with only the SLURM_* variables of a 2-task job, as srun
+    starts them (no Slurm needed: the variables are all they read). Each logs to a file (a full
+    pipe would block a rank); returns the processes and their log paths."""
+    job = str(1000 + (os.getpid() + job_offset) % 9000)  # -> scheduler port 21000-29999, below the ephemeral ports
+    slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", **(extra or {})}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "SLURM_"))}
+    logs = [tmp_path / f"task{task}.log" for task in range(2)]
+    procs = []
+    for task in range(2):
+        with open(logs[task], "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, *script, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)}))
+    return procs, logs
+
+
+def wait_all(procs, timeout=600):
+    """{task: time it exited}; kills whatever still runs at the deadline."""
+    ended = {}
+    try:
+        deadline = time.time() + timeout
+        while len(ended) < len(procs) and time.time() < deadline:
+            for task, p in enumerate(procs):
+                if task not in ended and p.poll() is not None:
+                    ended[task] = time.time()
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return ended
+
+
 def test_each_rank_gets_its_contiguous_part_of_every_global_batch():
     order, _ = epoch_plan(np.array([0] * 10 + [1] * 22), seed=3, epoch=2)
     parts = [rank_part(order, 8, r, 2).reshape(-1, 4) for r in range(2)]
@@ -55,9 +89,11 @@ def test_slurm_tasks_become_mindspore_ranks():
     assert env["MS_SCHED_HOST"] == "127.0.0.1"  # an IP: MindSpore cannot parse a host name
     assert env["MS_SCHED_PORT"] == "21234"
     assert env["MS_CPU_COMM_OP_TIMEOUT"] == "1200"  # the ranks' last wait outlasts rank 0's evaluation
-    assert env_from_slurm({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
-                           "SLURM_JOB_NODELIST": "localhost",
-                           "MS_CPU_COMM_OP_TIMEOUT": "60"})["MS_CPU_COMM_OP_TIMEOUT"] == "60"
+    assert env["MS_NODE_TIMEOUT"] == "120"  # a busy rank is not taken for dead after 30 s
+    users = env_from_slurm({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                            "SLURM_JOB_NODELIST": "localhost",
+                            "MS_CPU_COMM_OP_TIMEOUT": "60", "MS_NODE_TIMEOUT": "45"})
+    assert users["MS_CPU_COMM_OP_TIMEOUT"] == "60" and users["MS_NODE_TIMEOUT"] == "45"
     assert slurm_head_node("gpu[03-05,07],cpu1") == "gpu03"
 
 
@@ -163,24 +199,16 @@ def test_tasks_started_as_slurm_starts_them_train_like_one_rank(sample_data, one
     srun starts them): they derive MindSpore's cluster variables, task 0 starts the scheduler,
     and the run equals the 1-rank run (no Slurm needed: the variables are all they read)."""
     run_dir = tmp_path / "run"
-    job = str(1000 + os.getpid() % 9000)  # -> its scheduler port, 21000-29999 (below the ephemeral ports)
-    slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "SLURM_"))}
-    procs = [subprocess.Popen([sys.executable, "-m", "xray.train", *RUN, f"data.dir={sample_data}",
-                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)})
-             for task in range(2)]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    procs, logs = start_as_slurm_tasks(["-m", "xray.train"], RUN + [f"data.dir={sample_data}",
+                                       f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_all(procs)
+    outs = [path.read_text(errors="replace") for path in logs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     np.testing.assert_allclose(step_losses(run_dir), step_losses(one_rank), rtol=1e-4)
     assert json.loads((run_dir / "metrics.json").read_text())["ranks"] == 2
     log = (run_dir / "train.log").read_text()
     assert "Slurm task 0 of 2: MindSpore scheduler at 127.0.0.1:" in log and "Slurm task 1" not in log
+    assert (run_dir / "scheduler.log").stat().st_size > 0  # task 0's scheduler wrote its output there
 
 
 @pytest.mark.slow
@@ -189,34 +217,34 @@ def test_every_rank_leaves_after_rank_0_has_written_the_result(sample_data, tmp_
     it (a rank tearing MindSpore down while rank 0 still worked died of SIGSEGV under Slurm),
     also past MindSpore's default 30 s wait of a CPU collective, and every rank exits 0."""
     run_dir = tmp_path / "run"
-    job = str(1000 + (os.getpid() + 1) % 9000)  # -> scheduler port 21000-29999
-    slurm = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
-             "XRAY_TEST_END_DELAY": "40"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "SLURM_"))}
     driver = Path(__file__).with_name("dp_slow_end_driver.py")
-    logs = [tmp_path / f"task{task}.log" for task in range(2)]  # (files: a full pipe would block a rank)
-    procs = []
-    for task in range(2):
-        with open(logs[task], "w") as out:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(driver), *RUN, f"data.dir={sample_data}", f"hydra.run.dir={run_dir}"],
-                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                env={**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)}))
-    ended = {}
-    try:
-        deadline = time.time() + 600
-        while len(ended) < 2 and time.time() < deadline:
-            for task, p in enumerate(procs):
-                if task not in ended and p.poll() is not None:
-                    ended[task] = time.time()
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+    procs, logs = start_as_slurm_tasks([str(driver)], RUN + [f"data.dir={sample_data}",
+                                       f"hydra.run.dir={run_dir}"], tmp_path, job_offset=1,
+                                       extra={"XRAY_TEST_END_DELAY": "40"})
+    ended = wait_all(procs)
     outs = [path.read_text(errors="replace") for path in logs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "leaving without waiting" not in outs[1], outs[1][-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["eval_time_s"] >= 40  # rank 0 was slow
     written = (run_dir / "metrics.json").stat().st_mtime
     assert ended[1] >= written, f"rank 1 left {written - ended[1]:.0f} s before rank 0 wrote the result"
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_group(sample_data, tmp_path):
+    """Rank 1 dies mid-training (as after a segfault): rank 0, waiting in that step's AllReduce,
+    is ended by MindSpore once rank 1 misses its heartbeats for MS_NODE_TIMEOUT seconds (a user's
+    value, 30 here), not left waiting out the 20-minute collective timeout, so the Slurm job
+    ends and frees its nodes."""
+    run_dir = tmp_path / "run"
+    driver = Path(__file__).with_name("dp_crash_driver.py")
+    procs, logs = start_as_slurm_tasks([str(driver)], RUN + [f"data.dir={sample_data}",
+                                       f"hydra.run.dir={run_dir}"], tmp_path, job_offset=2,
+                                       extra={"XRAY_TEST_CRASH_STEP": "4", "XRAY_TEST_CRASH_RANK": "1",
+                                              "MS_NODE_TIMEOUT": "30"})
+    ended = wait_all(procs, timeout=420)
+    outs = [path.read_text(errors="replace") for path in logs]
+    assert "rank 1 dies at step 4" in outs[1] and procs[1].returncode == 9, outs[1][-3000:]
+    assert 0 in ended and procs[0].returncode != 0, outs[0][-3000:]  # rank 0 did not go on alone
+    assert 25 <= ended[0] - ended[1] <= 90, f"rank 0 ended {ended[0] - ended[1]:.0f} s after rank 1 died"
+    assert not (run_dir / "metrics.json").exists()

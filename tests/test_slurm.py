@@ -60,6 +60,10 @@ def job_report(job_id: str, folder: Path) -> str:
         lines = [x for x in log_file.read_text(errors="replace").splitlines()
                  if not x.startswith(("[WARNING] ", "[INFO] "))]
         tails.append(f"--- {log_file.name}\n" + "\n".join(lines[-15:]))
+    for log_file in sorted(folder.glob("*/scheduler.log")):  # a data-parallel member's scheduler
+        lines = [x for x in log_file.read_text(errors="replace").splitlines()
+                 if "alive nodes" not in x and "Topology build timed out" not in x]
+        tails.append(f"--- {log_file.parent.name}/scheduler.log\n" + "\n".join(lines[-10:]))
     return "sacct:\n" + steps + "\n".join(tails)
 
 
@@ -236,12 +240,13 @@ def test_a_data_parallel_member_runs_as_two_slurm_tasks(sample_data, tmp_path):
                 "train.max_steps_per_epoch=2", "train.eval_splits=[]", "train.cam_images=0",
                 f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = submitit_job_ids(sweep)
+    assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"], job_report(job, sweep)
     (member,) = [p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()]
     metrics = json.loads((member / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["ranks"] == 2
     assert len(list(member.glob("events.out.tfevents.*"))) == 1
-    (job,) = submitit_job_ids(sweep)
-    assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"], job_report(job, sweep)
+    assert (member / "scheduler.log").stat().st_size > 0  # task 0's scheduler, for a post-mortem
     tasks = subprocess.run(["sacct", "-n", "-P", "-j", job, "--format=JobID,NTasks"],
                            capture_output=True, text=True).stdout
     assert any(line.split("|")[1] == "2" for line in tasks.splitlines() if line.count("|") == 1), tasks

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from xray.errors import XrayError
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 # of a run the ranks wait for rank 0's final evaluation (leave_together), which takes minutes.
 # The price: a rank that hangs (rather than dies) mid-training stalls the others this long.
 COMM_OP_TIMEOUT_S = 1200
+
+# Seconds without a heartbeat after which MindSpore's scheduler declares a rank dead and ends the
+# group (MS_NODE_TIMEOUT; its default, 30 s, ended a healthy group here when ranks compiling
+# on an overloaded node went quiet for 34 s). Also how long the others wait after a rank died.
+NODE_TIMEOUT_S = 120
 
 # Test-only switch: with it set, gradients are NOT averaged across ranks (the test that proves
 # the averaging matters runs with it and must then see different losses).
@@ -194,6 +200,7 @@ def env_from_slurm(environ: Optional[dict] = None) -> dict:
         "DEVICE_ID": env.get("SLURM_LOCALID", "0"),  # this task's GPU among the node's
         "MS_TOPO_TIMEOUT": env.get("MS_TOPO_TIMEOUT", "300"),
         "MS_CPU_COMM_OP_TIMEOUT": env.get("MS_CPU_COMM_OP_TIMEOUT", str(COMM_OP_TIMEOUT_S)),
+        "MS_NODE_TIMEOUT": env.get("MS_NODE_TIMEOUT", str(NODE_TIMEOUT_S)),
     }
 
 
@@ -206,18 +213,21 @@ def start_scheduler(env: dict, stdout=subprocess.DEVNULL) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def join_slurm_job() -> Optional[subprocess.Popen]:
+def join_slurm_job(scheduler_log: Path) -> Optional[subprocess.Popen]:
     """Inside a Slurm job of several tasks and not yet in a cluster: set this task's MindSpore
-    variables; task 0 also starts the scheduler (returned, to be waited for at the end)."""
+    variables; task 0 also starts the scheduler (returned, to be waited for at the end), its
+    output appended to `scheduler_log` (the run folder's scheduler.log: why a group broke)."""
     if in_cluster() or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return None
     env = env_from_slurm()
     os.environ.update(env)
     log.info("Slurm task %s of %s: MindSpore scheduler at %s:%s", env["MS_NODE_ID"],
              env["MS_WORKER_NUM"], env["MS_SCHED_HOST"], env["MS_SCHED_PORT"])
-    if env["MS_NODE_ID"] == "0":
-        return start_scheduler(env)
-    return None
+    if env["MS_NODE_ID"] != "0":
+        return None
+    scheduler_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(scheduler_log, "ab") as out:  # (the child keeps its own copy of the file)
+        return start_scheduler(env, stdout=out)
 
 
 def main() -> None:

@@ -227,7 +227,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  "it over)", run_dir, finished["status"])
         return finished
     writers: list[SummaryWriter] = []  # the run's one TensorBoard writer, once it is open
-    scheduler = join_slurm_job()  # a Slurm job of several tasks: one rank each
+    # a Slurm job of several tasks: one rank each (task 0 also starts the scheduler)
+    scheduler = join_slurm_job(run_dir / "scheduler.log")
     group = Group(rank=launched_rank())  # (until it has joined the others)
     try:
         check(cfg, TRAIN)
