@@ -1,7 +1,9 @@
-"""Test helper (tests/test_distributed.py): one rank of `python -m xray.train`; rank
-XRAY_TEST_CRASH_RANK dies at once (os._exit, as a segfault or the OOM killer would end it)
-while step XRAY_TEST_CRASH_STEP runs, leaving the other ranks in that step's AllReduce."""
+"""Test helper (tests/test_distributed.py): one rank of `python -m xray.train` under a
+submitit-like SIGTERM handler (submitit's only logs the signal); rank XRAY_TEST_CRASH_RANK dies
+at once (os._exit, as after a segfault or the OOM killer) while step XRAY_TEST_CRASH_STEP runs,
+leaving the other ranks in that step's AllReduce."""
 import os
+import signal
 
 import xray.train
 from xray.distributed import launched_rank
@@ -17,5 +19,10 @@ def masks_then_crash(p, batch, seed, step):
     return real_masks(p, batch, seed, step)
 
 
+def submitit_like_bypass(signum, frame):
+    print("bypassing SIGTERM", flush=True)
+
+
+signal.signal(signal.SIGTERM, submitit_like_bypass)
 xray.train.dropout_masks = masks_then_crash
 xray.train.main()

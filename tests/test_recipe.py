@@ -7,7 +7,7 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from conftest import SAMPLE, TINY, make_cfg, gray_pattern
 from xray.augment import TTA_VIEWS, adjust_intensity, augment, crop_box, resize_box, tta_views

@@ -15,7 +15,6 @@ from xray.checkpoint import load_trained_model
 from xray.convert import Item, convert, split_by_patient
 from xray.data import check_task, read_manifest, split_file, task_records
 from xray.errors import XrayError
-from xray.evaluate import evaluate
 from xray.labels import TASK_CLASSES, supported_tasks, task_targets
 from xray.predict import format_results, predict_images
 from xray.train import train

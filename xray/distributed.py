@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from xray.errors import XrayError
 
@@ -38,6 +41,9 @@ COMM_OP_TIMEOUT_S = 1200
 # group (MS_NODE_TIMEOUT; its default, 30 s, ended a healthy group here when ranks compiling
 # on an overloaded node went quiet for 34 s). Also how long the others wait after a rank died.
 NODE_TIMEOUT_S = 120
+
+# MindSpore's log lines while ranks wait for each other: harmless, left out of what we show
+NOISE = ("Topology build timed out", "retry(", "alive nodes")
 
 # Test-only switch: with it set, gradients are NOT averaged across ranks (the test that proves
 # the averaging matters runs with it and must then see different losses).
@@ -186,6 +192,12 @@ def slurm_head_node(nodelist: str) -> str:
     return match.group(1) + (match.group(2) or "")
 
 
+def cluster_timeouts(env: Mapping[str, str]) -> dict:
+    """MindSpore's collective and heartbeat timeouts for our groups; a user's own values kept."""
+    return {"MS_CPU_COMM_OP_TIMEOUT": env.get("MS_CPU_COMM_OP_TIMEOUT", str(COMM_OP_TIMEOUT_S)),
+            "MS_NODE_TIMEOUT": env.get("MS_NODE_TIMEOUT", str(NODE_TIMEOUT_S))}
+
+
 def env_from_slurm(environ: Optional[dict] = None) -> dict:
     """The MindSpore cluster variables of this Slurm task: one task = one rank, the scheduler
     on the job's first node, its port from the job id (so that jobs sharing a node differ)."""
@@ -199,8 +211,7 @@ def env_from_slurm(environ: Optional[dict] = None) -> dict:
         "MS_SCHED_PORT": str(20000 + job % 20000),
         "DEVICE_ID": env.get("SLURM_LOCALID", "0"),  # this task's GPU among the node's
         "MS_TOPO_TIMEOUT": env.get("MS_TOPO_TIMEOUT", "300"),
-        "MS_CPU_COMM_OP_TIMEOUT": env.get("MS_CPU_COMM_OP_TIMEOUT", str(COMM_OP_TIMEOUT_S)),
-        "MS_NODE_TIMEOUT": env.get("MS_NODE_TIMEOUT", str(NODE_TIMEOUT_S)),
+        **cluster_timeouts(env),
     }
 
 
@@ -211,6 +222,13 @@ def start_scheduler(env: dict, stdout=subprocess.DEVNULL) -> subprocess.Popen:
     child.pop("MS_NODE_ID", None)  # (env may carry this task's own id)
     return subprocess.Popen([sys.executable, "-m", "xray.distributed"], env=child, stdout=stdout,
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def slurm_job_name() -> str:
+    """This job as squeue and sacct name it: <array job>_<task> for an array member."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID", "?")
 
 
 def join_slurm_job(scheduler_log: Path) -> Optional[subprocess.Popen]:
@@ -225,9 +243,25 @@ def join_slurm_job(scheduler_log: Path) -> Optional[subprocess.Popen]:
              env["MS_WORKER_NUM"], env["MS_SCHED_HOST"], env["MS_SCHED_PORT"])
     if env["MS_NODE_ID"] != "0":
         return None
-    scheduler_log.parent.mkdir(parents=True, exist_ok=True)
-    with open(scheduler_log, "ab") as out:  # (the child keeps its own copy of the file)
-        return start_scheduler(env, stdout=out)
+    try:
+        scheduler_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(scheduler_log, "ab") as out:  # (the child keeps its own copy of the file)
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} Slurm job {slurm_job_name()}, "
+                      f"start {int(os.environ.get('SLURM_RESTART_COUNT', '0')) + 1}\n".encode())
+            out.flush()
+            return start_scheduler(env, stdout=out)
+    except OSError as e:  # a diagnostic file must not fail the run
+        log.warning("cannot write %s (%s); the scheduler's output is dropped", scheduler_log, e)
+        return start_scheduler(env)
+
+
+def die_on_sigterm() -> None:
+    """For a data-parallel rank: SIGTERM ends the process (its default). MindSpore ends a rank
+    whose peer died (no heartbeat for MS_NODE_TIMEOUT s) with SIGTERM; under submitit, whose
+    handler only logs SIGTERM, the rank would wait in its collective for MS_CPU_COMM_OP_TIMEOUT
+    (20 min) instead. The time-limit signal (SIGUSR2) is not affected."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main() -> None:

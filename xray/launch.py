@@ -21,10 +21,8 @@ import threading
 import time
 from datetime import datetime
 
-from xray.distributed import COMM_OP_TIMEOUT_S, NODE_TIMEOUT_S, check_batch_split, start_scheduler
+from xray.distributed import NOISE, check_batch_split, cluster_timeouts, start_scheduler
 from xray.errors import XrayError, one_line_errors
-
-NOISE = ("Topology build timed out", "retry(")  # MindSpore waiting for the other ranks: harmless
 
 
 def free_port() -> int:
@@ -78,8 +76,7 @@ def launch(ranks: int, overrides: list[str], port: int = 0, module: str = "xray.
         overrides = [*overrides, f"hydra.run.dir=outputs/train/{datetime.now():%Y-%m-%d_%H-%M-%S}"]
     env = dict(os.environ, MS_WORKER_NUM=str(ranks), MS_SCHED_HOST="127.0.0.1",
                MS_SCHED_PORT=str(port or free_port()), MS_TOPO_TIMEOUT=str(topo_timeout))
-    env.setdefault("MS_CPU_COMM_OP_TIMEOUT", str(COMM_OP_TIMEOUT_S))
-    env.setdefault("MS_NODE_TIMEOUT", str(NODE_TIMEOUT_S))
+    env.update(cluster_timeouts(env))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
     env.pop("MS_NODE_ID", None)
     sched_out: collections.deque = collections.deque(maxlen=40)

@@ -37,8 +37,8 @@ from xray.checkpoint import read_checkpoint
 from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec,
                        read_manifest, split_file, task_records)
 from xray.device import setup_device
-from xray.distributed import (Group, any_rank, barrier, check_batch_split, grad_reducer, init_group,
-                               join_slurm_job, launched_rank, leave_together, local_device,
+from xray.distributed import (Group, any_rank, barrier, check_batch_split, die_on_sigterm, grad_reducer,
+                               init_group, join_slurm_job, launched_rank, leave_together, local_device,
                                mean_over_ranks)
 from xray.errors import XrayError, in_batch_job, one_line_errors
 from xray.files import to_json, write_json, write_text
@@ -235,6 +235,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         check_ranks(cfg)
         setup_device(cfg.device_target, cfg.mode, local_device())
         group = init_group()
+        if group.size > 1:
+            die_on_sigterm()
         if cfg.get("overwrite") and group.is_main:
             start_over(run_dir)
         barrier(group)
