@@ -54,48 +54,46 @@ def print_bacterial_vs_viral(run: Path, y: np.ndarray, p: np.ndarray) -> None:
     print(line)
 
 
+# every run of the README's table, in the order trained: (folder, what changed); the folders of
+# `task=subtype` models (predictions with p_normal) appear in both panels
+RUNS = [("0_subtype", "subtype, shuffle"),
+        ("1_bacterial_vs_viral", "bacterial_vs_viral, shuffle"),
+        ("2_subtype_balanced", "subtype, balanced"),
+        ("2_bacterial_vs_viral_balanced", "bacterial_vs_viral, balanced"),
+        ("3_subtype_balanced_16ep", "subtype, balanced, 16 epochs"),
+        ("3_bacterial_vs_viral_balanced_16ep", "bacterial_vs_viral, balanced, 16 epochs"),
+        ("4_subtype_balanced_16ep_clahe", "subtype, balanced, 16 epochs, CLAHE"),
+        ("4_bacterial_vs_viral_balanced_16ep_clahe", "bacterial_vs_viral, balanced, 16 epochs, CLAHE"),
+        ("5_subtype_balanced_24ep", "subtype, balanced, 24 epochs"),
+        ("6_subtype_balanced_24ep_seed7", "subtype, balanced, 24 epochs, seed 7"),
+        ("7_subtype_balanced_24ep_seed42", "subtype, balanced, 24 epochs, seed 42 again"),
+        ("8_subtype_ensemble_24ep_seeds_42_7", "subtype, mean of seeds 42 and 7"),
+        ("9_subtype_balanced_32ep_seed42", "subtype, balanced, 32 epochs, seed 42 again")]
+
+
 def main(runs: Path, out: Path) -> None:
+    found = [(name, label, read(runs / name / "predictions_test.csv"))
+             for name, label in RUNS if (runs / name / "predictions_test.csv").exists()]
     fig, (roc_ax, bar_ax) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
-    for name, label in [("1_bacterial_vs_viral", "bacterial_vs_viral, shuffle"),
-                        ("2_bacterial_vs_viral_balanced", "bacterial_vs_viral, balanced"),
-                        ("0_subtype", "read off subtype, shuffle"),
-                        ("2_subtype_balanced", "read off subtype, balanced"),
-                        ("3_subtype_balanced_16ep", "read off subtype, balanced, 16 epochs"),
-                        ("3_bacterial_vs_viral_balanced_16ep", "bacterial_vs_viral, balanced, 16 epochs"),
-                        ("4_subtype_balanced_16ep_clahe", "read off subtype, balanced, 16 epochs, CLAHE"),
-                        ("4_bacterial_vs_viral_balanced_16ep_clahe",
-                         "bacterial_vs_viral, balanced, 16 epochs, CLAHE"),
-                        ("5_subtype_balanced_24ep", "read off subtype, balanced, 24 epochs"),
-                        ("6_subtype_balanced_24ep_seed7", "read off subtype, balanced, 24 epochs, seed 7"),
-                        ("7_subtype_balanced_24ep_seed42", "read off subtype, balanced, 24 epochs, seed 42 again"),
-                        ("8_subtype_ensemble_24ep_seeds_42_7", "read off the mean of seeds 42 and 7")]:
-        if not (runs / name / "predictions_test.csv").exists():
-            continue
+    for name, label, predictions in found:
         y, p = bacterial_vs_viral(runs / name)
         print_bacterial_vs_viral(runs / name, y, p)
         fpr, tpr, _ = roc_curve(y, p)
+        label = f"read off {label}" if "p_normal" in predictions else label
         roc_ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc(y, p):.3f})")
     roc_ax.plot([0, 1], [0, 1], ":", color="grey")
     roc_ax.set(xlabel="1 - specificity (viral called bacterial)", ylabel="sensitivity (bacterial)",
                title="Bacterial vs viral, test half (193 pneumonia images)")
     roc_ax.legend(fontsize=8, loc="lower right")
     classes = ["NORMAL", "BACTERIAL", "VIRAL"]
-    runs3 = [("0_subtype", "shuffle"), ("2_subtype_balanced", "balanced"),
-             ("3_subtype_balanced_16ep", "balanced, 16 epochs"),
-             ("4_subtype_balanced_16ep_clahe", "balanced, 16 epochs, CLAHE"),
-             ("5_subtype_balanced_24ep", "balanced, 24 epochs"),
-             ("6_subtype_balanced_24ep_seed7", "balanced, 24 epochs, seed 7"),
-             ("7_subtype_balanced_24ep_seed42", "balanced, 24 epochs, seed 42 again"),
-             ("8_subtype_ensemble_24ep_seeds_42_7", "mean of seeds 42 and 7")]
-    runs3 = [(name, label) for name, label in runs3 if (runs / name / "predictions_test.csv").exists()]
+    runs3 = [(label, p) for _, label, p in found if "p_normal" in p]
     width = 0.8 / len(runs3)
-    for k, (name, label) in enumerate(runs3):
-        p = read(runs / name / "predictions_test.csv")
+    for k, (label, p) in enumerate(runs3):
         y = p["label"].astype(int)
         top = np.stack([p[f"p_{c.lower()}"].astype(float) for c in classes], 1).argmax(1)
         sens = [float(np.mean(top[y == c] == c)) for c in range(3)]
         bars = bar_ax.bar(np.arange(3) + (k - (len(runs3) - 1) / 2) * width, sens, width,
-                          label=f"subtype, {label} (accuracy {np.mean(top == y):.3f})")
+                          label=f"{label} (accuracy {np.mean(top == y):.3f})")
         bar_ax.bar_label(bars, fmt="%.2f", fontsize=7)
     bar_ax.set_xticks(range(3), classes)
     bar_ax.set(ylim=(0, 1.08), ylabel="sensitivity (argmax)", title="3 classes, test half (310 images)")
