@@ -18,7 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import xray.train
 from conftest import TINY, make_cfg
 from xray.data import epoch_plan, rank_part
-from xray.distributed import NO_GRAD_REDUCE, Group, env_from_slurm, slurm_head_node
+import xray.distributed
+from xray.distributed import NO_GRAD_REDUCE, Group, env_from_slurm, join_slurm_job, slurm_head_node
 
 # 3 steps an epoch on the sample, 2 epochs; no final evaluation or Grad-CAM (not what is compared)
 RUN = TINY + ["lr=0.05", "train.max_steps_per_epoch=3", "train.eval_splits=[]", "train.cam_images=0"]
@@ -96,6 +97,26 @@ def test_slurm_tasks_become_mindspore_ranks():
                             "MS_CPU_COMM_OP_TIMEOUT": "60", "MS_NODE_TIMEOUT": "45"})
     assert users["MS_CPU_COMM_OP_TIMEOUT"] == "60" and users["MS_NODE_TIMEOUT"] == "45"
     assert slurm_head_node("gpu[03-05,07],cpu1") == "gpu03"
+
+
+def test_task_0_keeps_the_schedulers_output_and_an_unwritable_log_does_not_fail_it(monkeypatch, tmp_path,
+                                                                                   caplog):
+    """Task 0 of a 2-task job starts the scheduler with its output appended to scheduler.log,
+    under a header per start; where that file cannot be written, a warning, and the job goes on."""
+    started = []
+    monkeypatch.setattr(xray.distributed, "start_scheduler",
+                        lambda env, stdout=subprocess.DEVNULL: started.append(stdout) or "scheduler")
+    monkeypatch.setattr(os, "environ", {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                                        "SLURM_JOB_NODELIST": "localhost", "SLURM_RESTART_COUNT": "1"})
+    log_file = tmp_path / "run" / "scheduler.log"
+    assert join_slurm_job(log_file) == "scheduler"
+    assert started[0].name == str(log_file) and started[0].closed  # the child has its own copy
+    assert log_file.read_text().startswith("--- ") and log_file.read_text().endswith("Slurm job 77, start 2\n")
+
+    (tmp_path / "file").write_text("")
+    os.environ.pop("MS_ROLE")  # (join_slurm_job set it: a second job, same process)
+    assert join_slurm_job(tmp_path / "file" / "run" / "scheduler.log") == "scheduler"
+    assert started[1] == subprocess.DEVNULL and "cannot write" in caplog.text
 
 
 @pytest.fixture(scope="module")

@@ -245,14 +245,15 @@ def join_slurm_job(scheduler_log: Path) -> Optional[subprocess.Popen]:
         return None
     try:
         scheduler_log.parent.mkdir(parents=True, exist_ok=True)
-        with open(scheduler_log, "ab") as out:  # (the child keeps its own copy of the file)
-            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} Slurm job {slurm_job_name()}, "
-                      f"start {int(os.environ.get('SLURM_RESTART_COUNT', '0')) + 1}\n".encode())
-            out.flush()
-            return start_scheduler(env, stdout=out)
+        out = open(scheduler_log, "ab")
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} Slurm job {slurm_job_name()}, "
+                  f"start {int(os.environ.get('SLURM_RESTART_COUNT', '0')) + 1}\n".encode())
+        out.flush()
     except OSError as e:  # a diagnostic file must not fail the run
         log.warning("cannot write %s (%s); the scheduler's output is dropped", scheduler_log, e)
         return start_scheduler(env)
+    with out:  # (the child keeps its own copy of the file)
+        return start_scheduler(env, stdout=out)
 
 
 def die_on_sigterm() -> None:
