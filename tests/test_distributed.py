@@ -6,6 +6,7 @@ A 2-rank step averages the gradients of the two halves of the global batch, so i
 Without the averaging (the test-only XRAY_DP_NO_GRAD_REDUCE=1) the losses part after step 0."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -269,8 +270,8 @@ def test_a_rank_that_dies_ends_the_group(sample_data, tmp_path):
     ended = wait_all(procs, timeout=600)
     outs = [path.read_text(errors="replace") for path in logs]
     assert "rank 1 dies at step 4" in outs[1] and procs[1].returncode == 9, outs[1][-3000:]
-    assert 0 in ended and procs[0].returncode != 0, outs[0][-3000:]  # rank 0 did not go on alone
-    waited = ended[0] - ended[1]
-    assert 55 <= waited <= 150, f"rank 0 ended {waited:.0f} s after rank 1 died\n" + outs[0][-2000:]
+    assert 0 in ended and procs[0].returncode == -signal.SIGTERM, outs[0][-3000:]  # MindSpore ended it
+    waited = ended[0] - ended[1]  # (60 s and the heartbeat's own lag; our default 120 would not fit)
+    assert 55 <= waited <= 110, f"rank 0 ended {waited:.0f} s after rank 1 died\n" + outs[0][-2000:]
     assert "is timed out" in (run_dir / "scheduler.log").read_text()  # which rank, for a post-mortem
     assert not (run_dir / "metrics.json").exists()
