@@ -25,8 +25,15 @@ demo: setup
 	$(PY) -m xray.predict ckpt=$(DEMO)/train/checkpoints/best.ckpt image=xray/sample/chest_xray/test/PNEUMONIA plot=true hydra.run.dir=$(DEMO)/predict
 	@echo "demo done: $(DEMO)/  (tensorboard --logdir $(DEMO))"
 
+# `make test`: every test but those that train, sweep, install or submit Slurm jobs for real
+# (marked slow / slurm; about 7 minutes on 2 idle cores). `make test SUITE=all` runs them too
+# (about 40 minutes; CI does).
+SUITE ?= fast
+MARKS_fast = -m "not slow and not slurm"
+MARKS_all =
 test: setup
-	$(PY) -m pytest
+	$(if $(filter $(SUITE),fast all),,$(error SUITE=$(SUITE): use SUITE=fast (the default) or SUITE=all))
+	$(PY) -m pytest $(MARKS_$(SUITE))
 
 # a real single-node Slurm on this machine (root, Debian): the `slurm` tests use it
 slurm-up:
