@@ -25,9 +25,9 @@ demo: setup
 	$(PY) -m xray.predict ckpt=$(DEMO)/train/checkpoints/best.ckpt image=xray/sample/chest_xray/test/PNEUMONIA plot=true hydra.run.dir=$(DEMO)/predict
 	@echo "demo done: $(DEMO)/  (tensorboard --logdir $(DEMO))"
 
-# `make test`: every test but those that train, sweep, install or submit Slurm jobs for real
-# (marked slow / slurm; about 7 minutes on 2 idle cores). `make test SUITE=all` runs them too
-# (about 40 minutes; CI does).
+# `make test`: every test but the longer ones that train, sweep, install or submit Slurm jobs
+# for real (marked slow / slurm; about 12 minutes here with a training beside it).
+# `make test SUITE=all` runs them too (about 40 minutes; CI does).
 SUITE ?= fast
 MARKS_fast = -m "not slow and not slurm"
 MARKS_all =

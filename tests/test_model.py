@@ -107,6 +107,24 @@ def test_cross_entropy_and_class_weights():
         class_weights([0, 10])
 
 
+def test_the_losses_and_class_weights_for_three_classes():
+    logits = np.array([[2.0, -1.0, 0.5], [0.5, 0.5, 0.5], [-3.0, 1.0, 2.0], [0.0, 1.0, -1.0]], np.float32)
+    labels = np.array([0, 1, 2, 2], np.int32)
+    w, s = [0.5, 2.0, 1.0], 0.1
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    target = (1 - s) * np.eye(3)[labels] + s / 3  # label smoothing spreads s over the K classes
+    weight = np.array(w)[labels]
+    # cross-entropy weights each class's term by its own weight (PyTorch's and MindSpore's
+    # convention), averaged over the weights of the targets
+    ce = (1 - s) * weight * -np.log(p[np.arange(4), labels]) + s / 3 * -(np.log(p) * w).sum(1)
+    got = SoftmaxCrossEntropy(w, label_smoothing=s)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    assert got == pytest.approx(ce.sum() / weight.sum(), rel=1e-5)
+    mse = ((p - target) ** 2).sum(1)
+    got = SoftmaxMSE(3, w, label_smoothing=s)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    assert got == pytest.approx((mse * weight).sum() / weight.sum(), rel=1e-5)
+    assert class_weights([1200, 2000, 1100]) == pytest.approx([4300 / 3600, 4300 / 6000, 4300 / 3300])
+
+
 def test_gpu_requested_on_a_node_without_one_fails_fast():
     """device_target=GPU must never fall back to training on the CPU silently."""
     import mindspore as ms

@@ -15,7 +15,7 @@ from xray.checkpoint import load_trained_model
 from xray.convert import Item, convert, split_by_patient
 from xray.data import check_task, read_manifest, split_file, task_records
 from xray.errors import XrayError
-from xray.labels import TASK_CLASSES, supported_tasks, task_targets
+from xray.labels import TASK_CLASSES, binary_read_offs, supported_tasks, task_targets
 from xray.predict import format_results, predict_images
 from xray.train import train
 
@@ -29,6 +29,17 @@ def test_one_label_map_per_task():
     assert TASK_CLASSES["bacterial_vs_viral"][1] == "BACTERIAL"  # class 1 = the positive class
     with pytest.raises(XrayError, match="task=viral is unknown; use binary, subtype, bacterial_vs_viral"):
         task_targets("viral", subtypes)
+
+
+def test_a_subtype_model_is_read_off_as_the_two_class_questions():
+    labels = np.array([0, 1, 2, 1, 0])  # NORMAL, BACTERIAL, VIRAL, BACTERIAL, NORMAL
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    read = binary_read_offs("subtype", labels, probs)
+    y, p = read["pneumonia_vs_normal"]
+    assert list(y) == [0, 1, 1, 1, 0] and np.allclose(p, [0.3, 0.9, 0.8, 0.5, 0.0])
+    y, p = read["bacterial_vs_viral"]  # the pneumonia images only; BACTERIAL = 1 as in its own task
+    assert list(y) == [1, 0, 1] and np.allclose(p, [0.6 / 0.9, 0.2 / 0.8, 1.0])
+    assert binary_read_offs("binary", labels, probs) == {} == binary_read_offs("bacterial_vs_viral", labels, probs)
 
 
 def test_supported_tasks_need_every_class():
@@ -66,20 +77,23 @@ def test_the_patient_split_is_stratified_by_subtype():
 
 
 @pytest.fixture(scope="module")
-def task_runs(sample_data, tmp_path_factory):
+def task_run(sample_data, tmp_path_factory):
+    """task -> the folder of a 1-epoch run on the sample, trained when first asked for."""
     runs = {}
-    for task in ("subtype", "bacterial_vs_viral"):
-        run_dir = tmp_path_factory.mktemp(task) / "run"
-        cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", f"task={task}", "epochs=1",
-                                         "train.eval_bootstrap=50"])
-        assert train(cfg, run_dir)["status"] == "ok"
-        runs[task] = run_dir
-    return runs
+
+    def run_of(task: str) -> Path:
+        if task not in runs:
+            run_dir = tmp_path_factory.mktemp(task) / "run"
+            cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", f"task={task}", "epochs=1",
+                                             "train.eval_bootstrap=50"])
+            assert train(cfg, run_dir)["status"] == "ok"
+            runs[task] = run_dir
+        return runs[task]
+    return run_of
 
 
-@pytest.mark.slow
-def test_three_classes_end_to_end(task_runs, sample_data, tmp_path):
-    run = task_runs["subtype"]
+def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
+    run = task_run("subtype")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["hparams"]["task"] == "subtype" and "auc_VIRAL" in metrics["best_val"]
     result = json.loads((run / "eval_test.json").read_text())
@@ -90,6 +104,16 @@ def test_three_classes_end_to_end(task_runs, sample_data, tmp_path):
         assert 0 <= result["argmax"][key]["value"] <= 1 and len(result["argmax"][key]["ci95"]) == 2
     header = (run / "predictions_test.csv").read_text().splitlines()[0]
     assert header == "file_name,label,p_normal,p_bacterial,p_viral"
+    # the binary questions read off it, each thresholded on val: pneumonia vs normal ranks by
+    # 1 - p(normal), so its AUC is NORMAL's one-vs-rest AUC
+    read_off = result["read_off"]
+    assert read_off["pneumonia_vs_normal"]["images"] == 20 and read_off["bacterial_vs_viral"]["images"] == 10
+    assert read_off["pneumonia_vs_normal"]["youden"]["auc"]["value"] == pytest.approx(
+        result["argmax"]["auc_NORMAL"]["value"])
+    for r in read_off.values():
+        assert r["youden"]["chosen_on"] == "val" and r["at_0.5"]["threshold"] == 0.5
+        assert np.array(r["youden"]["confusion_matrix"]).sum() == r["images"]
+        assert len(r["youden"]["specificity"]["ci95"]) == 2
     model = load_trained_model(run / "checkpoints" / "best.ckpt")
     assert model.classes == ("NORMAL", "BACTERIAL", "VIRAL")
     images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]
@@ -99,6 +123,12 @@ def test_three_classes_end_to_end(task_runs, sample_data, tmp_path):
         assert r["label"] == max(("NORMAL", "BACTERIAL", "VIRAL"), key=lambda c: r[f"p_{c.lower()}"])
     assert format_results(results).splitlines()[0].split() == ["file", "label", "p(normal)", "p(bacterial)", "p(viral)"]
     assert (tmp_path / f"{images[0].stem}_cam.png").exists()
+    # TensorBoard: the 3x3 confusion image, one precision-recall curve per class, macro AUC in HParams
+    from test_pipeline import events
+    acc = events(run)
+    assert len(acc.Images("val/confusion_matrix")) == 1 and len(acc.Scalars("val/auc_VIRAL")) == 1
+    assert {f"val/pr_curve/{c}" for c in model.classes} <= set(acc.Tags()["tensors"])
+    assert acc.Scalars("hparam/best_val_auc")[0].value == pytest.approx(metrics["best_val"]["auc"])
     # the MindIR export has three outputs
     from xray.report import export_mindir
     export_mindir(run / "checkpoints" / "best.ckpt", tmp_path / "model.mindir")
@@ -107,9 +137,22 @@ def test_three_classes_end_to_end(task_runs, sample_data, tmp_path):
     assert graph(ms.Tensor(x)).shape == (1, 3)
 
 
+def test_the_report_exports_no_winner_across_tasks(tmp_path):
+    from xray.report import Member, export_best
+    members = []
+    for name, task, auc in (("0", "subtype", 0.9), ("1", "bacterial_vs_viral", 0.95)):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "best.ckpt").write_bytes(b"")
+        members.append(Member(name, tmp_path / name, "ok", {"task": task}, "subtype", {"best_val": {"auc": auc}}))
+    with pytest.raises(XrayError, match=r"train different tasks \(bacterial_vs_viral, subtype\), whose val "
+                                        r"AUCs do not compare; sweep one task at a time, or report with --no-best"):
+        export_best(members, tmp_path / "best")
+    assert not (tmp_path / "best").exists()
+
+
 @pytest.mark.slow
-def test_bacterial_vs_viral_uses_pneumonia_images_only(task_runs, sample_data):
-    run = task_runs["bacterial_vs_viral"]
+def test_bacterial_vs_viral_uses_pneumonia_images_only(task_run, sample_data):
+    run = task_run("bacterial_vs_viral")
     result = json.loads((run / "eval_test.json").read_text())
     manifest = read_manifest(sample_data)
     subtypes = Counter(manifest["splits"]["test"]["subtypes"])

@@ -33,6 +33,7 @@ from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.explain import cam_grid, grad_cam
 from xray.files import write_json, write_text
+from xray.labels import binary_read_offs
 from xray.metrics import (binary_metrics, bootstrap_ci, confusion, confusion_k, multiclass_metrics, roc_curve,
                           youden_threshold)
 from xray.plots import confusion_figure, roc_figure, save_figure
@@ -84,6 +85,12 @@ def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int,
     out.update({k: {"value": v, "ci95": ci.get(k)} for k, v in point.items()})
     out["confusion_matrix"] = confusion(y, p, threshold).tolist()
     return out
+
+
+def at_two_thresholds(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
+    """{youden: metrics at the val-chosen `threshold`, at_0.5: metrics at 0.5}."""
+    return {"youden": {**metrics_with_ci(y, p, threshold, n_boot, seed), "chosen_on": "val"},
+            "at_0.5": metrics_with_ci(y, p, 0.5, n_boot, seed)}
 
 
 def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
@@ -138,13 +145,11 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         "images": int(len(y)),
         "positives": int(y.sum()),
         "bootstrap": {"resamples": bootstrap, "level": 0.95, "unit": "image"},
-        "youden": metrics_with_ci(y, p, threshold, bootstrap, seed),
-        "at_0.5": metrics_with_ci(y, p, 0.5, bootstrap, seed),
+        **at_two_thresholds(y, p, threshold, bootstrap, seed),
         "calibration": {**calibration_metrics(y, p), "bins": BINS,
                         "temperature": [m.temperature for m in models] if len(models) > 1 else models[0].temperature,
                         "uncalibrated": calibration_metrics(y, raw)},
     }
-    result["youden"]["chosen_on"] = "val"
     out, tag = output_place(models, out_dir, split, tta)
     write_json(out / f"eval_{tag}.json", result)
     write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, p[:, None], classes[1:]))
@@ -245,7 +250,9 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
                        out_dir: Optional[Path]) -> dict:
     """A K-class task: metrics of the argmax decision (accuracy, balanced accuracy, macro and
     per-class one-vs-rest AUC, per-class sensitivity and specificity) with bootstrap CIs, the
-    KxK confusion matrix, one-vs-rest ROC curves."""
+    KxK confusion matrix, one-vs-rest ROC curves; for `subtype`, also the two-class questions
+    read off its probabilities (`read_off`: pneumonia vs normal, bacterial vs viral), each at its
+    own threshold chosen on val and at 0.5."""
     classes = models[0].classes
     run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
     y, probs = run.labels, run.probabilities(models)
@@ -262,6 +269,14 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
         "argmax": {**{k: {"value": v, "ci95": ci.get(k)} for k, v in point.items()},
                    "confusion_matrix": cm.tolist()},
     }
+    read_offs = binary_read_offs(models[0].task, y, probs)
+    if read_offs:  # the two-class questions the model answers too, each at its own val-chosen threshold
+        val = run if split == "val" else predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
+        val_read_offs = binary_read_offs(models[0].task, val.labels, val.probabilities(models))
+        result["read_off"] = {
+            name: {"images": int(len(yy)), "positives": int(yy.sum()),
+                   **at_two_thresholds(yy, pp, youden_threshold(*val_read_offs[name]), bootstrap, seed)}
+            for name, (yy, pp) in read_offs.items()}
     out, tag = output_place(models, out_dir, split, tta)
     write_json(out / f"eval_{tag}.json", result)
     write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, probs, classes))
@@ -274,6 +289,11 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
     for name, v in point.items():
         c = ci.get(name)
         log.info("    %-24s %.3f%s", name, v, f"  [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+    for name, r in result.get("read_off", {}).items():
+        log.info("  read off as %s (%d images): AUC %.3f; at the val-chosen %.3f accuracy %.3f, sensitivity "
+                 "%.3f, specificity %.3f; at 0.5 accuracy %.3f", name, r["images"], r["youden"]["auc"]["value"],
+                 r["youden"]["threshold"], r["youden"]["accuracy"]["value"], r["youden"]["sensitivity"]["value"],
+                 r["youden"]["specificity"]["value"], r["at_0.5"]["accuracy"]["value"])
     log.info("  -> %s", out / f"eval_{tag}.json")
     return result
 

@@ -42,6 +42,23 @@ def task_targets(task: str, subtypes) -> tuple["np.ndarray", "np.ndarray"]:
     return keep, np.array([label_map[subtypes[i]] for i in keep], dtype=np.int64)
 
 
+def binary_read_offs(task: str, labels, probs) -> dict[str, tuple["np.ndarray", "np.ndarray"]]:
+    """The two-class questions a `subtype` model answers too, read off its class probabilities:
+    {name: (0/1 targets, p of the positive class)}. pneumonia_vs_normal: every image, p = 1 -
+    p(normal); bacterial_vs_viral: the pneumonia images, p = p(bacterial) / (p(bacterial) +
+    p(viral)), as the bacterial_vs_viral task's class 1. Other tasks: none."""
+    import numpy as np
+
+    if task != "subtype":
+        return {}
+    pneumonia = labels > 0
+    bacterial, viral = probs[pneumonia, 1], probs[pneumonia, 2]
+    either = bacterial + viral
+    return {"pneumonia_vs_normal": (pneumonia.astype(np.int64), 1.0 - probs[:, 0]),
+            "bacterial_vs_viral": ((labels[pneumonia] == 1).astype(np.int64),
+                                   np.divide(bacterial, either, out=np.full_like(either, 0.5), where=either > 0))}
+
+
 def supported_tasks(subtype_counts: dict[str, int]) -> list[str]:
     """The tasks a data set with these training subtypes can train: every class present."""
     def images(task: str, cls: int) -> int:

@@ -1,4 +1,4 @@
-"""Losses on the two logits. Targets are always integer class ids from xray.labels."""
+"""Losses on the K logits (K = the task's classes). Targets are always integer class ids from xray.labels."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

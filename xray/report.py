@@ -321,6 +321,10 @@ def export_best(members: list[Member], best_root: Path, force: bool = False,
     if not ranked:
         log.info("best: no finished member with a checkpoint yet")
         return None
+    tasks = sorted({m.hparams.get("task", "binary") for m in ranked})
+    if len(tasks) > 1:  # a 3-class macro AUC and a two-class AUC do not rank one another
+        raise XrayError(f"best: the members train different tasks ({', '.join(tasks)}), whose val AUCs do "
+                        "not compare; sweep one task at a time, or report with --no-best")
     winner = ranked[0]
     if top_k > len(ranked):
         raise XrayError(f"--top-k {top_k}: only {len(ranked)} members finished with a checkpoint")

@@ -20,6 +20,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from xray.labels import binary_read_offs  # noqa: E402
 from xray.metrics import (binary_metrics, bootstrap_ci, roc_auc, roc_curve,  # noqa: E402
                           youden_threshold)
 
@@ -35,9 +36,8 @@ def bacterial_vs_viral(run: Path, split: str = "test") -> tuple[np.ndarray, np.n
     p = read(run / f"predictions_{split}.csv")
     if "p_viral" not in p:  # a bacterial_vs_viral model: VIRAL = 0, BACTERIAL = 1
         return p["label"].astype(int), p["p_bacterial"].astype(float)
-    pneumonia = p["label"].astype(int) > 0  # a subtype model: NORMAL 0, BACTERIAL 1, VIRAL 2
-    bact, viral = p["p_bacterial"].astype(float)[pneumonia], p["p_viral"].astype(float)[pneumonia]
-    return (p["label"].astype(int)[pneumonia] == 1).astype(int), bact / (bact + viral)
+    probs = np.stack([p["p_normal"], p["p_bacterial"], p["p_viral"]], axis=1).astype(float)
+    return binary_read_offs("subtype", p["label"].astype(int), probs)["bacterial_vs_viral"]
 
 
 def print_bacterial_vs_viral(run: Path, y: np.ndarray, p: np.ndarray) -> None:
