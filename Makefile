@@ -1,6 +1,6 @@
 # The two commands a new user needs:
 #   make demo   set up, then convert -> train -> evaluate -> predict on the shipped sample
-#   make test   set up, then run the test suite
+#   make test   set up, then run the tests but the long ones (make test SUITE=all: every one)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -29,10 +29,12 @@ demo: setup
 # for real (marked slow / slurm; about 12 minutes here with a training beside it).
 # `make test SUITE=all` runs them too (about 40 minutes; CI does).
 SUITE ?= fast
+ifneq ($(words $(SUITE))$(filter-out fast all,$(SUITE)),1)
+$(error SUITE=$(SUITE): use SUITE=fast (the default) or SUITE=all)
+endif
 MARKS_fast = -m "not slow and not slurm"
 MARKS_all =
 test: setup
-	$(if $(filter $(SUITE),fast all),,$(error SUITE=$(SUITE): use SUITE=fast (the default) or SUITE=all))
 	$(PY) -m pytest $(MARKS_$(SUITE))
 
 # a real single-node Slurm on this machine (root, Debian): the `slurm` tests use it

@@ -16,6 +16,7 @@ from xray.convert import Item, convert, split_by_patient
 from xray.data import check_task, read_manifest, split_file, task_records
 from xray.errors import XrayError
 from xray.labels import TASK_CLASSES, binary_read_offs, supported_tasks, task_targets
+from xray.metrics import youden_threshold
 from xray.predict import format_results, predict_images
 from xray.train import train
 
@@ -110,7 +111,10 @@ def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
     assert read_off["pneumonia_vs_normal"]["images"] == 20 and read_off["bacterial_vs_viral"]["images"] == 10
     assert read_off["pneumonia_vs_normal"]["youden"]["auc"]["value"] == pytest.approx(
         result["argmax"]["auc_NORMAL"]["value"])
-    for r in read_off.values():
+    val = np.loadtxt(run / "predictions_val.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
+    for name, (y_val, p_val) in binary_read_offs("subtype", val[:, 0].astype(int), val[:, 1:]).items():
+        r = read_off[name]  # its threshold is Youden's on val (the val evaluation's, handed on)
+        assert r["youden"]["threshold"] == pytest.approx(youden_threshold(y_val, p_val), abs=2e-6)
         assert r["youden"]["chosen_on"] == "val" and r["at_0.5"]["threshold"] == 0.5
         assert np.array(r["youden"]["confusion_matrix"]).sum() == r["images"]
         assert len(r["youden"]["specificity"]["ci95"]) == 2
@@ -148,6 +152,29 @@ def test_the_report_exports_no_winner_across_tasks(tmp_path):
                                         r"AUCs do not compare; sweep one task at a time, or report with --no-best"):
         export_best(members, tmp_path / "best")
     assert not (tmp_path / "best").exists()
+    # nor into a best folder that holds another task's model
+    (tmp_path / "best" / "subtype").mkdir(parents=True)
+    (tmp_path / "best" / "subtype" / "metrics.json").write_text(json.dumps(
+        {"best_val": {"auc": 0.5}, "hparams": {"task": "bacterial_vs_viral"}}))
+    with pytest.raises(XrayError, match=r"best/subtype holds a task=bacterial_vs_viral model, this sweep trains "
+                                        r"task=subtype; give the sweep its own sweep_name, or --force"):
+        export_best(members[:1], tmp_path / "best")
+
+
+def test_the_subtype_sweep_is_one_task_named_after_it():
+    from hydra import compose, initialize_config_dir
+    from xray import CONF_DIR
+
+    def sweep(*overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=["+sweep=subtype", *overrides], return_hydra_config=True)
+
+    cfg = sweep()
+    assert (cfg.task.name, cfg.sweep_name) == ("subtype", "subtype")
+    assert "task" not in cfg.hydra.sweeper.params and cfg.hydra.sweep.dir.startswith("outputs/multirun/subtype_")
+    cfg = sweep("task=bacterial_vs_viral")  # the command line wins over the overlay
+    assert (cfg.task.name, cfg.sweep_name) == ("bacterial_vs_viral", "bacterial_vs_viral")
+    assert cfg.hydra.sweep.dir.startswith("outputs/multirun/bacterial_vs_viral_")
 
 
 @pytest.mark.slow

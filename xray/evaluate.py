@@ -58,6 +58,7 @@ def predict_records(model: TrainedModel, records: TaskRecords, batch_size: int, 
 
 @dataclass
 class SplitPredictions:
+    split: str
     names: list[str]
     labels: np.ndarray
     raw: list[np.ndarray]  # per model, before its temperature
@@ -72,7 +73,7 @@ def predict_split(models: Sequence[TrainedModel], data_dir: Path, manifest: dict
     """Every model's raw probabilities on a split, each model through its own preprocessing."""
     records = task_records(split_file(data_dir, manifest, split), models[0].task)  # (checks the file)
     runs = [predict_records(m, records, batch_size, workers, tta) for m in models]
-    return SplitPredictions(runs[0][0], runs[0][1], [p for _, _, p in runs])
+    return SplitPredictions(split, runs[0][0], runs[0][1], [p for _, _, p in runs])
 
 
 def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
@@ -87,23 +88,43 @@ def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int,
     return out
 
 
-def at_two_thresholds(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
+def at_two_thresholds(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int,
+                      chosen_on: str = "val") -> dict:
     """{youden: metrics at the val-chosen `threshold`, at_0.5: metrics at 0.5}."""
-    return {"youden": {**metrics_with_ci(y, p, threshold, n_boot, seed), "chosen_on": "val"},
+    return {"youden": {**metrics_with_ci(y, p, threshold, n_boot, seed), "chosen_on": chosen_on},
             "at_0.5": metrics_with_ci(y, p, 0.5, n_boot, seed)}
+
+
+def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str) -> tuple[float, str]:
+    """(Youden's threshold on val, where it came from): 0.5 when val has one class only."""
+    if np.all(y_val) or not np.any(y_val):
+        log.warning("%s: val has one class only, so no threshold can be chosen on it; 0.5 used", what)
+        return 0.5, "none: val has one class only, 0.5 used"
+    return youden_threshold(y_val, p_val), "val"
+
+
+def val_predictions(run: SplitPredictions, models: Sequence[TrainedModel], data_dir: Path, manifest: dict,
+                    batch_size: int, workers: int, tta: int) -> SplitPredictions:
+    """The val predictions: `run` itself when it is val, else predicted now."""
+    if run.split == "val":
+        return run
+    return predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
 
 
 def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
              batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
              tta: int = 1, out_dir: Optional[Path] = None, threshold: Optional[float] = None,
-             calibrate: bool = False, explain: int = 0) -> dict:
+             calibrate: bool = False, explain: int = 0,
+             read_off_thresholds: Optional[dict[str, float]] = None) -> dict:
     """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
     with tta test-time views per image, at `threshold` (default: chosen on val by Youden's J)
     and at 0.5, with calibration (ECE, Brier, reliability diagram). calibrate=True first fits
     the checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply
     it from then on). explain=N draws Grad-CAM maps of the N most confident false positives,
     false negatives, true positives and true negatives. Writes eval_<split>.json, predictions, ROC, confusion and reliability
-    PNGs into the run folder (one checkpoint) or `out_dir`, and returns the JSON."""
+    PNGs into the run folder (one checkpoint) or `out_dir`, and returns the JSON. A `subtype`
+    model's read-offs take `read_off_thresholds` ({name: threshold}, e.g. from its val
+    evaluation), else each is chosen on val."""
     models = [load_trained_model(Path(c)) for c in checkpoints]
     if not models:
         raise XrayError("ckpt is empty; pass a checkpoint, a list [a.ckpt,b.ckpt] or a best folder")
@@ -123,16 +144,16 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         if calibrate or explain:
             raise XrayError(f"calibrate=true and explain=N work on two-class tasks, not task={models[0].task}")
         return evaluate_k_classes(models, split, data_dir, manifest, batch_size, bootstrap, seed,
-                                  workers, tta, out_dir)
+                                  workers, tta, out_dir, read_off_thresholds)
     run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
-    val = run if split == "val" else None
-    if calibrate or threshold is None:
-        val = val or predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
+    val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta) \
+        if calibrate or threshold is None else None
     if calibrate:
         fit_temperature_of(models[0], val.labels, val.raw[0])
     y, p = run.labels, run.probabilities(models)
+    chosen_on = "val"
     if threshold is None:
-        threshold = youden_threshold(val.labels, val.probabilities(models))
+        threshold, chosen_on = threshold_on_val(val.labels, val.probabilities(models), "threshold")
     raw = np.mean(run.raw, axis=0)
     classes = models[0].classes
     result = {
@@ -145,7 +166,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         "images": int(len(y)),
         "positives": int(y.sum()),
         "bootstrap": {"resamples": bootstrap, "level": 0.95, "unit": "image"},
-        **at_two_thresholds(y, p, threshold, bootstrap, seed),
+        **at_two_thresholds(y, p, threshold, bootstrap, seed, chosen_on),
         "calibration": {**calibration_metrics(y, p), "bins": BINS,
                         "temperature": [m.temperature for m in models] if len(models) > 1 else models[0].temperature,
                         "uncalibrated": calibration_metrics(y, raw)},
@@ -247,7 +268,7 @@ def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
 
 def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Path, manifest: dict,
                        batch_size: int, bootstrap: int, seed: int, workers: int, tta: int,
-                       out_dir: Optional[Path]) -> dict:
+                       out_dir: Optional[Path], read_off_thresholds: Optional[dict[str, float]] = None) -> dict:
     """A K-class task: metrics of the argmax decision (accuracy, balanced accuracy, macro and
     per-class one-vs-rest AUC, per-class sensitivity and specificity) with bootstrap CIs, the
     KxK confusion matrix, one-vs-rest ROC curves; for `subtype`, also the two-class questions
@@ -271,12 +292,16 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
     }
     read_offs = binary_read_offs(models[0].task, y, probs)
     if read_offs:  # the two-class questions the model answers too, each at its own val-chosen threshold
-        val = run if split == "val" else predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
-        val_read_offs = binary_read_offs(models[0].task, val.labels, val.probabilities(models))
-        result["read_off"] = {
-            name: {"images": int(len(yy)), "positives": int(yy.sum()),
-                   **at_two_thresholds(yy, pp, youden_threshold(*val_read_offs[name]), bootstrap, seed)}
-            for name, (yy, pp) in read_offs.items()}
+        thresholds = {name: (t, "val") for name, t in (read_off_thresholds or {}).items()}
+        if set(thresholds) != set(read_offs):
+            val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
+            thresholds = {name: threshold_on_val(yy, pp, name) for name, (yy, pp) in
+                          binary_read_offs(models[0].task, val.labels, val.probabilities(models)).items()}
+        result["read_off"] = {}
+        for name, (yy, pp) in read_offs.items():
+            threshold, chosen_on = thresholds[name]
+            result["read_off"][name] = {"images": int(len(yy)), "positives": int(yy.sum()),
+                                        **at_two_thresholds(yy, pp, threshold, bootstrap, seed, chosen_on)}
     out, tag = output_place(models, out_dir, split, tta)
     write_json(out / f"eval_{tag}.json", result)
     write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, probs, classes))

@@ -333,6 +333,10 @@ def export_best(members: list[Member], best_root: Path, force: bool = False,
     if (target / "metrics.json").exists() and not force:
         current = json.loads((target / "metrics.json").read_text())
         current_auc = (current.get("best_val") or {}).get("auc") or -1.0
+        current_task = (current.get("hparams") or {}).get("task", "binary")
+        if current_task != tasks[0]:
+            raise XrayError(f"best: {target} holds a task={current_task} model, this sweep trains "
+                            f"task={tasks[0]}; give the sweep its own sweep_name, or --force to replace it")
     if winner.best_val_auc > current_auc:
         with atomic_dir(target) as tmp:
             copy_member(winner, tmp)

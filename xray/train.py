@@ -596,7 +596,7 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
     from xray.evaluate import evaluate, summary
 
     out: dict = {}
-    threshold = None  # chosen on val once, for every split
+    threshold, read_off_thresholds = None, None  # chosen on val once, for every split
     splits = sorted(cfg.train.eval_splits or [], key=lambda s: s != "val")
     for split in splits:
         if guard.pending:
@@ -609,13 +609,15 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
         try:
             result = evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
                               bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers,
-                              threshold=threshold)
+                              threshold=threshold, read_off_thresholds=read_off_thresholds)
         except Exception as e:  # noqa: BLE001 - recorded; the trained model is still good
             log.error("eval: %s failed: %s", split, e)
             out[split] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
             continue
         if split == "val" and "youden" in result:  # (a K-class task decides by argmax)
             threshold = result["youden"]["threshold"]
+        if split == "val" and "read_off" in result:  # a subtype model's two-class questions
+            read_off_thresholds = {name: r["youden"]["threshold"] for name, r in result["read_off"].items()}
         out[split] = summary(result)
     return out
 
