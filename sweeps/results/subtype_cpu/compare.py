@@ -68,7 +68,9 @@ RUNS = [("0_subtype", "subtype, shuffle"),
         ("6_subtype_balanced_24ep_seed7", "subtype, balanced, 24 epochs, seed 7"),
         ("7_subtype_balanced_24ep_seed42", "subtype, balanced, 24 epochs, seed 42 again"),
         ("8_subtype_ensemble_24ep_seeds_42_7", "subtype, mean of seeds 42 and 7"),
-        ("9_subtype_balanced_32ep_seed42", "subtype, balanced, 32 epochs, seed 42")]
+        ("9_subtype_balanced_32ep_seed42", "subtype, balanced, 32 epochs, seed 42"),
+        ("10_subtype_balanced_32ep_seed7", "subtype, balanced, 32 epochs, seed 7"),
+        ("11_subtype_ensemble_32ep_seeds_42_7", "subtype, mean of the 32-epoch seeds 42 and 7")]
 
 
 def main(runs: Path, out: Path) -> None:
