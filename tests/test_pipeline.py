@@ -1,6 +1,7 @@
 """End to end on the shipped sample: convert -> train -> evaluate -> predict, TensorBoard
 contents, resume after a kill, divergence."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,20 @@ def test_evaluate_writes_metrics_with_ci_and_plots(trained_run):
         assert (trained_run / name).stat().st_size > 0
     lines = (trained_run / "predictions_test.csv").read_text().splitlines()
     assert lines[0] == "file_name,label,p_pneumonia" and len(lines) == 21
+
+
+def test_thresholds_handed_on_from_val_keep_where_they_came_from(trained_run, tmp_path):
+    """The end of a training hands val's threshold to test (no second val pass) with its
+    origin: a fallback to 0.5 (val of one class only) is not called "val" on test."""
+    from xray.evaluate import chosen_thresholds
+    run = tmp_path / "run"  # (a copy: the session's run keeps its own eval files)
+    shutil.copytree(trained_run, run)
+    val = evaluate([run / "checkpoints" / "best.ckpt"], "val", bootstrap=0, workers=1)
+    assert chosen_thresholds(val) == {"threshold": (val["youden"]["threshold"], "val")}
+    fallback = "none: val has one class only, 0.5 used"
+    test = evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1,
+                    val_thresholds={"threshold": (0.5, fallback)})
+    assert (test["youden"]["threshold"], test["youden"]["chosen_on"]) == (0.5, fallback)
 
 
 def test_predict_file_and_folder_match_evaluation(trained_run, tmp_path):

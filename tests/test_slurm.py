@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from xray.distributed import NOISE
@@ -252,3 +253,32 @@ def test_a_data_parallel_member_runs_as_two_slurm_tasks(sample_data, tmp_path):
     tasks = subprocess.run(["sacct", "-n", "-P", "-j", job, "--format=JobID,NTasks"],
                            capture_output=True, text=True).stdout
     assert any(line.split("|")[1] == "2" for line in tasks.splitlines() if line.count("|") == 1), tasks
+
+
+def test_a_subtype_pipeline_trains_ranks_and_evaluates_three_classes(tmp_path):
+    """`jobs.pipeline task=...` (issue 8): the subtype sweep's four members train as one array,
+    the evaluate job exports the winner to outputs/best/subtype and evaluates it as a 3-class
+    model, with the two-class read-offs."""
+    out = tmp_path / "pipe"
+    proc = run(["-m", "jobs.pipeline", "data=sample", f"data.dir={tmp_path / 'data'}",
+                "+sweep=subtype", *CPU, "epochs=1", "batch_size=8", "data.image_size=72",
+                "data.workers=1", "train.max_steps_per_epoch=2", "--out", str(out)], tmp_path,
+               timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "jobs.json").read_text())
+    evaluate_job = record["jobs"]["evaluate"]
+    deadline = time.time() + 600
+    while time.time() < deadline and sacct(evaluate_job).get(evaluate_job, {}).get("State") \
+            not in ("COMPLETED", "FAILED", "CANCELLED"):
+        time.sleep(5)
+    tasks = sacct(record["jobs"]["train"])
+    assert len(record["members"]) == 4
+    assert {tasks[j]["State"] for j in record["members"].values()} == {"COMPLETED"}, \
+        job_report(record["jobs"]["train"], out / "sweep")
+    assert sacct(evaluate_job)[evaluate_job]["State"] == "COMPLETED", job_report(evaluate_job, out)
+    best = Path(record["best_dir"])
+    assert best.name == "subtype"
+    result = json.loads((best / "eval_test.json").read_text())
+    assert result["classes"] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    assert np.asarray(result["argmax"]["confusion_matrix"]).shape == (3, 3)
+    assert set(result["read_off"]) == {"pneumonia_vs_normal", "bacterial_vs_viral"}

@@ -1,6 +1,7 @@
 """Pneumonia type: the task label maps, a data set that cannot train a task, the split by
 subtype, and every task end to end on the sample (convert -> train -> evaluate -> predict)."""
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -139,6 +140,46 @@ def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
     graph = ms.nn.GraphCell(ms.load(str(tmp_path / "model.mindir")))
     x = np.zeros((1, 1, model.spec.image_size, model.spec.image_size), np.float32)
     assert graph(ms.Tensor(x)).shape == (1, 3)
+
+
+def test_a_subtype_ensemble_with_tta_averages_the_class_probabilities(task_run, tmp_path):
+    """evaluate and predict with several K-class checkpoints and test-time views: the mean of
+    each member's class probabilities, each member's the mean over its views."""
+    from xray.evaluate import evaluate
+    run = task_run("subtype")
+    other = tmp_path / "other"  # a second member: the same run with a different output layer
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", other / "config.yaml")
+    params = ms.load_checkpoint(str(run / "checkpoints" / "best.ckpt"))
+    rng = np.random.default_rng(0)
+    for name, scale in (("fc3.weight", 50.0), ("fc3.bias", 1.0)):  # (a 1-epoch model is near uniform)
+        value = params[name].asnumpy()
+        value = scale * value + rng.standard_normal(value.shape) * np.abs(value).mean() * scale
+        params[name] = ms.Parameter(ms.Tensor(value.astype(np.float32)), name=name)
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(other / "checkpoints" / "best.ckpt"))
+    members = [run / "checkpoints" / "best.ckpt", other / "checkpoints" / "best.ckpt"]
+
+    def probs(folder: Path, tag: str) -> np.ndarray:
+        return np.loadtxt(folder / f"predictions_{tag}.csv", delimiter=",", skiprows=1, usecols=(2, 3, 4))
+
+    for member in members:  # (one checkpoint's results go to its run folder)
+        evaluate([member], split="test", tta=2, bootstrap=0)
+    evaluate([members[1]], split="test", bootstrap=0)
+    result = evaluate(members, split="test", tta=2, bootstrap=0, out_dir=tmp_path / "both")
+    single = [probs(run, "test_tta2"), probs(other, "test_tta2")]
+    assert np.abs(single[0] - single[1]).max() > 0.05  # two different members
+    assert np.abs(single[1] - probs(other, "test")).max() > 1e-3  # the views count
+    both = probs(tmp_path / "both", "test_tta2")
+    assert np.allclose(both, (single[0] + single[1]) / 2, atol=2e-6)
+    assert result["checkpoint"] == [str(m) for m in members] and result["tta"] == 2
+    labels = np.loadtxt(tmp_path / "both" / "predictions_test_tta2.csv", delimiter=",", skiprows=1, usecols=1)
+    assert result["argmax"]["accuracy"]["value"] == pytest.approx(np.mean(both.argmax(axis=1) == labels))
+    image = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:1]
+    models = [load_trained_model(m) for m in members]
+    alone = [predict_images([m], image, tta=2)[0] for m in models]
+    mean = predict_images(models, image, tta=2)[0]
+    for c in ("normal", "bacterial", "viral"):
+        assert mean[f"p_{c}"] == pytest.approx((alone[0][f"p_{c}"] + alone[1][f"p_{c}"]) / 2, abs=1e-6)
 
 
 def test_the_report_exports_no_winner_across_tasks(tmp_path):

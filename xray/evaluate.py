@@ -95,6 +95,22 @@ def at_two_thresholds(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: in
             "at_0.5": metrics_with_ci(y, p, 0.5, n_boot, seed)}
 
 
+BINARY = "threshold"  # val_thresholds' key of a two-class model's own threshold
+
+
+def chosen_thresholds(val_result: dict) -> dict[str, tuple[float, str]]:
+    """The thresholds a val evaluation chose, with where each came from, to hand to the other
+    splits: {"threshold": ..., and per read-off of a subtype model its name: ...}."""
+    chosen = {BINARY: val_result["youden"]} if "youden" in val_result else {}
+    chosen.update({name: r["youden"] for name, r in val_result.get("read_off", {}).items()})
+    return {name: (r["threshold"], r["chosen_on"]) for name, r in chosen.items()}
+
+
+def origin(chosen_on: str) -> str:
+    """How a plot title says where its threshold came from."""
+    return "Youden on val" if chosen_on == "val" else "0.5: val has one class only"
+
+
 def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str) -> tuple[float, str]:
     """(Youden's threshold on val, where it came from): 0.5 when val has one class only."""
     if np.all(y_val) or not np.any(y_val):
@@ -113,18 +129,17 @@ def val_predictions(run: SplitPredictions, models: Sequence[TrainedModel], data_
 
 def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
              batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
-             tta: int = 1, out_dir: Optional[Path] = None, threshold: Optional[float] = None,
-             calibrate: bool = False, explain: int = 0,
-             read_off_thresholds: Optional[dict[str, float]] = None) -> dict:
+             tta: int = 1, out_dir: Optional[Path] = None, calibrate: bool = False, explain: int = 0,
+             val_thresholds: Optional[dict[str, tuple[float, str]]] = None) -> dict:
     """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
-    with tta test-time views per image, at `threshold` (default: chosen on val by Youden's J)
-    and at 0.5, with calibration (ECE, Brier, reliability diagram). calibrate=True first fits
-    the checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply
-    it from then on). explain=N draws Grad-CAM maps of the N most confident false positives,
-    false negatives, true positives and true negatives. Writes eval_<split>.json, predictions, ROC, confusion and reliability
-    PNGs into the run folder (one checkpoint) or `out_dir`, and returns the JSON. A `subtype`
-    model's read-offs take `read_off_thresholds` ({name: threshold}, e.g. from its val
-    evaluation), else each is chosen on val."""
+    with tta test-time views per image, at the threshold chosen on val by Youden's J and at 0.5,
+    with calibration (ECE, Brier, reliability diagram). calibrate=True first fits the
+    checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply it
+    from then on). explain=N draws Grad-CAM maps of the N most confident false positives, false
+    negatives, true positives and true negatives. Writes eval_<split>.json, predictions, ROC,
+    confusion and reliability PNGs into the run folder (one checkpoint) or `out_dir`, and returns
+    the JSON. `val_thresholds` (chosen_thresholds of these models' val evaluation) spares a
+    second pass over val."""
     models = [load_trained_model(Path(c)) for c in checkpoints]
     if not models:
         raise XrayError("ckpt is empty; pass a checkpoint, a list [a.ckpt,b.ckpt] or a best folder")
@@ -144,16 +159,14 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         if calibrate or explain:
             raise XrayError(f"calibrate=true and explain=N work on two-class tasks, not task={models[0].task}")
         return evaluate_k_classes(models, split, data_dir, manifest, batch_size, bootstrap, seed,
-                                  workers, tta, out_dir, read_off_thresholds)
+                                  workers, tta, out_dir, val_thresholds)
     run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
-    val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta) \
-        if calibrate or threshold is None else None
+    given = (val_thresholds or {}).get(BINARY) if not calibrate else None  # (a new temperature, a new threshold)
+    val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta) if given is None else None
     if calibrate:
         fit_temperature_of(models[0], val.labels, val.raw[0])
     y, p = run.labels, run.probabilities(models)
-    chosen_on = "val"
-    if threshold is None:
-        threshold, chosen_on = threshold_on_val(val.labels, val.probabilities(models), "threshold")
+    threshold, chosen_on = given or threshold_on_val(val.labels, val.probabilities(models), "threshold")
     raw = np.mean(run.raw, axis=0)
     classes = models[0].classes
     result = {
@@ -181,7 +194,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     what = f"{split}" + (f", {len(models)} models" if len(models) > 1 else "") + (f", tta {tta}" if tta > 1 else "")
     save_figure(roc_figure(fpr, tpr, auc, f"{what}: ROC ({len(y)} images)", (1 - spec, sens)),
                 out / f"roc_{tag}.png")
-    save_figure(confusion_figure(cm, f"{what}, threshold {threshold:.3f} (Youden on val)", classes),
+    save_figure(confusion_figure(cm, f"{what}, threshold {threshold:.3f} ({origin(chosen_on)})", classes),
                 out / f"confusion_{tag}.png")
     curves = {"as trained": raw, **({"temperature-scaled": p} if any(m.temperature for m in models) else {})}
     save_figure(reliability_figure(y, curves, f"{what}: reliability ({len(y)} images)"),
@@ -268,7 +281,7 @@ def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
 
 def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Path, manifest: dict,
                        batch_size: int, bootstrap: int, seed: int, workers: int, tta: int,
-                       out_dir: Optional[Path], read_off_thresholds: Optional[dict[str, float]] = None) -> dict:
+                       out_dir: Optional[Path], val_thresholds: Optional[dict[str, tuple[float, str]]] = None) -> dict:
     """A K-class task: metrics of the argmax decision (accuracy, balanced accuracy, macro and
     per-class one-vs-rest AUC, per-class sensitivity and specificity) with bootstrap CIs, the
     KxK confusion matrix, one-vs-rest ROC curves; for `subtype`, also the two-class questions
@@ -292,7 +305,7 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
     }
     read_offs = binary_read_offs(models[0].task, y, probs)
     if read_offs:  # the two-class questions the model answers too, each at its own val-chosen threshold
-        thresholds = {name: (t, "val") for name, t in (read_off_thresholds or {}).items()}
+        thresholds = {name: t for name, t in (val_thresholds or {}).items() if name in read_offs}
         if set(thresholds) != set(read_offs):
             val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
             thresholds = {name: threshold_on_val(yy, pp, name) for name, (yy, pp) in
@@ -336,7 +349,7 @@ def _log_summary(result: dict) -> None:
              result["positives"], result["checkpoint"])
     for key in ("youden", "at_0.5"):
         r = result[key]
-        log.info("  threshold %.3f (%s):", r["threshold"], "Youden on val" if key == "youden" else "fixed")
+        log.info("  threshold %.3f (%s):", r["threshold"], origin(r["chosen_on"]) if key == "youden" else "fixed")
         for name in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv"):
             ci = r[name]["ci95"]
             log.info("    %-18s %.3f%s", name, r[name]["value"], f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")

@@ -593,10 +593,10 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
     with the point values, or {split: {error: ..}}: the training result stands whatever
     happens here. Nothing here feeds back into training or checkpoint choice. Stops early
     when the job's time is up (the result is written before the scheduler kills it)."""
-    from xray.evaluate import evaluate, summary
+    from xray.evaluate import chosen_thresholds, evaluate, summary
 
     out: dict = {}
-    threshold, read_off_thresholds = None, None  # chosen on val once, for every split
+    val_thresholds = None  # chosen on val once, for every split
     splits = sorted(cfg.train.eval_splits or [], key=lambda s: s != "val")
     for split in splits:
         if guard.pending:
@@ -609,15 +609,13 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
         try:
             result = evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
                               bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers,
-                              threshold=threshold, read_off_thresholds=read_off_thresholds)
+                              val_thresholds=val_thresholds)
         except Exception as e:  # noqa: BLE001 - recorded; the trained model is still good
             log.error("eval: %s failed: %s", split, e)
             out[split] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
             continue
-        if split == "val" and "youden" in result:  # (a K-class task decides by argmax)
-            threshold = result["youden"]["threshold"]
-        if split == "val" and "read_off" in result:  # a subtype model's two-class questions
-            read_off_thresholds = {name: r["youden"]["threshold"] for name, r in result["read_off"].items()}
+        if split == "val":  # (a K-class task decides by argmax; a subtype model's read-offs have theirs)
+            val_thresholds = chosen_thresholds(result)
         out[split] = summary(result)
     return out
 
