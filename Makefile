@@ -27,7 +27,7 @@ demo: setup
 
 # `make test`: every test but the longer ones that train, sweep, install or submit Slurm jobs
 # for real (marked slow / slurm; about 12 minutes here with a training beside it).
-# `make test SUITE=all` runs them too (about 40 minutes; CI does).
+# `make test SUITE=all` runs them too (40-60 minutes; CI does).
 SUITE ?= fast
 ifneq ($(words $(SUITE))$(filter-out fast all,$(SUITE)),1)
 $(error SUITE=$(SUITE): use SUITE=fast (the default) or SUITE=all)

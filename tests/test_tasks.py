@@ -182,6 +182,22 @@ def test_a_subtype_ensemble_with_tta_averages_the_class_probabilities(task_run, 
         assert mean[f"p_{c}"] == pytest.approx((alone[0][f"p_{c}"] + alone[1][f"p_{c}"]) / 2, abs=1e-6)
 
 
+def test_the_explain_grid_of_a_subtype_model_has_each_class_wrong_and_right_calls(task_run, tmp_path):
+    from xray.evaluate import class_picks, evaluate
+    y = np.array([0, 1, 2, 1, 0, 2])
+    probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1],   # image 2: viral called bacterial
+                      [0.3, 0.6, 0.1], [0.4, 0.1, 0.5], [0.1, 0.1, 0.8]])  # image 4: normal called viral
+    picks = class_picks(y, probs, ("NORMAL", "BACTERIAL", "VIRAL"), 2)
+    assert picks == {"called normal, wrongly": [], "called normal, rightly": [0],
+                     "called bacterial, wrongly": [2], "called bacterial, rightly": [1, 3],
+                     "called viral, wrongly": [4], "called viral, rightly": [5]}
+    assert class_picks(y, probs, ("NORMAL", "BACTERIAL", "VIRAL"), 1)["called bacterial, rightly"] == [1]
+    run = tmp_path / "run"  # (a copy: the module's run keeps its own eval files)
+    shutil.copytree(task_run("subtype"), run)
+    evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, explain=1)
+    assert (run / "cam_errors_test.png").stat().st_size > 0
+
+
 def test_the_report_exports_no_winner_across_tasks(tmp_path):
     from xray.report import Member, export_best
     members = []

@@ -136,7 +136,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     with calibration (ECE, Brier, reliability diagram). calibrate=True first fits the
     checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply it
     from then on). explain=N draws Grad-CAM maps of the N most confident false positives, false
-    negatives, true positives and true negatives. Writes eval_<split>.json, predictions, ROC,
+    negatives, true positives and true negatives (K classes: wrong and right calls of each). Writes eval_<split>.json, predictions, ROC,
     confusion and reliability PNGs into the run folder (one checkpoint) or `out_dir`, and returns
     the JSON. `val_thresholds` (chosen_thresholds of these models' val evaluation) spares a
     second pass over val."""
@@ -156,10 +156,10 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         raise XrayError(f"an ensemble's members must share one task, not {sorted({m.task for m in models})}")
     check_task(manifest, models[0].task, data_dir)
     if len(models[0].classes) > 2:
-        if calibrate or explain:
-            raise XrayError(f"calibrate=true and explain=N work on two-class tasks, not task={models[0].task}")
+        if calibrate:
+            raise XrayError(f"calibrate=true works on two-class tasks, not task={models[0].task}")
         return evaluate_k_classes(models, split, data_dir, manifest, batch_size, bootstrap, seed,
-                                  workers, tta, out_dir, val_thresholds)
+                                  workers, tta, out_dir, val_thresholds, explain)
     run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
     given = (val_thresholds or {}).get(BINARY) if not calibrate else None  # (a new temperature, a new threshold)
     val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta) if given is None else None
@@ -201,8 +201,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
                 out / f"reliability_{tag}.png")
     if explain:
         explain_errors(models[0], task_records(split_file(data_dir, manifest, split), models[0].task),
-                       run.names, y, p, threshold,
-                       explain, out / f"cam_errors_{tag}.png")
+                       run.names, y, p, error_picks(y, p, threshold, explain), out / f"cam_errors_{tag}.png")
     _log_summary(result)
     log.info("  -> %s", out / f"eval_{tag}.json")
     return result
@@ -229,15 +228,32 @@ def fit_temperature_of(model: TrainedModel, y_val: np.ndarray, p_val_raw: np.nda
     return temperature
 
 
-def explain_errors(model: TrainedModel, records: TaskRecords, names: list[str], y: np.ndarray, p: np.ndarray,
-                   threshold: float, n: int, out: Path) -> None:
-    """One grid, a row each: the n most confident false positives, false negatives, true
-    positives and true negatives (at `threshold`), with their maps of p(pneumonia)."""
+def error_picks(y: np.ndarray, p: np.ndarray, threshold: float, n: int) -> dict[str, list[int]]:
+    """The rows of a two-class model's explain grid: the n most confident false positives,
+    false negatives, true positives and true negatives at `threshold` (p = p(class 1))."""
     by_p, by_q = np.argsort(-p, kind="stable"), np.argsort(p, kind="stable")
-    picks = {"false positives": [int(i) for i in by_p if y[i] == 0 and p[i] >= threshold][:n],
-             "false negatives": [int(i) for i in by_q if y[i] == 1 and p[i] < threshold][:n],
-             "true positives": [int(i) for i in by_p if y[i] == 1 and p[i] >= threshold][:n],
-             "true negatives": [int(i) for i in by_q if y[i] == 0 and p[i] < threshold][:n]}
+    return {"false positives": [int(i) for i in by_p if y[i] == 0 and p[i] >= threshold][:n],
+            "false negatives": [int(i) for i in by_q if y[i] == 1 and p[i] < threshold][:n],
+            "true positives": [int(i) for i in by_p if y[i] == 1 and p[i] >= threshold][:n],
+            "true negatives": [int(i) for i in by_q if y[i] == 0 and p[i] < threshold][:n]}
+
+
+def class_picks(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], n: int) -> dict[str, list[int]]:
+    """The rows of a K-class model's explain grid: per class, the n most confident wrong calls
+    of it (images of another class it was the top class of), then its n most confident right ones."""
+    top, order = probs.argmax(axis=1), np.argsort(-probs.max(axis=1), kind="stable")
+    picks = {}
+    for c, name in enumerate(classes):
+        picks[f"called {name.lower()}, wrongly"] = [int(i) for i in order if top[i] == c and y[i] != c][:n]
+        picks[f"called {name.lower()}, rightly"] = [int(i) for i in order if top[i] == c and y[i] == c][:n]
+    return picks
+
+
+def explain_errors(model: TrainedModel, records: TaskRecords, names: list[str], y: np.ndarray, p: np.ndarray,
+                   picks: dict[str, list[int]], out: Path) -> None:
+    """One grid, a row per pick (error_picks, class_picks), each image with the map of the class
+    whose probability its caption gives: p(class 1) of a two-class model, the top class of more."""
+    classes = model.classes
     wanted = {i for picked in picks.values() for i in picked}
     tensors, index = {}, 0
     for batch in make_eval_dataset(records, model.spec, 32, workers=1).create_tuple_iterator(
@@ -246,13 +262,20 @@ def explain_errors(model: TrainedModel, records: TaskRecords, names: list[str], 
             if index in wanted:
                 tensors[index] = x
             index += 1
+
+    def caption(i: int) -> str:
+        if p.ndim == 1:
+            return f"{names[i]}\np({classes[1].lower()}) {p[i]:.3f}"
+        top = int(p[i].argmax())
+        return f"{names[i]} ({classes[y[i]].lower()})\np({classes[top].lower()}) {p[i, top]:.3f}"
+
     rows = []
     for title, picked in picks.items():
-        cams = grad_cam(model.net, np.stack([tensors[i] for i in picked])) if picked else []
-        rows.append((title, [(tensors[i], cam, f"{names[i]}\np({model.classes[1].lower()}) {p[i]:.3f}")
-                             for i, cam in zip(picked, cams)]))
+        shown = None if p.ndim == 1 else [int(p[i].argmax()) for i in picked]  # (the top class with TTA too)
+        cams = grad_cam(model.net, np.stack([tensors[i] for i in picked]), shown) if picked else []
+        rows.append((title, [(tensors[i], cam, caption(i)) for i, cam in zip(picked, cams)]))
     save_figure(cam_grid(rows), out)
-    log.info("explain: the %d most confident errors and right calls of each kind -> %s", n, out)
+    log.info("explain: the most confident errors and right calls of each kind -> %s", out)
 
 
 def output_place(models: Sequence[TrainedModel], out_dir: Optional[Path], split: str,
@@ -281,7 +304,8 @@ def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
 
 def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Path, manifest: dict,
                        batch_size: int, bootstrap: int, seed: int, workers: int, tta: int,
-                       out_dir: Optional[Path], val_thresholds: Optional[dict[str, tuple[float, str]]] = None) -> dict:
+                       out_dir: Optional[Path], val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
+                       explain: int = 0) -> dict:
     """A K-class task: metrics of the argmax decision (accuracy, balanced accuracy, macro and
     per-class one-vs-rest AUC, per-class sensitivity and specificity) with bootstrap CIs, the
     KxK confusion matrix, one-vs-rest ROC curves; for `subtype`, also the two-class questions
@@ -323,6 +347,9 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
     save_figure(roc_figure(None, None, point["auc"], f"{what}: one-vs-rest ROC ({len(y)} images)",
                            more=curves), out / f"roc_{tag}.png")
     save_figure(confusion_figure(cm, f"{what}, argmax", classes), out / f"confusion_{tag}.png")
+    if explain:
+        explain_errors(models[0], task_records(split_file(data_dir, manifest, split), models[0].task),
+                       run.names, y, probs, class_picks(y, probs, classes, explain), out / f"cam_errors_{tag}.png")
     log.info("%s (%s): %d images, checkpoint %s", split, models[0].task, len(y), result["checkpoint"])
     for name, v in point.items():
         c = ci.get(name)
