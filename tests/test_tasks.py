@@ -196,6 +196,8 @@ def test_the_explain_grid_of_a_subtype_model_has_each_class_wrong_and_right_call
     shutil.copytree(task_run("subtype"), run)
     evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, explain=1)
     assert (run / "cam_errors_test.png").stat().st_size > 0
+    with pytest.raises(XrayError, match="calibrate=true works on two-class tasks, not task=subtype"):
+        evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, calibrate=True)
 
 
 def test_the_report_exports_no_winner_across_tasks(tmp_path):
