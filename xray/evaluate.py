@@ -136,9 +136,9 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     with calibration (ECE, Brier, reliability diagram). calibrate=True first fits the
     checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply it
     from then on). explain=N draws Grad-CAM maps of the N most confident false positives, false
-    negatives, true positives and true negatives (K classes: wrong and right calls of each). Writes eval_<split>.json, predictions, ROC,
-    confusion and reliability PNGs into the run folder (one checkpoint) or `out_dir`, and returns
-    the JSON. `val_thresholds` (chosen_thresholds of these models' val evaluation) spares a
+    negatives, true positives and true negatives (K classes: wrong and right calls of each).
+    Writes eval_<split>.json, predictions, ROC, confusion and reliability PNGs into the run
+    folder (one checkpoint) or `out_dir`, and returns the JSON. `val_thresholds` (chosen_thresholds of these models' val evaluation) spares a
     second pass over val."""
     models = [load_trained_model(Path(c)) for c in checkpoints]
     if not models:
