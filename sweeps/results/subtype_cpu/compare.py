@@ -70,7 +70,10 @@ RUNS = [("0_subtype", "subtype, shuffle"),
         ("8_subtype_ensemble_24ep_seeds_42_7", "subtype, mean of seeds 42 and 7"),
         ("9_subtype_balanced_32ep_seed42", "subtype, balanced, 32 epochs, seed 42"),
         ("10_subtype_balanced_32ep_seed7", "subtype, balanced, 32 epochs, seed 7"),
-        ("11_subtype_ensemble_32ep_seeds_42_7", "subtype, mean of the 32-epoch seeds 42 and 7")]
+        ("11_subtype_ensemble_32ep_seeds_42_7", "subtype, mean of the 32-epoch seeds 42 and 7"),
+        ("12_subtype_balanced_32ep_intensity", "subtype, balanced, 32 epochs, intensity augmentation"),
+        ("13_subtype_ensemble_32ep_plain_intensity", "subtype, mean of 32-epoch seed 42 with and without intensity"),
+        ("14_subtype_ensemble_32ep_three", "subtype, mean of the three 32-epoch models")]
 
 
 def main(runs: Path, out: Path) -> None:
