@@ -8,6 +8,7 @@ checkpoints/{last,best}.ckpt and the TensorBoard event file.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ from xray.data import (check_task, make_eval_dataset, make_train_dataset, prepro
 from xray.device import setup_device
 from xray.distributed import (Group, any_rank, barrier, check_batch_split, die_on_sigterm, grad_reducer,
                                init_group, join_slurm_job, launched_rank, leave_together, local_device,
-                               mean_over_ranks)
+                               mean_over_ranks, release_group)
 from xray.errors import XrayError, in_batch_job, one_line_errors
 from xray.files import to_json, write_json, write_text
 from xray.hparams import hparams_of, write_hparams
@@ -242,6 +243,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         barrier(group)
         result = _train(cfg, run_dir, writers, group)
         leave_together(group)
+        release_group(group)
         return result
     except Exception as e:
         if group.is_main:
@@ -681,6 +683,7 @@ def link_job_logs(run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @one_line_errors
 def main(cfg: DictConfig) -> Optional[float]:
+    faulthandler.enable(all_threads=True)  # a crash inside MindSpore's C++ still says where Python was
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if launched_rank() > 0:  # only rank 0 writes into the run folder (its train.log included)
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
