@@ -107,6 +107,8 @@ def test_a_damaged_last_checkpoint_is_one_line_and_touches_nothing(sample_data, 
     ("epochs=2.5", "epochs=2.5 must be an integer >= 1"), ("optim.schedule=linear", "must be one of constant"),
     ("data.augment.scale=[0.9,0.5]", r"data.augment.scale=\[0.9, 0.5\] must be \[low, high\]"),
     ("train.amp=fp16", "train.amp=fp16 must be one of O0, O1, O2, O3"),
+    ("train.threshold_rule=median", "train.threshold_rule=median must be one of youden, sensitivity"),
+    ("train.target_sensitivity=0", r"train.target_sensitivity=0 must be a number in \(0, 1\]"),
 ])
 def test_bad_training_values_are_named_with_their_range(override, message):
     with pytest.raises(XrayError, match=message):
@@ -119,6 +121,8 @@ def test_bad_training_values_are_named_with_their_range(override, message):
     ("predict", "tta=0", "tta=0 must be an integer from 1 to 5"),
     ("evaluate", "bootstrap=-5", "bootstrap=-5 must be an integer >= 0"),
     ("evaluate", "batch_size=0", "batch_size=0 must be an integer >= 1"),
+    ("evaluate", "threshold_rule=Youden", "threshold_rule=Youden must be one of youden, sensitivity"),
+    ("evaluate", "target_sensitivity=95", r"target_sensitivity=95 must be a number in \(0, 1\]"),
     ("convert", "data.val_fraction=1.5", r"data.val_fraction=1.5 must be a number in \(0, 1\)"),
 ])
 def test_bad_values_of_the_other_entrypoints(config, override, message):

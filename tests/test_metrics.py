@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
-from xray.metrics import binary_metrics, bootstrap_ci, confusion, roc_auc, roc_curve, youden_threshold
+from xray.metrics import (binary_metrics, bootstrap_ci, confusion, roc_auc, roc_curve, sensitivity_threshold,
+                          youden_threshold)
 
 
 def data(seed, n=300, ties=False):
@@ -33,6 +34,19 @@ def test_youden_threshold_maximizes_j_like_sklearn(seed):
     assert youden_threshold(y, p) == pytest.approx(thr[np.argmax(tpr - fpr)])
 
 
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.95, 1.0])
+def test_sensitivity_threshold_is_the_highest_that_keeps_the_target(seed, target):
+    """Against every candidate threshold (sklearn's ROC thresholds): the rule's threshold keeps
+    sensitivity >= target, and no higher candidate does (so it is the most specific one)."""
+    y, p = data(seed, ties=True)
+    t = sensitivity_threshold(y, p, target)
+    _, tpr, thr = sk.roc_curve(y, p, drop_intermediate=False)
+    assert sk.recall_score(y, p >= t) >= target - 1e-12
+    keeping = thr[tpr >= target - 1e-12]
+    assert t == pytest.approx(keeping[np.isfinite(keeping)].max())
+
+
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.65])
 def test_confusion_and_threshold_metrics_match_sklearn(threshold):
     y, p = data(7)
@@ -49,7 +63,7 @@ def test_confusion_and_threshold_metrics_match_sklearn(threshold):
 def test_one_class_only_gives_nan_auc_and_threshold_half():
     y, p = np.ones(20, int), np.linspace(0, 1, 20)
     assert np.isnan(roc_auc(y, p)) and np.isnan(roc_auc(1 - y, p))
-    assert youden_threshold(y, p) == 0.5
+    assert youden_threshold(y, p) == 0.5 and sensitivity_threshold(y, p, 0.95) == 0.5
     m = binary_metrics(y, p, 0.5)
     assert np.isnan(m["specificity"]) and m["sensitivity"] == pytest.approx(0.5)
 

@@ -103,6 +103,28 @@ def test_thresholds_handed_on_from_val_keep_where_they_came_from(trained_run, tm
     assert (test["youden"]["threshold"], test["youden"]["chosen_on"]) == (0.5, fallback)
 
 
+def test_evaluate_cli_can_choose_the_threshold_for_a_target_sensitivity(trained_run, tmp_path):
+    """xray.evaluate threshold_rule=sensitivity (issue 7) on a two-class model: the threshold is
+    the highest whose val sensitivity is still >= target_sensitivity, and says so; the files
+    carry the rule's name, so the run's own (Youden) evaluation is not replaced."""
+    from xray.metrics import sensitivity_threshold
+    run = tmp_path / "run"  # (a copy: the session's run keeps its own eval files)
+    shutil.copytree(trained_run, run)
+    own = {name: (run / name).read_bytes() for name in ("eval_val.json", "predictions_val.csv")}
+    proc = subprocess.run([sys.executable, "-m", "xray.evaluate", f"ckpt={run}/checkpoints/best.ckpt",
+                           "split=val", "bootstrap=0", "workers=1", "threshold_rule=sensitivity",
+                           "target_sensitivity=0.9", f"hydra.run.dir={tmp_path / 'evaluate'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the run trained with Youden's: its own files stay, this rule's get its name
+    assert {name: (run / name).read_bytes() for name in own} == own
+    result = json.loads((run / "eval_val_sensitivity0.9.json").read_text())["youden"]
+    val = np.loadtxt(run / "predictions_val_sensitivity0.9.csv", delimiter=",", skiprows=1, usecols=(1, 2))
+    assert result["chosen_on"] == "val: sensitivity >= 0.9"
+    assert result["threshold"] == pytest.approx(sensitivity_threshold(val[:, 0], val[:, 1], 0.9), abs=2e-6)
+    assert result["sensitivity"]["value"] >= 0.9
+
+
 def test_predict_file_and_folder_match_evaluation(trained_run, tmp_path):
     model = load_trained_model(trained_run / "checkpoints" / "best.ckpt")
     folder = SAMPLE / "test" / "PNEUMONIA"

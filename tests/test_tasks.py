@@ -17,7 +17,7 @@ from xray.convert import Item, convert, split_by_patient
 from xray.data import check_task, read_manifest, split_file, task_records
 from xray.errors import XrayError
 from xray.labels import TASK_CLASSES, binary_read_offs, supported_tasks, task_targets
-from xray.metrics import youden_threshold
+from xray.metrics import sensitivity_threshold, youden_threshold
 from xray.predict import format_results, predict_images
 from xray.train import train
 
@@ -140,6 +140,37 @@ def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
     graph = ms.nn.GraphCell(ms.load(str(tmp_path / "model.mindir")))
     x = np.zeros((1, 1, model.spec.image_size, model.spec.image_size), np.float32)
     assert graph(ms.Tensor(x)).shape == (1, 3)
+
+
+def test_the_sensitivity_rule_sets_the_pneumonia_threshold_and_leaves_bacterial_vs_viral_to_youden(
+        task_run, sample_data, tmp_path):
+    """threshold_rule=sensitivity (issue 7): at the end of training, the subtype model's pneumonia
+    vs normal read-off is scored at the highest threshold that keeps val sensitivity >= target,
+    named so; bacterial vs viral keeps Youden's. Through train's own end-of-run evaluation."""
+    from xray.evaluate import summary
+    from xray.train import PreemptionGuard, evaluate_splits
+    from omegaconf import OmegaConf
+    run = tmp_path / "run"  # (a copy, made a run trained with the rule: the module's run stays as it is)
+    shutil.copytree(task_run("subtype"), run)
+    cfg = OmegaConf.merge(OmegaConf.load(run / "config.yaml"),
+                          {"train": {"threshold_rule": "sensitivity", "target_sensitivity": 0.9, "eval_bootstrap": 0}})
+    OmegaConf.save(cfg, run / "config.yaml")
+    out = evaluate_splits(run / "checkpoints" / "best.ckpt", sample_data, read_manifest(sample_data), cfg,
+                          PreemptionGuard())
+    assert set(out) == {"val", "test"}
+    val = np.loadtxt(run / "predictions_val.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
+    read_offs = binary_read_offs("subtype", val[:, 0].astype(int), val[:, 1:])
+    expected = {"pneumonia_vs_normal": (sensitivity_threshold(*read_offs["pneumonia_vs_normal"], 0.9),
+                                        "val: sensitivity >= 0.9"),
+                "bacterial_vs_viral": (youden_threshold(*read_offs["bacterial_vs_viral"]), "val")}
+    for split in ("val", "test"):
+        result = json.loads((run / f"eval_{split}.json").read_text())
+        assert summary(result) == out[split]
+        for name, (threshold, chosen_on) in expected.items():
+            r = result["read_off"][name]["youden"]
+            assert (r["threshold"], r["chosen_on"]) == (pytest.approx(threshold, abs=2e-6), chosen_on)
+    pn_val = json.loads((run / "eval_val.json").read_text())["read_off"]["pneumonia_vs_normal"]
+    assert pn_val["youden"]["sensitivity"]["value"] >= 0.9
 
 
 def test_a_subtype_ensemble_with_tta_averages_the_class_probabilities(task_run, tmp_path):

@@ -34,6 +34,8 @@ PROBABILITY = _number(lambda v: 0 <= v <= 1, "in [0, 1]")
 DEVICE = "choice", lambda v: str(v).lower() in ("cpu", "gpu", "ascend"), "one of CPU, GPU, Ascend"
 MODE = _choice("graph", "pynative")
 TTA = _int(1, 5)
+THRESHOLD_RULE = _choice("youden", "sensitivity")
+SENSITIVITY = _number(lambda v: 0 < v <= 1, "in (0, 1]")
 
 TRAIN: dict[str, Rule] = {
     "lr": POSITIVE,
@@ -70,11 +72,14 @@ TRAIN: dict[str, Rule] = {
     "train.eval_bootstrap": _int(0),
     "train.cam_images": _int(0),
     "train.amp": _choice("O0", "O1", "O2", "O3"),
+    "train.threshold_rule": THRESHOLD_RULE,
+    "train.target_sensitivity": SENSITIVITY,
 }
 EVALUATE: dict[str, Rule] = {
     "batch_size": _int(1), "bootstrap": _int(0), "seed": _int(0), "workers": _int(1),
     "tta": TTA, "top_k": _int(1), "explain": _int(0), "device_target": DEVICE, "mode": MODE,
     "calibrate": ("bool", lambda v: True, "true or false"),
+    "threshold_rule": THRESHOLD_RULE, "target_sensitivity": SENSITIVITY,
 }
 PREDICT: dict[str, Rule] = {
     "threshold": PROBABILITY, "tta": TTA, "top_k": _int(1), "max_pixels": _int(1),

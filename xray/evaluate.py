@@ -35,7 +35,7 @@ from xray.explain import cam_grid, grad_cam
 from xray.files import write_json, write_text
 from xray.labels import binary_read_offs
 from xray.metrics import (binary_metrics, bootstrap_ci, confusion, confusion_k, multiclass_metrics, roc_curve,
-                          youden_threshold)
+                          sensitivity_threshold, youden_threshold)
 from xray.plots import confusion_figure, roc_figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,44 @@ def chosen_thresholds(val_result: dict) -> dict[str, tuple[float, str]]:
 
 def origin(chosen_on: str) -> str:
     """How a plot title says where its threshold came from."""
-    return "Youden on val" if chosen_on == "val" else "0.5: val has one class only"
+    if chosen_on == "val":
+        return "Youden on val"
+    if chosen_on.startswith("val: "):  # another rule: "val: sensitivity >= 0.95"
+        return f"{chosen_on[5:]} on val"
+    return "0.5: val has one class only"
 
 
-def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str) -> tuple[float, str]:
-    """(Youden's threshold on val, where it came from): 0.5 when val has one class only."""
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How val chooses the pneumonia-vs-normal threshold (task=binary, and a subtype model's
+    pneumonia_vs_normal read-off): `youden` maximizes sensitivity + specificity - 1; `sensitivity`
+    takes the highest threshold whose val sensitivity is still >= `target_sensitivity` (a
+    screening operating point: on new patients, whose healthy lungs score higher than val's,
+    it keeps more of them below it). Bacterial vs viral is always chosen by Youden."""
+
+    name: str = "youden"  # (checked by xray.checks: youden | sensitivity)
+    target_sensitivity: float = 0.95
+
+    @property
+    def tag(self) -> str:
+        """Its short name in file names: youden, sensitivity0.95."""
+        return "youden" if self.name == "youden" else f"sensitivity{float(self.target_sensitivity):g}"
+
+
+YOUDEN = ThresholdRule()
+PNEUMONIA_DECISIONS = ("binary", "pneumonia_vs_normal")  # the ones a ThresholdRule applies to
+RULED_TASKS = ("binary", "subtype")  # tasks with such a decision (subtype: its read-off)
+
+
+def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str,
+                     rule: ThresholdRule = YOUDEN) -> tuple[float, str]:
+    """(the threshold `rule` chooses on val, where it came from): 0.5 when val has one class only."""
     if np.all(y_val) or not np.any(y_val):
         log.warning("%s: val has one class only, so no threshold can be chosen on it; 0.5 used", what)
         return 0.5, "none: val has one class only, 0.5 used"
+    if rule.name == "sensitivity":
+        target = float(rule.target_sensitivity)
+        return sensitivity_threshold(y_val, p_val, target), f"val: sensitivity >= {target:g}"
     return youden_threshold(y_val, p_val), "val"
 
 
@@ -130,7 +160,8 @@ def val_predictions(run: SplitPredictions, models: Sequence[TrainedModel], data_
 def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
              batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
              tta: int = 1, out_dir: Optional[Path] = None, calibrate: bool = False, explain: int = 0,
-             val_thresholds: Optional[dict[str, tuple[float, str]]] = None) -> dict:
+             val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
+             threshold_rule: ThresholdRule = YOUDEN) -> dict:
     """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
     with tta test-time views per image, at the threshold chosen on val by Youden's J and at 0.5,
     with calibration (ECE, Brier, reliability diagram). calibrate=True first fits the
@@ -159,14 +190,15 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
         if calibrate:
             raise XrayError(f"calibrate=true works on two-class tasks, not task={models[0].task}")
         return evaluate_k_classes(models, split, data_dir, manifest, batch_size, bootstrap, seed,
-                                  workers, tta, out_dir, val_thresholds, explain)
+                                  workers, tta, out_dir, val_thresholds, explain, threshold_rule)
     run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
     given = (val_thresholds or {}).get(BINARY) if not calibrate else None  # (a new temperature, a new threshold)
     val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta) if given is None else None
     if calibrate:
         fit_temperature_of(models[0], val.labels, val.raw[0])
     y, p = run.labels, run.probabilities(models)
-    threshold, chosen_on = given or threshold_on_val(val.labels, val.probabilities(models), "threshold")
+    rule = threshold_rule if models[0].task in PNEUMONIA_DECISIONS else YOUDEN
+    threshold, chosen_on = given or threshold_on_val(val.labels, val.probabilities(models), "threshold", rule)
     raw = np.mean(run.raw, axis=0)
     classes = models[0].classes
     result = {
@@ -184,7 +216,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
                         "temperature": [m.temperature for m in models] if len(models) > 1 else models[0].temperature,
                         "uncalibrated": calibration_metrics(y, raw)},
     }
-    out, tag = output_place(models, out_dir, split, tta)
+    out, tag = output_place(models, out_dir, split, tta, threshold_rule)
     write_json(out / f"eval_{tag}.json", result)
     write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, p[:, None], classes[1:]))
     fpr, tpr, _ = roc_curve(y, p)
@@ -279,16 +311,20 @@ def explain_errors(model: TrainedModel, records: TaskRecords, names: list[str], 
 
 
 def output_place(models: Sequence[TrainedModel], out_dir: Optional[Path], split: str,
-                 tta: int) -> tuple[Path, str]:
+                 tta: int, rule: ThresholdRule = YOUDEN) -> tuple[Path, str]:
     """(folder, file tag) of an evaluation: the run folder of one checkpoint, out_dir for an
-    ensemble; tag = split, with _tta<K>."""
+    ensemble; tag = split, with _tta<K>, and with the threshold rule when it is not the one the
+    run trained with (so that another rule never replaces the run's own eval_<split>.json)."""
     if len(models) == 1:
         out = models[0].run_dir
     elif out_dir is None:
         raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
     else:
         out = Path(out_dir)
-    return out, split + (f"_tta{tta}" if tta > 1 else "")
+    trained = models[0].cfg.get("train", {})  # (runs from before the rule existed: Youden)
+    own = ThresholdRule(trained.get("threshold_rule", "youden"), trained.get("target_sensitivity", 0.95))
+    other_rule = models[0].task in RULED_TASKS and rule.tag != own.tag
+    return out, split + (f"_tta{tta}" if tta > 1 else "") + (f"_{rule.tag}" if other_rule else "")
 
 
 def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
@@ -305,7 +341,7 @@ def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
 def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Path, manifest: dict,
                        batch_size: int, bootstrap: int, seed: int, workers: int, tta: int,
                        out_dir: Optional[Path], val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
-                       explain: int = 0) -> dict:
+                       explain: int = 0, threshold_rule: ThresholdRule = YOUDEN) -> dict:
     """A K-class task: metrics of the argmax decision (accuracy, balanced accuracy, macro and
     per-class one-vs-rest AUC, per-class sensitivity and specificity) with bootstrap CIs, the
     KxK confusion matrix, one-vs-rest ROC curves; for `subtype`, also the two-class questions
@@ -332,14 +368,15 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
         thresholds = {name: t for name, t in (val_thresholds or {}).items() if name in read_offs}
         if set(thresholds) != set(read_offs):
             val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
-            thresholds = {name: threshold_on_val(yy, pp, name) for name, (yy, pp) in
-                          binary_read_offs(models[0].task, val.labels, val.probabilities(models)).items()}
+            thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule if name in PNEUMONIA_DECISIONS else YOUDEN)
+                          for name, (yy, pp) in binary_read_offs(models[0].task, val.labels,
+                                                                 val.probabilities(models)).items()}
         result["read_off"] = {}
         for name, (yy, pp) in read_offs.items():
             threshold, chosen_on = thresholds[name]
             result["read_off"][name] = {"images": int(len(yy)), "positives": int(yy.sum()),
                                         **at_two_thresholds(yy, pp, threshold, bootstrap, seed, chosen_on)}
-    out, tag = output_place(models, out_dir, split, tta)
+    out, tag = output_place(models, out_dir, split, tta, threshold_rule)
     write_json(out / f"eval_{tag}.json", result)
     write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, probs, classes))
     what = f"{split}" + (f", {len(models)} models" if len(models) > 1 else "") + (f", tta {tta}" if tta > 1 else "")
@@ -355,9 +392,10 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
         c = ci.get(name)
         log.info("    %-24s %.3f%s", name, v, f"  [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
     for name, r in result.get("read_off", {}).items():
-        log.info("  read off as %s (%d images): AUC %.3f; at the val-chosen %.3f accuracy %.3f, sensitivity "
+        log.info("  read off as %s (%d images): AUC %.3f; at %.3f (%s) accuracy %.3f, sensitivity "
                  "%.3f, specificity %.3f; at 0.5 accuracy %.3f", name, r["images"], r["youden"]["auc"]["value"],
-                 r["youden"]["threshold"], r["youden"]["accuracy"]["value"], r["youden"]["sensitivity"]["value"],
+                 r["youden"]["threshold"], origin(r["youden"]["chosen_on"]), r["youden"]["accuracy"]["value"],
+                 r["youden"]["sensitivity"]["value"],
                  r["youden"]["specificity"]["value"], r["at_0.5"]["accuracy"]["value"])
     log.info("  -> %s", out / f"eval_{tag}.json")
     return result
@@ -390,7 +428,8 @@ def main(cfg: DictConfig) -> None:
     setup_device(cfg.device_target, cfg.mode)
     evaluate(checkpoints, cfg.split, cfg.data_dir, cfg.batch_size, cfg.bootstrap, cfg.seed,
              cfg.workers, cfg.tta, out_dir=Path(HydraConfig.get().runtime.output_dir),
-             calibrate=cfg.calibrate, explain=cfg.explain)
+             calibrate=cfg.calibrate, explain=cfg.explain,
+             threshold_rule=ThresholdRule(cfg.threshold_rule, cfg.target_sensitivity))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,17 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(thresholds[best])
 
 
+def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The highest threshold at which sensitivity (p >= threshold among the positives) is still
+    >= target: the most specific operating point that keeps `target` (0.5 if undefined)."""
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any():
+        return 0.5
+    positives = np.sort(np.asarray(p)[y])[::-1]  # highest first
+    needed = max(1, int(np.ceil(target * len(positives) - 1e-9)))  # positives that must stay above
+    return float(positives[needed - 1])
+
+
 def confusion(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """2x2 [[TN, FP], [FN, TP]]; rows = true class, columns = predicted."""
     y = np.asarray(y).astype(bool)

@@ -595,7 +595,7 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
     with the point values, or {split: {error: ..}}: the training result stands whatever
     happens here. Nothing here feeds back into training or checkpoint choice. Stops early
     when the job's time is up (the result is written before the scheduler kills it)."""
-    from xray.evaluate import chosen_thresholds, evaluate, summary
+    from xray.evaluate import ThresholdRule, chosen_thresholds, evaluate, summary
 
     out: dict = {}
     val_thresholds = None  # chosen on val once, for every split
@@ -611,7 +611,8 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
         try:
             result = evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
                               bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers,
-                              val_thresholds=val_thresholds)
+                              val_thresholds=val_thresholds,
+                              threshold_rule=ThresholdRule(cfg.train.threshold_rule, cfg.train.target_sensitivity))
         except Exception as e:  # noqa: BLE001 - recorded; the trained model is still good
             log.error("eval: %s failed: %s", split, e)
             out[split] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
