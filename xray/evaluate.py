@@ -126,10 +126,21 @@ class ThresholdRule:
     name: str = "youden"  # (checked by xray.checks: youden | sensitivity)
     target_sensitivity: float = 0.95
 
+    @classmethod
+    def of(cls, node) -> "ThresholdRule":
+        """The rule a config node names (evaluate's config, a run's `train`); Youden where it
+        names none (runs from before the rule existed)."""
+        return cls(node.get("threshold_rule", "youden"), node.get("target_sensitivity", 0.95))
+
     @property
     def tag(self) -> str:
         """Its short name in file names: youden, sensitivity0.95."""
         return "youden" if self.name == "youden" else f"sensitivity{float(self.target_sensitivity):g}"
+
+    def for_decision(self, name: str) -> "ThresholdRule":
+        """The rule for one decision (a two-class task or a read-off): this one for pneumonia vs
+        normal, Youden for the others."""
+        return self if name in PNEUMONIA_DECISIONS else YOUDEN
 
 
 YOUDEN = ThresholdRule()
@@ -163,7 +174,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
              val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
              threshold_rule: ThresholdRule = YOUDEN) -> dict:
     """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
-    with tta test-time views per image, at the threshold chosen on val by Youden's J and at 0.5,
+    with tta test-time views per image, at the threshold chosen on val (by `threshold_rule`) and at 0.5,
     with calibration (ECE, Brier, reliability diagram). calibrate=True first fits the
     checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply it
     from then on). explain=N draws Grad-CAM maps of the N most confident false positives, false
@@ -197,8 +208,8 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     if calibrate:
         fit_temperature_of(models[0], val.labels, val.raw[0])
     y, p = run.labels, run.probabilities(models)
-    rule = threshold_rule if models[0].task in PNEUMONIA_DECISIONS else YOUDEN
-    threshold, chosen_on = given or threshold_on_val(val.labels, val.probabilities(models), "threshold", rule)
+    threshold, chosen_on = given or threshold_on_val(val.labels, val.probabilities(models), "threshold",
+                                                     threshold_rule.for_decision(models[0].task))
     raw = np.mean(run.raw, axis=0)
     classes = models[0].classes
     result = {
@@ -321,9 +332,8 @@ def output_place(models: Sequence[TrainedModel], out_dir: Optional[Path], split:
         raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
     else:
         out = Path(out_dir)
-    trained = models[0].cfg.get("train", {})  # (runs from before the rule existed: Youden)
-    own = ThresholdRule(trained.get("threshold_rule", "youden"), trained.get("target_sensitivity", 0.95))
-    other_rule = models[0].task in RULED_TASKS and rule.tag != own.tag
+    trained_with = ThresholdRule.of(models[0].cfg.get("train", {}))
+    other_rule = models[0].task in RULED_TASKS and rule.tag != trained_with.tag
     return out, split + (f"_tta{tta}" if tta > 1 else "") + (f"_{rule.tag}" if other_rule else "")
 
 
@@ -368,9 +378,8 @@ def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Pat
         thresholds = {name: t for name, t in (val_thresholds or {}).items() if name in read_offs}
         if set(thresholds) != set(read_offs):
             val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
-            thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule if name in PNEUMONIA_DECISIONS else YOUDEN)
-                          for name, (yy, pp) in binary_read_offs(models[0].task, val.labels,
-                                                                 val.probabilities(models)).items()}
+            thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule.for_decision(name)) for name, (yy, pp)
+                          in binary_read_offs(models[0].task, val.labels, val.probabilities(models)).items()}
         result["read_off"] = {}
         for name, (yy, pp) in read_offs.items():
             threshold, chosen_on = thresholds[name]
@@ -429,7 +438,7 @@ def main(cfg: DictConfig) -> None:
     evaluate(checkpoints, cfg.split, cfg.data_dir, cfg.batch_size, cfg.bootstrap, cfg.seed,
              cfg.workers, cfg.tta, out_dir=Path(HydraConfig.get().runtime.output_dir),
              calibrate=cfg.calibrate, explain=cfg.explain,
-             threshold_rule=ThresholdRule(cfg.threshold_rule, cfg.target_sensitivity))
+             threshold_rule=ThresholdRule.of(cfg))
 
 
 if __name__ == "__main__":

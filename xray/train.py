@@ -612,7 +612,7 @@ def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictC
             result = evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
                               bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers,
                               val_thresholds=val_thresholds,
-                              threshold_rule=ThresholdRule(cfg.train.threshold_rule, cfg.train.target_sensitivity))
+                              threshold_rule=ThresholdRule.of(cfg.train))
         except Exception as e:  # noqa: BLE001 - recorded; the trained model is still good
             log.error("eval: %s failed: %s", split, e)
             out[split] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
