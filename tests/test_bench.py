@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_cfg
-from xray.bench import (TORCH_MISSING, bench, bench_torch, check_bench, enough_data, table,
-                        torch_alexnet)
+from xray.bench import (TORCH_MISSING, bench, bench_torch, check_bench, enough_data, kernel_table,
+                        onednn_kernel_times, table, torch_alexnet)
 from xray.data import read_manifest, split_file, task_records
 from xray.errors import XrayError
 
@@ -122,8 +122,64 @@ def test_torch_step_runs():
     ("pipeline_steps=0", "pipeline_steps=0 must be an integer >= 1"),
     ("fullres=/nonexistent", "fullres=/nonexistent is not a folder"),
     ("torch=maybe", "torch=maybe must be true or false"),
+    ("kernels=1", "kernels=1 must be true or false"),
     ("lr=-1", "lr=-1 must be a number > 0"),
 ])
 def test_bad_values_are_one_line(override, message):
     with pytest.raises(XrayError, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_bench(make_cfg("bench", [override]))
+
+
+# oneDNN's verbose log, as MindSpore 2.10 and PyTorch print it (shortened): one exec line per
+# kernel run, its time in ms last; creation and info lines are not runs
+VERBOSE_STEP = """onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,x64:gemm:jit,forward_training,src:f32,,alg,mb8,0.5
+onednn_verbose,v1,primitive,exec,cpu,convolution,x64:gemm:jit,forward_training,src:f32::blocked:abcd::f0,,alg:convolution_direct,mb8_ic1oc96,{conv}
+onednn_verbose,v1,primitive,exec,cpu,pooling,simple_nchw:any,forward_training,src:f32,,alg:pooling_max,mb8ic96,0.25
+onednn_verbose,v1,primitive,exec,cpu,matmul,gemm:jit:f32,undef,src:f32::blocked:ab::f0,,,8x9216:9216x4096,2.5
+onednn_verbose,v1,primitive,exec,cpu,convolution,x64:gemm:jit,backward_data,src:f32,,alg:convolution_direct,mb8,1.0
+some line of the framework's own
+onednn_verbose,exec,cpu,reorder,jit:uni,undef,src_f32::blocked:abcd:f0 dst_f32::blocked:Acdb8a:f0,,,96x1x11x11,0.5
+"""
+
+
+def test_the_onednn_log_is_summed_per_kernel_over_the_timed_steps():
+    """Three steps, the first (warm-up) slow: only the last two count, per step; kinds, passes and
+    implementations stay apart; creation lines and other output are not runs."""
+    log = "onednn_verbose,info,oneDNN v3.1\n" + VERBOSE_STEP.format(conv=100.0) + \
+        VERBOSE_STEP.format(conv=3.0) + VERBOSE_STEP.format(conv=5.0)
+    times = onednn_kernel_times(log, steps_run=3, steps_timed=2)
+    assert times["lines_per_step"] == 5 and times["uneven"] == 0
+    assert times["ms"] == {
+        "convolution forward_training [x64:gemm:jit]": pytest.approx(4.0),
+        "matmul [gemm:jit:f32]": pytest.approx(2.5),
+        "convolution backward_data [x64:gemm:jit]": pytest.approx(1.0),
+        "reorder [jit:uni]": pytest.approx(0.5),
+        "pooling forward_training [simple_nchw:any]": pytest.approx(0.25),
+    }
+    assert list(times["ms"])[0].startswith("convolution forward_training")  # largest first
+    # a log that does not split into equal steps says so
+    assert onednn_kernel_times(log + VERBOSE_STEP.splitlines()[2], 3, 2)["uneven"] == 1
+
+
+def test_bench_splits_each_step_by_onednn_kernel(sample_data, tmp_path):
+    """kernels=true: MindSpore's real step (and PyTorch's, when installed) in a child process with
+    oneDNN's log on; the convolutions are there, and the parts add up to the step."""
+    cfg = make_cfg("bench", TINY + [f"data.dir={sample_data}", "fullres=null", "kernels=true"])
+    result = bench(cfg, tmp_path)
+    kernels = result["sizes"]["72"]["kernels"]
+    try:
+        import torch  # noqa: F401
+        assert set(kernels) == {"mindspore", "torch"}
+    except ImportError:
+        assert set(kernels) == {"mindspore"}
+    for name, k in kernels.items():
+        assert k["onednn"]["uneven"] == 0, name
+        convs = [w for w in k["onednn"]["ms"] if w.startswith("convolution ")]
+        assert {w.split(" [")[0] for w in convs} >= {
+            "convolution forward_training", "convolution backward_data", "convolution backward_weights"}, (name, k)
+        assert positive(k["step_ms"]) and positive(k["onednn_ms"])
+        assert k["onednn_ms"] == pytest.approx(sum(k["onednn"]["ms"].values()))
+        assert k["onednn_ms"] + k["outside_onednn_ms"] == pytest.approx(k["step_ms"])
+    text = table(result)
+    assert "convolution forward_training" in text and "whole step" in text, text
+    assert kernel_table(kernels, "72") in text

@@ -3,6 +3,7 @@
     python -m xray.bench                                  # sizes 96 and 227, batch 32, the sample
     python -m xray.bench data.dir=outputs/data/kermany steps=50 sizes=[96,227,128]
     python -m xray.bench steps=5 warmup=1 fullres=null torch=false out=bench.json
+    python -m xray.bench sizes=[227] kernels=true fullres=null   # + the step by oneDNN kernel
 
 Measures, in images/s, each after untimed warm-up (the first step compiles the graph):
 1. conversion of the full-size originals in `fullres` exactly as xray.convert does it per image
@@ -16,7 +17,12 @@ Measures, in images/s, each after untimed warm-up (the first step compiles the g
 4. end to end: the pipeline feeding the step, as xray.train's loop does;
 5. the same AlexNet (and LRN, dropout, loss, momentum + weight decay, batch) in PyTorch with as
    many threads as MindSpore uses, when torch is installed (`pip install -e '.[bench]'`); always
-   fp32, so compare it with train.amp=O0 (the default).
+   fp32, so compare it with train.amp=O0 (the default);
+6. with kernels=true, where each framework's step spends its time: the same step again in a child
+   process with oneDNN's verbose log on (ONEDNN_VERBOSE=1), its time split by oneDNN kernel and
+   pass (convolution forward / backward data / backward weights, pooling, matmul, reorders), each
+   with the implementation oneDNN picked, and the rest (kernels that are not oneDNN's, the
+   framework's own work).
 
 Prints a table (img/s, ratio vs the bare step) and the JSON, which is also written to `out`
 (default: bench.json in the run folder). Ratios are the point: absolute numbers depend on the
@@ -27,10 +33,13 @@ that each measurement streams its batches from one epoch, as training on a real 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +76,8 @@ BENCH_CONFIG = {
     "fullres_images": None,  # use only the first N of them (null = all)
     "fullres_repeats": 2,   # passes over them per method (alternating, so load drifts hit both)
     "torch": True,          # compare with the same AlexNet in PyTorch when torch is installed
+    "kernels": False,       # also: each framework's step in a child process with oneDNN's verbose
+                            # log, its time split by oneDNN kernel (which implementation ran)
     "out": None,            # JSON result; null = bench.json in the run folder
     "data": {"dir": None},  # a converted data set; null = the shipped sample, converted to a temp folder
     "hydra": {"run": {"dir": "outputs/bench/${now:%Y-%m-%d_%H-%M-%S}"},
@@ -242,6 +253,12 @@ def build_step(cfg: DictConfig, size: int, num_classes: int):
 def bench_step(cfg: DictConfig, step_fn, size: int, num_classes: int) -> float:
     """img/s of the bare train step on random inputs; loss read back every step, as
     xray.train does (global steps 0 .. warmup + steps - 1)."""
+    return timed(range(cfg.warmup + cfg.steps), cfg, f"{size} px bare step",
+                 bare_step_body(cfg, step_fn, size, num_classes))
+
+
+def bare_step_body(cfg: DictConfig, step_fn, size: int, num_classes: int) -> Callable[[int, object], None]:
+    """body(i, _): global step i of `step_fn` on a fixed random batch, its loss read back."""
     import mindspore as ms
 
     rng = np.random.default_rng(0)
@@ -253,7 +270,7 @@ def bench_step(cfg: DictConfig, step_fn, size: int, num_classes: int) -> float:
         if not math.isfinite(loss):
             raise XrayError(f"the bare step's loss is {loss} at step {i}; lower lr")
 
-    return timed(range(cfg.warmup + cfg.steps), cfg, f"{size} px bare step", body)
+    return body
 
 
 def bench_end_to_end(cfg: DictConfig, records, spec, step_fn, size: int) -> float:
@@ -315,37 +332,124 @@ def bench_torch(torch, cfg: DictConfig, size: int, num_classes: int, threads: Op
     if threads:
         torch.set_num_threads(threads)
     try:
-        torch.manual_seed(cfg.seed)
-        net = torch_alexnet(torch, num_classes, cfg.model.in_channels, cfg.model.lrn,
-                            float(cfg.model.dropout))
-        net.train()
-        params = list(net.named_parameters())
-        weights = [p for n, p in params if n.endswith("weight")]
-        others = [p for n, p in params if not n.endswith("weight")]
-        optimizer = torch.optim.SGD(
-            [{"params": weights, "weight_decay": float(cfg.optim.weight_decay)},
-             {"params": others, "weight_decay": 0.0}],
-            lr=float(cfg.lr), momentum=float(cfg.momentum), nesterov=bool(cfg.optim.nesterov))
-        if cfg.loss.name == "mse":  # xray.losses.SoftmaxMSE
-            def loss_fn(logits, y):
-                target = torch.nn.functional.one_hot(y, num_classes).float()
-                return ((torch.softmax(logits, 1) - target) ** 2).sum(1).mean()
-        else:
-            loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.loss.label_smoothing))
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(cfg.batch_size, cfg.model.in_channels, size, size, generator=gen)
-        y = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen)
-
-        def body(i: int, _) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
-            loss.backward()
-            optimizer.step()
-            float(loss.item())
-
-        return timed(range(cfg.warmup + cfg.steps), cfg, f"{size} px PyTorch step", body)
+        return timed(range(cfg.warmup + cfg.steps), cfg, f"{size} px PyTorch step",
+                     torch_step_body(torch, cfg, size, num_classes))
     finally:
         torch.set_num_threads(previous)
+
+
+def torch_step_body(torch, cfg: DictConfig, size: int, num_classes: int) -> Callable[[int, object], None]:
+    """body(i, _): one PyTorch train step of the same AlexNet on a fixed random batch."""
+    torch.manual_seed(cfg.seed)
+    net = torch_alexnet(torch, num_classes, cfg.model.in_channels, cfg.model.lrn,
+                        float(cfg.model.dropout))
+    net.train()
+    params = list(net.named_parameters())
+    weights = [p for n, p in params if n.endswith("weight")]
+    others = [p for n, p in params if not n.endswith("weight")]
+    optimizer = torch.optim.SGD(
+        [{"params": weights, "weight_decay": float(cfg.optim.weight_decay)},
+         {"params": others, "weight_decay": 0.0}],
+        lr=float(cfg.lr), momentum=float(cfg.momentum), nesterov=bool(cfg.optim.nesterov))
+    if cfg.loss.name == "mse":  # xray.losses.SoftmaxMSE
+        def loss_fn(logits, y):
+            target = torch.nn.functional.one_hot(y, num_classes).float()
+            return ((torch.softmax(logits, 1) - target) ** 2).sum(1).mean()
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.loss.label_smoothing))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch_size, cfg.model.in_channels, size, size, generator=gen)
+    y = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen)
+
+    def body(i: int, _) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        optimizer.step()
+        float(loss.item())
+
+    return body
+
+
+# -- 6. where a step's time goes: oneDNN's own times per kernel --------------------------------
+
+def onednn_kernel_times(stdout: str, steps_run: int, steps_timed: int) -> dict:
+    """Milliseconds per step by oneDNN primitive, from the ONEDNN_VERBOSE=1 output of a process
+    that ran `steps_run` identical steps: {"<primitive> <pass> [<implementation>]": ms}, summed
+    over the last `steps_timed` steps (oneDNN prints one 'exec' line per primitive run, its time
+    in ms last). Also "lines_per_step", and "uneven": lines that did not divide evenly."""
+    execs = []
+    for line in stdout.splitlines():
+        fields = line.strip().split(",")
+        if fields[0] != "onednn_verbose" or "exec" not in fields[1:5]:
+            continue
+        at = fields.index("exec")  # v3: onednn_verbose,v1,primitive,exec,cpu,<kind>,<impl>,<pass>,...
+        try:
+            ms_taken = float(fields[-1])
+        except ValueError:
+            continue
+        kind, impl, prop = fields[at + 2], fields[at + 3], fields[at + 4]
+        what = kind if prop in ("undef", "") else f"{kind} {prop}"
+        execs.append((f"{what} [{impl}]", ms_taken))
+    per_step, uneven = divmod(len(execs), steps_run)
+    times: dict = {}
+    for what, ms_taken in execs[len(execs) - per_step * steps_timed:]:
+        times[what] = times.get(what, 0.0) + ms_taken / steps_timed
+    return {"ms": dict(sorted(times.items(), key=lambda kv: -kv[1])), "lines_per_step": per_step,
+            "uneven": uneven}
+
+
+def kernel_breakdown(cfg: DictConfig, framework: str, size: int, num_classes: int,
+                     threads: Optional[int], tmp: Path) -> dict:
+    """One framework's train step at `size` in a child process with oneDNN's verbose log on:
+    {"step_ms": wall ms per step, "onednn": onednn_kernel_times(...), "outside_onednn_ms":
+    the rest (kernels that are not oneDNN's, the framework's own work)}. The log costs a
+    little time per kernel, so step_ms is a bit above the bench's step."""
+    config = tmp / f"kernels_{framework}_{size}.yaml"
+    out = tmp / f"kernels_{framework}_{size}.json"
+    config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    code = "import sys; from xray.bench import kernel_child; kernel_child(*sys.argv[1:])"
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(config), framework, str(size), str(num_classes),
+         str(threads or 0), str(out)],
+        env={**os.environ, "ONEDNN_VERBOSE": "1", "DNNL_VERBOSE": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise XrayError(f"the {framework} kernel breakdown at {size} px failed: {last}")
+    step_ms = json.loads(out.read_text())["step_ms"]
+    kernels = onednn_kernel_times(child.stdout, cfg.warmup + cfg.steps, cfg.steps)
+    onednn_ms = sum(kernels["ms"].values())
+    return {"step_ms": step_ms, "onednn": kernels, "onednn_ms": onednn_ms,
+            "outside_onednn_ms": step_ms - onednn_ms}
+
+
+def kernel_child(config: str, framework: str, size: str, num_classes: str, threads: str, out: str) -> None:
+    """The child of kernel_breakdown: warmup + steps train steps of one framework; writes the
+    wall ms per timed step to `out` (stdout is left to oneDNN's log)."""
+    cfg = OmegaConf.load(config)
+    size, num_classes, threads = int(size), int(num_classes), int(threads)
+    if framework == "mindspore":
+        import mindspore as ms
+
+        from xray.device import setup_device
+
+        setup_device(cfg.device_target, cfg.mode)
+        ms.set_seed(cfg.seed)
+        _, step_fn = build_step(cfg, size, num_classes)
+        body = bare_step_body(cfg, step_fn, size, num_classes)
+    else:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        body = torch_step_body(torch, cfg, size, num_classes)
+    for i in range(cfg.warmup):
+        body(i, None)
+    start = time.perf_counter()
+    for i in range(cfg.warmup, cfg.warmup + cfg.steps):
+        body(i, None)
+    write_json(Path(out), {"step_ms": (time.perf_counter() - start) * 1000 / cfg.steps})
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -365,8 +469,9 @@ def check_bench(cfg: DictConfig) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise XrayError(f"{key}={value} must be an integer >= {low}")
-    if not isinstance(cfg.torch, bool):
-        raise XrayError(f"torch={cfg.torch} must be true or false")
+    for key in ("torch", "kernels"):
+        if not isinstance(cfg[key], bool):
+            raise XrayError(f"{key}={cfg[key]} must be true or false")
     if cfg.fullres is not None and not Path(cfg.fullres).is_dir():
         raise XrayError(f"fullres={cfg.fullres} is not a folder (run from the checkout, point it at "
                         "a folder of full-size originals, or set fullres=null to skip conversion)")
@@ -458,6 +563,11 @@ def _bench(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
             row["torch_step_img_s"] = bench_torch(torch, cfg, size, len(classes), threads)
             row["mindspore_vs_torch"] = step / row["torch_step_img_s"]
             log.info("  PyTorch step %.1f img/s", row["torch_step_img_s"])
+        if cfg.kernels:
+            log.info("  the step by oneDNN kernel (child processes with ONEDNN_VERBOSE=1)")
+            row["kernels"] = {"mindspore": kernel_breakdown(cfg, "mindspore", size, len(classes), threads, tmp)}
+            if torch is not None:
+                row["kernels"]["torch"] = kernel_breakdown(cfg, "torch", size, len(classes), threads, tmp)
         result["sizes"][str(size)] = row
 
     result["machine"] = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
@@ -494,10 +604,54 @@ def table(result: dict) -> str:
                          f"MindSpore/PyTorch {r['mindspore_vs_torch']:.2f}"))
         else:
             rows.append(("PyTorch train step", size, "-", result["torch"]["reason"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    text = aligned(rows)
+    for size, r in result["sizes"].items():
+        if "kernels" in r:
+            text += f"\n\n{kernel_table(r['kernels'], size)}"
+    return text
+
+
+def aligned(rows: list[tuple]) -> str:
+    """Rows of cells as text columns: numbers (and their headers) right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    numeric = [all(c.replace(".", "", 1).replace(",", "").isdigit() or c in ("", "-")
+                   for c in (row[i] for row in rows[1:])) for i in range(len(widths))]
+    lines = ["  ".join(f"{cell:>{w}}" if right else f"{cell:<{w}}"
+                       for cell, w, right in zip(row, widths, numeric)).rstrip() for row in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
     return "\n".join(lines)
+
+
+def kernel_table(kernels: dict, size: str) -> str:
+    """ms per step by oneDNN primitive and pass, each framework's implementation named."""
+    names = [name for name in ("mindspore", "torch") if name in kernels]
+    by_what: dict = {}
+    for name in names:
+        for key, ms_taken in kernels[name]["onednn"]["ms"].items():
+            what, impl = key.rsplit(" [", 1)
+            cell = by_what.setdefault(what, {}).setdefault(name, [0.0, []])
+            cell[0] += ms_taken
+            cell[1].append(impl.rstrip("]"))
+    header = ["oneDNN kernel, ms per step", "px"]
+    for name in names:
+        header += [f"{'MindSpore' if name == 'mindspore' else 'PyTorch'} ms", "implementation"]
+    rows = [tuple(header)]
+    order = sorted(by_what, key=lambda w: -max(c[0] for c in by_what[w].values()))
+    for what in order:
+        row = [what, size]
+        for name in names:
+            ms_taken, impls = by_what[what].get(name, [0.0, ["-"]])
+            row += [f"{ms_taken:.1f}", "/".join(sorted(set(impls)))]
+        rows.append(tuple(row))
+    totals = (("all oneDNN kernels", "onednn_ms"),
+              ("outside oneDNN (other kernels, the framework)", "outside_onednn_ms"),
+              ("whole step (with the log on)", "step_ms"))
+    for label, key in totals:
+        row = [label, size]
+        for name in names:
+            row += [f"{kernels[name][key]:.1f}", ""]
+        rows.append(tuple(row))
+    return aligned(rows)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
