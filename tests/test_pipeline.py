@@ -82,7 +82,7 @@ def test_evaluate_writes_metrics_with_ci_and_plots(trained_run):
             assert np.isnan(value) or lo - 1e-9 <= value <= hi + 1e-9
         assert np.array(block["confusion_matrix"]).sum() == 20
     assert result["at_0.5"]["threshold"] == 0.5
-    assert result["youden"]["chosen_on"] == "val"
+    assert result["youden"]["chosen_on"] == "val: sensitivity >= 0.93"  # the rule the run trained with
     for name in ("roc_test.png", "confusion_test.png", "predictions_test.csv"):
         assert (trained_run / name).stat().st_size > 0
     lines = (trained_run / "predictions_test.csv").read_text().splitlines()
@@ -96,7 +96,7 @@ def test_thresholds_handed_on_from_val_keep_where_they_came_from(trained_run, tm
     run = tmp_path / "run"  # (a copy: the session's run keeps its own eval files)
     shutil.copytree(trained_run, run)
     val = evaluate([run / "checkpoints" / "best.ckpt"], "val", bootstrap=0, workers=1)
-    assert chosen_thresholds(val) == {"threshold": (val["youden"]["threshold"], "val")}
+    assert chosen_thresholds(val) == {"threshold": (val["youden"]["threshold"], "val: sensitivity >= 0.93")}
     fallback = "none: val has one class only, 0.5 used"
     test = evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1,
                     val_thresholds={"threshold": (0.5, fallback)})

@@ -148,6 +148,11 @@ PNEUMONIA_DECISIONS = ("binary", "pneumonia_vs_normal")  # the ones a ThresholdR
 RULED_TASKS = ("binary", "subtype")  # tasks with such a decision (subtype: its read-off)
 
 
+def trained_with(model: TrainedModel) -> ThresholdRule:
+    """The threshold rule the model's run was trained (and evaluated at its end) with."""
+    return ThresholdRule.of(model.cfg.get("train", {}))
+
+
 def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str,
                      rule: ThresholdRule = YOUDEN) -> tuple[float, str]:
     """(the threshold `rule` chooses on val, where it came from): 0.5 when val has one class only."""
@@ -172,9 +177,10 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
              batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
              tta: int = 1, out_dir: Optional[Path] = None, calibrate: bool = False, explain: int = 0,
              val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
-             threshold_rule: ThresholdRule = YOUDEN) -> dict:
+             threshold_rule: Optional[ThresholdRule] = None) -> dict:
     """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
-    with tta test-time views per image, at the threshold chosen on val (by `threshold_rule`) and at 0.5,
+    with tta test-time views per image, at the threshold chosen on val (by `threshold_rule`; None:
+    the rule the first checkpoint's run trained with) and at 0.5,
     with calibration (ECE, Brier, reliability diagram). calibrate=True first fits the
     checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply it
     from then on). explain=N draws Grad-CAM maps of the N most confident false positives, false
@@ -196,6 +202,7 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
                             f"but {model.checkpoint} was trained on short_side={model.spec.short_side}")
     if len({m.task for m in models}) > 1:
         raise XrayError(f"an ensemble's members must share one task, not {sorted({m.task for m in models})}")
+    threshold_rule = threshold_rule or trained_with(models[0])
     check_task(manifest, models[0].task, data_dir)
     if len(models[0].classes) > 2:
         if calibrate:
@@ -332,8 +339,7 @@ def output_place(models: Sequence[TrainedModel], out_dir: Optional[Path], split:
         raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
     else:
         out = Path(out_dir)
-    trained_with = ThresholdRule.of(models[0].cfg.get("train", {}))
-    other_rule = models[0].task in RULED_TASKS and rule.tag != trained_with.tag
+    other_rule = models[0].task in RULED_TASKS and rule.tag != trained_with(models[0]).tag
     return out, split + (f"_tta{tta}" if tta > 1 else "") + (f"_{rule.tag}" if other_rule else "")
 
 
