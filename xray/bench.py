@@ -444,12 +444,8 @@ def kernel_child(config: str, framework: str, size: str, num_classes: str, threa
         if threads:
             torch.set_num_threads(threads)
         body = torch_step_body(torch, cfg, size, num_classes)
-    for i in range(cfg.warmup):
-        body(i, None)
-    start = time.perf_counter()
-    for i in range(cfg.warmup, cfg.warmup + cfg.steps):
-        body(i, None)
-    write_json(Path(out), {"step_ms": (time.perf_counter() - start) * 1000 / cfg.steps})
+    img_s = timed(range(cfg.warmup + cfg.steps), cfg, f"{size} px {framework} step (oneDNN log on)", body)
+    write_json(Path(out), {"step_ms": cfg.batch_size * 1000 / img_s})
 
 
 # -- the run ---------------------------------------------------------------------------------
