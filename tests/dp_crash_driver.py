@@ -5,11 +5,12 @@ leaving the other ranks in that step's AllReduce."""
 import os
 import signal
 
+import xray.step
 import xray.train
 from xray.distributed import launched_rank
 
 crash, who = int(os.environ["XRAY_TEST_CRASH_STEP"]), int(os.environ["XRAY_TEST_CRASH_RANK"])
-real_masks = xray.train.dropout_masks
+real_masks = xray.step.dropout_masks
 
 
 def masks_then_crash(p, batch, seed, step):
@@ -24,5 +25,5 @@ def submitit_like_bypass(signum, frame):
 
 
 signal.signal(signal.SIGTERM, submitit_like_bypass)
-xray.train.dropout_masks = masks_then_crash
+xray.step.dropout_masks = masks_then_crash
 xray.train.main()

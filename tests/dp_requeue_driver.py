@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 
+import xray.step
 import xray.train
 from xray.distributed import launched_rank
 
@@ -20,7 +21,7 @@ def submitit_like(signum, frame):
 
 signal.signal(signal.SIGUSR2, submitit_like)
 stop, who = int(os.environ["XRAY_TEST_STOP_STEP"]), int(os.environ["XRAY_TEST_SIGNAL_RANK"])
-real_masks = xray.train.dropout_masks
+real_masks = xray.step.dropout_masks
 
 
 def masks_then_signal(p, batch, seed, step):
@@ -29,5 +30,5 @@ def masks_then_signal(p, batch, seed, step):
     return real_masks(p, batch, seed, step)
 
 
-xray.train.dropout_masks = masks_then_signal
+xray.step.dropout_masks = masks_then_signal
 xray.train.main()

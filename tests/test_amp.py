@@ -9,7 +9,8 @@ import pytest
 from conftest import TINY, make_cfg
 from xray.losses import SoftmaxCrossEntropy
 from xray.model import build_model
-from xray.train import build_optimizer, loss_scaler, lr_schedule, make_step, mixed_precision
+from xray.schedules import lr_schedule
+from xray.step import build_optimizer, loss_scaler, make_step, mixed_precision
 
 
 def _batch():

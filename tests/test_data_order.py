@@ -91,20 +91,20 @@ def test_resumed_mid_epoch_equals_uninterrupted(sample_data, tmp_path, monkeypat
     # the same run, stopped by the scheduler's signal during step 4 (epoch 2, step 2 of 3) or
     # step 5 (its last step: the resumed run has nothing left of epoch 2 but its end)
     previous = signal.signal(signal.SIGUSR2, submitit_like_handler)
-    real_masks = xray.train.dropout_masks
+    real_masks = xray.step.dropout_masks
 
     def masks_then_signal(p, batch, seed, step):
         if step == stop:
             os.kill(os.getpid(), signal.SIGUSR2)
         return real_masks(p, batch, seed, step)
 
-    monkeypatch.setattr(xray.train, "dropout_masks", masks_then_signal)
+    monkeypatch.setattr(xray.step, "dropout_masks", masks_then_signal)
     try:
         with pytest.raises(Requeued):
             xray.train.train(cfg, tmp_path / "resumed")
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    monkeypatch.setattr(xray.train, "dropout_masks", real_masks)
+    monkeypatch.setattr(xray.step, "dropout_masks", real_masks)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     assert len(step_losses(tmp_path / "resumed")) == stop + 1  # steps 0..stop ran before it stopped
 

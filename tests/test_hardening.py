@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,25 @@ def test_result_files_are_strict_json_with_provenance(trained_run):
     assert len(prov["git"]["commit"] or "") == 40 and isinstance(prov["git"]["dirty"], bool)
     assert prov["versions"]["mindspore"] and prov["versions"]["numpy"] and prov["host"]
     assert prov["device_target"] == "CPU" and "slurm_job_id" in prov
+
+
+@pytest.mark.slow
+def test_a_second_training_into_a_busy_run_folder_is_refused(sample_data, tmp_path):
+    """Two trainings started into one hydra.run.dir: the second is refused in one line naming
+    the holder, and the first writes its history alone (issue 26, item 4)."""
+    run_dir = tmp_path / "run"
+    args = ["xray.train", *TINY, f"data.dir={sample_data}", "epochs=3", "train.eval_splits=[]",
+            f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "history.jsonl").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)  # the first has trained an epoch: it holds the folder
+    second = run(args, tmp_path)
+    assert second.returncode == 2
+    line = one_line_error(second)
+    assert f"pid {first.pid}" in line and "training" in line and "another run folder" in line
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    epochs = [json.loads(x)["epoch"] for x in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3] and json.loads((run_dir / "metrics.json").read_text())["status"] == "ok"
+    assert not (run_dir / ".xray.lock").exists()

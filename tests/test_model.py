@@ -5,26 +5,34 @@ import pytest
 from conftest import make_cfg
 from xray.errors import XrayError
 from xray.losses import SoftmaxCrossEntropy, SoftmaxMSE, class_weights
-from xray.model import AlexNet, LocalResponseNorm, build_model, dropout_masks
+from xray.model import AlexNet, LocalResponseNorm, dropout_masks
+from xray.registry import create_model
 
 ms.set_device("CPU")
 
 
-@pytest.mark.parametrize("size", [227, 96])
-@pytest.mark.parametrize("lrn", [True, False])
-def test_output_shape(size, lrn):
-    net = AlexNet(num_classes=2, in_channels=1, lrn=lrn)
+@pytest.mark.unit
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_227_px_gives_the_papers_6x6_map_and_smaller_inputs_are_pooled_to_it(in_channels):
+    net = AlexNet(num_classes=3, in_channels=in_channels)
     net.set_train(False)
-    out = net(ms.Tensor(np.random.rand(2, 1, size, size).astype(np.float32)))
-    assert out.shape == (2, 2)
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.random((2, in_channels, 227, 227), np.float32))
+    assert net.pool(net.features(x)).shape == (2, 256, 6, 6)  # the paper's layers, unpadded conv1
+    x = ms.Tensor(rng.random((2, in_channels, 96, 96), np.float32))
+    assert net.pool(net.features(x)).shape == (2, 256, 1, 1)  # adaptive pooling repeats it to 6x6
+    logits = net(x).asnumpy()
+    assert logits.shape == (2, 3) and not np.allclose(logits[0], logits[1])
 
 
+@pytest.mark.unit
 def test_switches_change_the_layers():
     layers = lambda net: [type(c).__name__ for _, c in net.cells_and_names()]  # noqa: E731
     assert layers(AlexNet(lrn=True)).count("LocalResponseNorm") == 2
     assert "LocalResponseNorm" not in layers(AlexNet(lrn=False))
 
 
+@pytest.mark.unit
 def test_dropout_masks_come_from_seed_and_step():
     a1, a2 = dropout_masks(0.5, 8, seed=1, step=3)
     b1, _ = dropout_masks(0.5, 8, seed=1, step=3)
@@ -36,6 +44,7 @@ def test_dropout_masks_come_from_seed_and_step():
     assert np.all(ones == 1.0)
 
 
+@pytest.mark.unit
 def test_dropout_masks_drop_units_in_training_only():
     net = AlexNet(lrn=False)
     x = ms.Tensor(np.random.rand(2, 1, 96, 96).astype(np.float32))
@@ -47,12 +56,7 @@ def test_dropout_masks_drop_units_in_training_only():
     assert not np.allclose(net(x).asnumpy(), dropped)
 
 
-def test_three_input_channels():
-    net = AlexNet(in_channels=3)
-    net.set_train(False)
-    assert net(ms.Tensor(np.zeros((1, 3, 80, 80), np.float32))).shape == (1, 2)
-
-
+@pytest.mark.unit
 def test_inference_is_deterministic():
     net = AlexNet(lrn=False)
     x = ms.Tensor(np.random.rand(2, 1, 96, 96).astype(np.float32))
@@ -60,6 +64,7 @@ def test_inference_is_deterministic():
     assert np.array_equal(net(x).asnumpy(), net(x).asnumpy())
 
 
+@pytest.mark.unit
 def test_lrn_is_the_papers_formula():
     """b_c = a_c / (k + alpha * sum_{|c'-c|<=2} a_c'^2)^beta, computed here in numpy."""
     a = np.random.rand(2, 16, 5, 5).astype(np.float32) * 30
@@ -72,15 +77,17 @@ def test_lrn_is_the_papers_formula():
     assert not np.allclose(ours, a)  # it does normalize
 
 
+@pytest.mark.unit
 def test_too_small_input_is_a_config_error():
     cfg = make_cfg("config", ["data=sample"])
     with pytest.raises(XrayError, match="image_size=64 is too small"):
-        build_model(cfg.model, 64, 2)
-    net = build_model(cfg.model, 67, 2)
+        create_model(cfg.model, 64, 2)
+    net = create_model(cfg.model, 67, 2)
     net.set_train(False)
     assert net(ms.Tensor(np.zeros((1, 1, 67, 67), np.float32))).shape == (1, 2)
 
 
+@pytest.mark.unit
 def test_softmax_mse_is_mse_of_probabilities_and_one_hot():
     logits = np.array([[2.0, -1.0], [0.5, 0.5], [-3.0, 1.0]], np.float32)
     labels = np.array([0, 1, 1], np.int32)
@@ -95,6 +102,7 @@ def test_softmax_mse_is_mse_of_probabilities_and_one_hot():
     assert got_w == pytest.approx(per.sum() / np.array(w)[labels].sum(), rel=1e-5)
 
 
+@pytest.mark.unit
 def test_cross_entropy_and_class_weights():
     logits = np.array([[2.0, -1.0], [0.5, 0.5]], np.float32)
     labels = np.array([0, 1], np.int32)
@@ -107,6 +115,7 @@ def test_cross_entropy_and_class_weights():
         class_weights([0, 10])
 
 
+@pytest.mark.unit
 def test_the_losses_and_class_weights_for_three_classes():
     logits = np.array([[2.0, -1.0, 0.5], [0.5, 0.5, 0.5], [-3.0, 1.0, 2.0], [0.0, 1.0, -1.0]], np.float32)
     labels = np.array([0, 1, 2, 2], np.int32)
@@ -125,6 +134,7 @@ def test_the_losses_and_class_weights_for_three_classes():
     assert class_weights([1200, 2000, 1100]) == pytest.approx([4300 / 3600, 4300 / 6000, 4300 / 3300])
 
 
+@pytest.mark.unit
 def test_gpu_requested_on_a_node_without_one_fails_fast():
     """device_target=GPU must never fall back to training on the CPU silently."""
     import mindspore as ms
@@ -138,6 +148,7 @@ def test_gpu_requested_on_a_node_without_one_fails_fast():
     setup_device("cpu")  # case-insensitive, and CPU always works
 
 
+@pytest.mark.unit
 def test_xray_steers_onednn_to_its_fast_cpu_kernels():
     """MindSpore 2.10's oneDNN runs convolutions ~100x slower on AVX-512/AMX CPUs unless limited
     to AVX2 (the speed is the bench's job; here: the setting is made, and a user's value wins)."""
@@ -157,15 +168,16 @@ def test_training_steps_apply_dropout_and_inference_does_not():
     """The step the training loop runs draws its masks: the same batch and weights give another
     loss with dropout on than off (a loop that forgot the masks would not)."""
     from xray.losses import SoftmaxCrossEntropy
-    from xray.train import build_optimizer, lr_schedule, make_step
+    from xray.registry import create_schedule
+    from xray.step import build_optimizer, make_step
     x = ms.Tensor(np.random.default_rng(0).normal(size=(4, 1, 72, 72)).astype(np.float32))
     y = ms.Tensor(np.array([0, 1, 0, 1], np.int32))
     losses = {}
     for p in (0.0, 0.5):
         cfg = make_cfg("config", ["data=sample", f"model.dropout={p}", "mode=pynative", "lr=1e-9"])
         ms.set_seed(0)
-        net = build_model(cfg.model, 72, 2)
-        step = make_step(cfg, net, SoftmaxCrossEntropy(), build_optimizer(net, cfg, lr_schedule(1e-9, cfg.optim, 1, 1)))
+        net = create_model(cfg.model, 72, 2)
+        step = make_step(cfg, net, SoftmaxCrossEntropy(), build_optimizer(net, cfg, create_schedule(1e-9, cfg.optim, 1, 1)))
         losses[p] = float(step(x, y, 0).asnumpy())
     assert losses[0.0] != pytest.approx(losses[0.5], abs=1e-6)
 

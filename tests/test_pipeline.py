@@ -15,11 +15,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import SAMPLE, TINY, make_cfg
+from old_runs import format1
 from xray.checkpoint import load_trained_model, read_checkpoint
 from xray.evaluate import evaluate
 from xray.files import to_json
 from xray.predict import format_results, list_images, predict_images
-from xray.train import build_optimizer, load_state, lr_schedule, train
+from xray.schedules import lr_schedule
+from xray.step import build_optimizer
+from xray.train import train
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "ppv", "npv"}
 
@@ -180,16 +183,22 @@ def test_resume_after_kill_continues_from_saved_epoch(sample_data, tmp_path):
 
 
 def test_resume_restores_weights_and_optimizer_state(trained_run):
+    from xray.checkpoint import FORMAT_VERSION, TrainingState, read_state
     from xray.model import build_model
     cfg = make_cfg("config", TINY)
     net = build_model(cfg.model, 72, 2)
     opt = build_optimizer(net, cfg, lr_schedule(cfg.lr, cfg.optim, 2, 3))
-    state = load_state(trained_run / "checkpoints" / "last.ckpt", opt)
-    saved = read_checkpoint(trained_run / "checkpoints" / "last.ckpt")
-    assert state.epoch == 2 and state.step_in_epoch == 0 and state.best_epoch in (1, 2)
+    saved = read_state(trained_run / "checkpoints" / "last.ckpt")
+    state = TrainingState(net, opt, None, identity=saved.identity)
+    state.restore(saved)
+    params = read_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    assert saved.format_version == FORMAT_VERSION
+    assert state.run.epoch == 2 and state.run.step_in_epoch == 0 and state.run.best_epoch in (1, 2)
+    assert [h["epoch"] for h in state.history] == [1, 2]
+    assert saved.identity["preprocess"]["image_size"] == 72 and saved.identity["classes"] == ["NORMAL", "PNEUMONIA"]
     assert int(opt.global_step.asnumpy()) == 2 * 3
     for p in list(opt.moments)[:3] + net.trainable_params()[:3]:
-        assert np.array_equal(p.asnumpy(), saved[p.name].asnumpy()), p.name
+        assert np.array_equal(p.asnumpy(), params[p.name].asnumpy()), p.name
 
 
 def test_nan_loss_stops_cleanly_as_diverged(sample_data, tmp_path):
@@ -229,7 +238,7 @@ def test_checkpoints_from_before_dropout_masks_still_load(trained_run, tmp_path)
     run = tmp_path / "old_run"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(trained_run / "config.yaml", run / "config.yaml")
-    params = read_checkpoint(trained_run / "checkpoints" / "best.ckpt")
+    params = format1(read_checkpoint(trained_run / "checkpoints" / "best.ckpt"))
     old_names = {"fc1.": "classifier.0.", "fc2.": "classifier.3.", "fc3.": "classifier.6."}
     renamed = []
     for name, value in params.items():

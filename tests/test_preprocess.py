@@ -131,24 +131,23 @@ def test_a_run_trained_before_the_cpp_ops_keeps_its_pillow_preprocessing(trained
 
 
 def test_resuming_a_run_from_before_the_cpp_ops_keeps_its_pillow_pipeline(trained_run, tmp_path):
-    """An interrupted run begun with Pillow preprocessing (its config.yaml records no
-    `pipeline`) finishes with Pillow preprocessing; a new run in a fresh folder gets MindSpore's."""
-    import shutil
-
+    """An interrupted run begun with Pillow preprocessing (a format-1 checkpoint, its config.yaml
+    records no `pipeline`) finishes with Pillow preprocessing; a new run gets MindSpore's."""
     from omegaconf import OmegaConf
 
     from conftest import TINY, make_cfg
-    from xray.train import input_pipeline, train
-    old = tmp_path / "old_run"
-    shutil.copytree(trained_run, old)
+    from old_runs import old_run
+    from xray.checkpoint import read_state
+    from xray.train import train
+    old = old_run("binary", tmp_path / "old_run", trained_run / "checkpoints")
     (old / "metrics.json").unlink()  # interrupted: last.ckpt, no result
     config = OmegaConf.load(old / "config.yaml")
     del config.preprocess["pipeline"]
     OmegaConf.save(config, old / "config.yaml")
-    assert input_pipeline(old, resume=True) == "pil"
-    assert input_pipeline(old, resume=False) == input_pipeline(tmp_path / "new", resume=True) == "mindspore"
     data_dir = OmegaConf.load(trained_run / "config.yaml").data.dir
     result = train(make_cfg("config", TINY + [f"data.dir={data_dir}", "epochs=3", "train.eval_splits=[]",
-                                              "train.cam_images=0"]), old)
+                                              "train.cam_images=0", "train.keep_last=true"]), old)
     assert result["status"] == "ok" and result["epochs_completed"] == 3
     assert OmegaConf.load(old / "config.yaml").preprocess.pipeline == "pil"
+    assert read_state(old / "checkpoints" / "last.ckpt").identity["preprocess"]["pipeline"] == "pil"
+    assert OmegaConf.load(trained_run / "config.yaml").preprocess.pipeline == "mindspore"

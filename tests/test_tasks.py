@@ -152,15 +152,14 @@ def test_the_sensitivity_rule_sets_the_pneumonia_threshold_and_leaves_bacterial_
     vs normal read-off is scored at the highest threshold that keeps val sensitivity >= target,
     named so; bacterial vs viral keeps Youden's. Through train's own end-of-run evaluation."""
     from xray.evaluate import summary
-    from xray.train import PreemptionGuard, evaluate_splits
+    from xray.evaluate import evaluate_splits
     from omegaconf import OmegaConf
     run = tmp_path / "run"  # (a copy, made a run trained with the rule: the module's run stays as it is)
     shutil.copytree(task_run("subtype"), run)
     cfg = OmegaConf.merge(OmegaConf.load(run / "config.yaml"),
                           {"train": {"threshold_rule": "sensitivity", "target_sensitivity": 0.9, "eval_bootstrap": 0}})
     OmegaConf.save(cfg, run / "config.yaml")
-    out = evaluate_splits(run / "checkpoints" / "best.ckpt", sample_data, read_manifest(sample_data), cfg,
-                          PreemptionGuard())
+    out = evaluate_splits(run / "checkpoints" / "best.ckpt", sample_data, read_manifest(sample_data), cfg)
     assert set(out) == {"val", "test"}
     val = np.loadtxt(run / "predictions_val.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
     read_offs = binary_read_offs("subtype", val[:, 0].astype(int), val[:, 1:])

@@ -241,7 +241,8 @@ def bench_eval_pipeline(cfg: DictConfig, records, spec, size: int) -> float:
 
 def build_step(cfg: DictConfig, size: int, num_classes: int):
     """(net, step_fn): xray.train's train step for input `size` (train.amp included)."""
-    from xray.train import build_training, lr_schedule
+    from xray.schedules import lr_schedule
+    from xray.step import build_training
 
     total = 3 * (cfg.warmup + cfg.steps)  # bare + end to end (+ margin): one lr per step
     net, _, _, _, step = build_training(cfg, size, [1] * num_classes,

@@ -1,7 +1,18 @@
-"""Load a trained model with everything needed to feed it: the run's config and preprocessing."""
+"""What a checkpoint holds, defined once: the training state of last.ckpt (to resume) and the
+model of best.ckpt (to evaluate, predict, export), with a format version; and loading a trained
+model with everything needed to feed it.
+
+Format 2 (this one): last.ckpt = every network parameter (trainable or not) + the optimizer's
+(momenta, step) + `RunState` + the history + the run's identity (task, classes, model, input
+preprocessing) + `format_version`; best.ckpt = the network's parameters + identity + epoch and
+val AUC. Format 1 (before it): last.ckpt held the optimizer's parameters and `RunState` only;
+the history lived in history.jsonl, the input pipeline in config.yaml. Format 1 runs still
+resume (`read_state` upgrades them) and evaluate."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray.calibration import load_temperature, scale
 from xray.errors import XrayError
+from xray.files import to_json
 from xray.labels import CLASSES, task_classes
 from xray.model import build_model
 from xray.preprocess import Preprocess
@@ -45,6 +57,172 @@ def read_checkpoint(path: Path) -> dict:
         available.mindspore_own = own
         serialization._get_available_memory = available
     return ms.load_checkpoint(str(path))
+
+
+FORMAT_VERSION = 2
+SPACE_MARGIN = 20_000_000  # bytes kept free beyond a checkpoint (logs, TensorBoard, JSON)
+
+
+@dataclass
+class RunState:
+    """The loop's bookkeeping: where the run is and the best epoch so far."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps done of the next epoch (a job stopped mid-epoch)
+    epoch_loss_sum: float = 0.0  # their summed training loss
+    best_auc: float = -1.0  # best val AUC so far, and its epoch (0: none yet)
+    best_epoch: int = 0
+    loss_scale: float = 0.0  # the dynamic loss scale of train.amp O1-O3 (0: fp32, no scaling)
+
+
+@dataclass
+class TrainingState:
+    """Exactly what last.ckpt holds, and all a resumed run needs to continue where this one
+    stopped: the network (all its parameters), the optimizer, the loss scaler (None in fp32),
+    the loop's `RunState`, the history (one entry per finished epoch) and the run's identity."""
+
+    net: nn.Cell
+    optimizer: nn.Cell
+    scaler: Optional[object]
+    identity: dict
+    run: RunState = field(default_factory=RunState)
+    history: list = field(default_factory=list)
+
+    def parameters(self) -> dict:
+        """name -> Parameter: the network's (non-trainable ones too, e.g. batch-norm
+        statistics) and the optimizer's (the network's trainable ones, momenta, step)."""
+        params = {p.name: p for p in self.net.get_parameters()}
+        params.update(self.optimizer.parameters_dict())
+        return params
+
+    def save(self, path: Path) -> None:
+        if self.scaler is not None:
+            self.run.loss_scale = float(self.scaler.scale_value.asnumpy())
+        save_checkpoint(self.parameters(), path, {**asdict(self.run), **self._texts()})
+
+    def _texts(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "identity": to_json(self.identity),
+                "history": to_json(self.history)}
+
+    def restore(self, saved: "SavedState") -> None:
+        """Load a state read by `read_state` into this one (same identity: see `check_identity`)."""
+        params = {k: v for k, v in saved.params.items() if k != "learning_rate"}  # (from the config)
+        try:
+            missing = [name for cell in (self.optimizer, self.net)
+                       for name in ms.load_param_into_net(cell, params)[0] if name != "learning_rate"]
+        except (RuntimeError, ValueError) as e:  # e.g. a parameter of another shape
+            missing = [str(e).splitlines()[0][:160]]
+        if missing:
+            raise XrayError(f"{saved.path} does not hold this model's state (missing {len(missing)} "
+                            f"parameters, e.g. {missing[0]}); rerun with overwrite=true to start over")
+        self.run, self.history = saved.run, list(saved.history)
+        if self.scaler is not None and self.run.loss_scale > 0:
+            self.scaler.scale_value.set_data(ms.Tensor(self.run.loss_scale, ms.float32))
+
+
+@dataclass
+class SavedState:
+    """A last.ckpt as read from disk, before it is loaded into a network."""
+
+    path: Path
+    format_version: int
+    params: dict
+    run: RunState
+    history: list
+    identity: Optional[dict]  # None: format 1, which recorded none
+
+
+def read_state(path: Path) -> SavedState:
+    """Read last.ckpt (format 1 or 2) without a network; a damaged file or one of a newer
+    format is one line."""
+    try:
+        params = read_checkpoint(path)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise XrayError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
+                        "rerun with overwrite=true to start this run over") from None
+    version = int(_scalar(params.pop("format_version", 1)))
+    if version > FORMAT_VERSION:
+        raise XrayError(f"{path} has checkpoint format {version}, newer than this xray's "
+                        f"{FORMAT_VERSION}; update xray, or rerun with overwrite=true to start over")
+    run = RunState(**{f.name: type(getattr(RunState, f.name))(_scalar(params.pop(f.name)))
+                      for f in fields(RunState) if f.name in params})
+    if version == 1:  # the history and the identity lived outside the checkpoint then
+        history, identity = legacy_history(path, run.epoch), None
+    else:
+        history, identity = json.loads(params.pop("history")), json.loads(params.pop("identity"))
+    return SavedState(path, version, params, run, history, identity)
+
+
+def legacy_history(last_ckpt: Path, epochs_done: int) -> list:
+    """Format 1: the history of epochs up to the checkpoint's, from the run's history.jsonl."""
+    path = last_ckpt.parent.parent / "history.jsonl"
+    if not path.exists():
+        return []
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [h for h in history if h["epoch"] <= epochs_done]
+
+
+def check_identity(saved: dict, wanted: dict, where: Path) -> None:
+    """A checkpoint continues or serves only the run it was made for: name the first keys that
+    differ (task, classes, model, input) and what to do."""
+    differ = [key for key in _flat(wanted) if _flat(saved).get(key) != _flat(wanted)[key]]
+    if differ:
+        shown = ", ".join(f"{k}: {_flat(saved).get(k)!r} there, {_flat(wanted)[k]!r} asked" for k in differ[:3])
+        raise XrayError(f"{where} was made with other settings ({shown}); use the settings it was "
+                        "made with, another run folder, or overwrite=true to start over")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _scalar(value):
+    return value.asnumpy().item() if hasattr(value, "asnumpy") else value
+
+
+def checkpoint_bytes(params) -> int:
+    """The size of a checkpoint of these parameters (a dict of them, or a Cell's)."""
+    if isinstance(params, nn.Cell):
+        params = params.parameters_dict()
+    return sum(p.nbytes for p in params.values())
+
+
+def ensure_space(folder: Path, needed: int, what: str) -> None:
+    """A full disk is one clear line before writing, not a half-written file after."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise XrayError(f"{folder} has {free / 1e6:.0f} MB free but {what} needs "
+                        f"{(needed + SPACE_MARGIN) / 1e6:.0f} MB; free some space (e.g. the "
+                        "checkpoints/last.ckpt of finished runs) and rerun: it resumes from its "
+                        "last checkpoint")
+
+
+def save_checkpoint(params: dict, path: Path, meta: dict) -> None:
+    """Save to a temp name, then rename: a crash or a full disk never leaves half a checkpoint,
+    nor a temp file, and the previous file stays until the new one is complete."""
+    ensure_space(path.parent, checkpoint_bytes(params), path.name)
+    tmp = path.with_name(f".{path.stem}.tmp.ckpt")
+    try:
+        ms.save_checkpoint([{"name": name, "data": p} for name, p in params.items()], str(tmp),
+                           append_dict=meta)
+        tmp.replace(path)
+    except BaseException:
+        for leftover in path.parent.glob(f".{path.stem}.tmp.*"):  # MindSpore writes .tmp.tmp first
+            leftover.unlink(missing_ok=True)
+        raise
+
+
+def save_model(net: nn.Cell, path: Path, identity: dict, epoch: int, val_auc: float) -> None:
+    """best.ckpt: the network's parameters, what it was made for, and when it was best."""
+    save_checkpoint(net.parameters_dict(), path, {"format_version": FORMAT_VERSION,
+                                                  "identity": to_json(identity),
+                                                  "epoch": epoch, "val_auc": val_auc})
 
 
 @dataclass
@@ -90,7 +268,9 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def load_trained_model(checkpoint: Path) -> TrainedModel:
-    """Rebuild the network from the run's config.yaml and load the weights (eval mode)."""
+    """Rebuild the network and load the weights (eval mode). What the model is and how its
+    inputs are made come from the checkpoint's own identity (format 2), or from the run's
+    config.yaml for checkpoints of format 1, which recorded none."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "best.ckpt"
@@ -103,19 +283,34 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
         raise XrayError(f"{config} not found; ckpt must sit in a training run folder "
                         "(<run>/checkpoints/*.ckpt) or beside that run's config.yaml")
     cfg = OmegaConf.load(config)
-    spec = Preprocess(**cfg.preprocess)
-    classes = task_classes(str(OmegaConf.select(cfg, "task.name", default="binary")))
-    net = build_model(cfg.model, spec.image_size, len(classes))
     try:
         params = read_checkpoint(checkpoint)
     except (RuntimeError, ValueError) as e:
         raise XrayError(f"ckpt={checkpoint} is not a readable MindSpore checkpoint ({e})") from None
+    identity = model_identity(params, cfg)
+    spec = Preprocess(**identity["preprocess"])
+    classes = tuple(identity["classes"])
+    net = build_model(OmegaConf.create(identity["model"]), spec.image_size, len(classes))
     missing, _ = ms.load_param_into_net(net, legacy_names(params))
     if missing:
-        raise XrayError(f"ckpt={checkpoint} does not match the model in {config} "
+        raise XrayError(f"ckpt={checkpoint} does not match the model it records "
                         f"(missing {len(missing)} parameters, e.g. {missing[0]})")
     net.set_train(False)
     return TrainedModel(net, cfg, spec, run_dir, checkpoint, load_temperature(run_dir, checkpoint), classes)
+
+
+def model_identity(params: dict, cfg: DictConfig) -> dict:
+    """The identity a checkpoint records (format 2; taken out of `params`), else the one its
+    run's config.yaml implies (format 1)."""
+    params.pop("format_version", None)
+    for key in ("history", "epoch", "val_auc", *(f.name for f in fields(RunState))):
+        params.pop(key, None)
+    if "identity" in params:
+        return json.loads(params.pop("identity"))
+    task = str(OmegaConf.select(cfg, "task.name", default="binary"))
+    return {"task": task, "classes": list(task_classes(task)),
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True)}
 
 
 def legacy_names(params: dict) -> dict:

@@ -103,7 +103,8 @@ def _probe_here(device: str, amp: str) -> str:
 
     from xray import CONF_DIR
     from xray.device import setup_device
-    from xray.train import build_training, lr_schedule
+    from xray.schedules import lr_schedule
+    from xray.step import build_training
 
     if device != "CPU" and not ms.hal.is_available(device):
         raise XrayError(f"MindSpore sees no {device} here")

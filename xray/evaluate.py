@@ -16,7 +16,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import hydra
 import numpy as np
@@ -435,6 +435,39 @@ def _log_summary(result: dict) -> None:
             log.info("    %-18s %.3f%s", name, r[name]["value"], f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictConfig,
+                    time_is_up: Callable[[], bool] = lambda: False) -> dict:
+    """Evaluate the val-chosen checkpoint on each of train.eval_splits the data set has
+    (eval_<split>.json etc. in the run folder); returns {split: {youden: {..}, at_0.5: {..}}}
+    with the point values, or {split: {error: ..}}: the training result stands whatever
+    happens here. Nothing here feeds back into training or checkpoint choice. Stops early
+    when the job's time is up (the result is written before the scheduler kills it)."""
+    out: dict = {}
+    val_thresholds = None  # chosen on val once, for every split
+    splits = sorted(cfg.train.eval_splits or [], key=lambda s: s != "val")
+    for split in splits:
+        if time_is_up():
+            log.warning("eval: time is up, %s not evaluated", split)
+            out[split] = {"error": "not evaluated: the job's time limit was near"}
+            continue
+        if not (manifest["splits"].get(split) or {}).get("file"):
+            log.info("eval: %s has no %s split, skipped", data_dir, split)
+            continue
+        try:
+            result = evaluate([checkpoint], split, data_dir, batch_size=cfg.batch_size,
+                              bootstrap=cfg.train.eval_bootstrap, workers=cfg.data.workers,
+                              val_thresholds=val_thresholds,
+                              threshold_rule=ThresholdRule.of(cfg.train))
+        except Exception as e:  # noqa: BLE001 - recorded; the trained model is still good
+            log.error("eval: %s failed: %s", split, e)
+            out[split] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            continue
+        if split == "val":  # (a K-class task decides by argmax; a subtype model's read-offs have theirs)
+            val_thresholds = chosen_thresholds(result)
+        out[split] = summary(result)
+    return out
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
@@ -453,3 +486,4 @@ if __name__ == "__main__":
     from xray.evaluate import main as entrypoint
 
     entrypoint()
+

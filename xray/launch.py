@@ -23,6 +23,7 @@ from datetime import datetime
 
 from xray.distributed import NOISE, check_batch_split, cluster_timeouts, start_scheduler
 from xray.errors import XrayError, one_line_errors
+from xray.run_lock import GROUP_ENV, new_group_id
 
 
 def free_port() -> int:
@@ -79,6 +80,7 @@ def launch(ranks: int, overrides: list[str], port: int = 0, module: str = "xray.
     env.update(cluster_timeouts(env))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
     env.pop("MS_NODE_ID", None)
+    env[GROUP_ENV] = new_group_id()  # the ranks share one lock on the run folder
     sched_out: collections.deque = collections.deque(maxlen=40)
     scheduler = start_scheduler(env, stdout=subprocess.PIPE)
     threads = [threading.Thread(target=pump, args=(scheduler.stdout, "", None, sched_out), daemon=True)]

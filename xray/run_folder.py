@@ -1,0 +1,116 @@
+"""A training run's folder and its lifecycle: where each file lives, whether the training ended,
+starting it over, and the record of a failure. The rules live here only."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from xray.calibration import FILE as CALIBRATION
+from xray.errors import in_batch_job
+from xray.files import to_json, write_json, write_text
+from xray.hparams import hparams_of, write_hparams
+from xray.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+ENDED = ("ok", "diverged")  # statuses of a training that ran to its end
+# what evaluating a run writes beside its result (a stale calibration.json would give a new
+# model the old temperature)
+EVALUATION_FILES = ("eval_*.json", "predictions_*.csv", "roc_*.png", "confusion_*.png",
+                    "reliability_*.png", "cam_errors_*.png", CALIBRATION)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_ckpt(self) -> Path:  # the training state, to resume
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def best_ckpt(self) -> Path:  # the val-chosen model
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    def finished_result(self) -> Optional[dict]:
+        """metrics.json of a run whose training ended (ok or diverged), else None."""
+        try:
+            result = json.loads(self.metrics.read_text())
+        except (OSError, ValueError):
+            return None
+        return result if result.get("status") in ENDED else None
+
+    def start_over(self) -> None:
+        """overwrite=true: remove what an earlier attempt wrote and what evaluating it wrote
+        (not .hydra/ or the logs)."""
+        paths = [self.checkpoints, *self.path.glob("events.out.tfevents.*"), self.metrics, self.history,
+                 self.config, *(p for pattern in EVALUATION_FILES for p in self.path.glob(pattern))]
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def write_config(self, cfg: DictConfig, preprocess: dict) -> None:
+        """The run's resolved config + its input preprocessing, for people and older tools
+        (evaluate and resume read the checkpoint's own record)."""
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved["preprocess"] = preprocess
+        write_text(self.config, OmegaConf.to_yaml(resolved))
+
+    def write_history(self, history: list) -> None:
+        """history.jsonl: the checkpoint's history, one line per epoch, for people and plots."""
+        write_text(self.history, "".join(to_json(h) + "\n" for h in history))
+
+    def write_result(self, result: dict) -> None:
+        write_json(self.metrics, result)
+
+    def record_failure(self, cfg: DictConfig, error: Exception, writer=None) -> dict:
+        """metrics.json (and HParams, given the run's TensorBoard writer) say `failed` with the
+        error, where the disk still lets them."""
+        result = {"status": "failed", "error": f"{type(error).__name__}: {error}".splitlines()[0],
+                  "epochs": cfg.get("epochs"), "hparams": hparams_of(cfg), "provenance": provenance(cfg)}
+        try:
+            if writer is not None:
+                write_hparams(writer, cfg, result, 0)
+            self.write_result(result)
+        except OSError as e:  # e.g. the full disk that made it fail
+            log.error("could not record the failure in %s: %s", self.path, e)
+        return result
+
+    def link_job_logs(self) -> None:
+        """Inside a submitit (Slurm) job: slurm.out / slurm.err point at the job's log files,
+        so every run says where its logs are."""
+        if not in_batch_job():
+            return
+        import submitit
+
+        paths = submitit.JobEnvironment().paths
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name, target in (("slurm.out", paths.stdout), ("slurm.err", paths.stderr)):
+            link = self.path / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target)
