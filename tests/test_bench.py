@@ -1,5 +1,6 @@
-"""xray.bench: every measurement is there, finite and positive, in one run; PyTorch's absence is
-reported, not a crash. Never asserts on speed: the numbers depend on the machine and its load."""
+"""xray.bench: every measurement is there and its ratios add up, in one run; PyTorch's absence is
+reported, not a crash; the clock skips warm-up; the table keeps the numbers as formatted. Never
+asserts on speed: the numbers depend on the machine and its load."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from PIL import Image
 
 from conftest import make_cfg
 from xray.bench import (TORCH_MISSING, bench, bench_torch, check_bench, enough_data, kernel_table,
-                        onednn_kernel_times, table, torch_alexnet)
+                        onednn_kernel_times, table, timed, torch_alexnet)
 from xray.data import read_manifest, split_file, task_records
 from xray.errors import XrayError
 
@@ -50,9 +51,9 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
     assert result["settings"]["train_repeats"] == 2
 
     conv = result["conversion"]
-    assert conv["images"] == 2
-    for key in ("convert_img_s", "naive_decode_img_s", "convert_vs_naive_decode", "mean_megapixels"):
-        assert positive(conv[key]), (key, conv)
+    assert conv["images"] == 2 and conv["mean_megapixels"] == pytest.approx(1.8)  # 1500 x 1200
+    assert positive(conv["naive_decode_img_s"])
+    assert conv["convert_vs_naive_decode"] == pytest.approx(conv["convert_img_s"] / conv["naive_decode_img_s"])
     assert list(result["sizes"]) == ["72"]
     row = result["sizes"]["72"]
     for key in ROW_KEYS:
@@ -60,6 +61,7 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
     assert row["pipeline_vs_step"] == pytest.approx(row["pipeline_img_s"] / row["step_img_s"])
     assert row["end_to_end_vs_step"] == pytest.approx(row["end_to_end_img_s"] / row["step_img_s"])
     assert row["pipeline_vs_pil"] == pytest.approx(row["pipeline_img_s"] / row["pil_pipeline_img_s"])
+    assert row["eval_pipeline_vs_step"] == pytest.approx(row["eval_pipeline_img_s"] / row["step_img_s"])
     # no torch: said so, not a crash, and no made-up numbers
     assert result["torch"] == {"available": False, "reason": TORCH_MISSING}
     assert row["torch_step_img_s"] is None and row["mindspore_vs_torch"] is None
@@ -71,6 +73,41 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
                  "Pillow ops of older runs", "evaluation's (MindSpore C++ ops only)", "end to end",
                  TORCH_MISSING):
         assert what in text, text
+
+
+@pytest.mark.unit
+def test_the_clock_starts_after_warm_up(monkeypatch):
+    """img/s counts the timed steps only: the warm-up's (compiling) steps are left out."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    cfg = OmegaConf.create({"warmup": 2, "steps": 4, "batch_size": 8})
+
+    def body(i, item):
+        now[0] += 100.0 if i < cfg.warmup else 0.5
+
+    assert timed(range(10), cfg, "step", body) == pytest.approx(8 / 0.5)
+    with pytest.raises(XrayError, match=r"step: the data gave fewer than warmup \+ steps = 6 batches"):
+        timed(range(5), cfg, "step", body)
+
+
+@pytest.mark.unit
+def test_the_table_keeps_the_numbers_as_formatted_and_right_aligned():
+    row = {"step_img_s": 100.0, "pipeline_img_s": 300.0, "pipeline_vs_step": 3.0, "pil_pipeline_img_s": 150.0,
+           "pipeline_vs_pil": 2.0, "eval_pipeline_img_s": 900.0, "eval_pipeline_vs_step": 9.0,
+           "end_to_end_img_s": 95.0, "end_to_end_vs_step": 0.95, "torch_step_img_s": 50.0,
+           "mindspore_vs_torch": 2.0}
+    conversion = {"short_side": 256, "convert_img_s": 40.0, "convert_vs_naive_decode": 2.5,
+                  "mean_megapixels": 1.8, "naive_decode_img_s": 16.0}
+    lines = table({"conversion": conversion, "sizes": {"96": row, "227": row}}).splitlines()
+    assert lines[0].split() == ["what", "px", "img/s", "ratio"]
+    bare = [line for line in lines if line.startswith("bare train step")]
+    assert [line.split()[-3:] for line in bare] == [["96", "100.0", "1.00"], ["227", "100.0", "1.00"]]
+    end = lines[0].index("img/s") + len("img/s")  # right-aligned: every img/s ends under the header's end
+    assert all(line[:end].endswith(".0") for line in lines[2:]), lines
 
 
 def test_a_small_train_split_is_repeated(sample_data, tmp_path):

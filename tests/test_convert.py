@@ -217,3 +217,25 @@ def test_the_pipelines_conversion_keeps_the_same_one_and_refuses_another(tmp_pat
     # overwrite=true: converted again, with the split it asks for
     assert _convert(*args, "label", MAX_PIXELS, reconvert=True)["stratify"] == "label"
     assert json.loads((out / "manifest.json").read_text())["stratify"] == "label"
+
+
+# -- progress lines (xray.progress, used by convert and bench) --------------------------------
+
+@pytest.mark.unit
+def test_progress_is_a_log_line_every_few_seconds_and_one_at_the_end(monkeypatch, caplog):
+    import time
+
+    from xray.progress import Progress
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    caplog.set_level("INFO", logger="xray.progress")
+    progress = Progress("convert", 100, every_s=5.0, per_item=2, unit="img")
+    for done in range(1, 101):
+        now[0] += 0.125  # 8 items a second, 2 images each
+        progress.update(done)
+    assert [r.getMessage() for r in caplog.records] == [
+        "convert: 40/100 (40%), 16.0 img/s, eta 8 s",
+        "convert: 80/100 (80%), 16.0 img/s, eta 2 s",
+        "convert: 100/100 (100%), 16.0 img/s, eta 0 s",
+    ]

@@ -1,11 +1,14 @@
-"""xray.metrics (numpy) against scikit-learn on random data: AUC with ties, one class only,
-ROC, Youden's threshold, confusion matrix; the bootstrap's CIs."""
+"""xray.metrics (hand-written numpy, see its docstring for why) against scikit-learn on random
+data: AUC with ties, one class only, ROC, Youden's threshold, confusion matrices, two and three
+classes; the bootstrap's CIs."""
 import numpy as np
 import pytest
 from sklearn import metrics as sk
 
 from xray.metrics import (binary_metrics, bootstrap_ci, confusion, roc_auc, roc_curve, sensitivity_threshold,
                           youden_threshold)
+
+pytestmark = pytest.mark.unit
 
 
 def data(seed, n=300, ties=False):
@@ -58,6 +61,7 @@ def test_confusion_and_threshold_metrics_match_sklearn(threshold):
     assert m["sensitivity"] == pytest.approx(sk.recall_score(y, pred))
     assert m["specificity"] == pytest.approx(sk.recall_score(y, pred, pos_label=0))
     assert m["ppv"] == pytest.approx(sk.precision_score(y, pred))
+    assert m["npv"] == pytest.approx(sk.precision_score(y, pred, pos_label=0))
 
 
 def test_one_class_only_gives_nan_auc_and_threshold_half():

@@ -1,4 +1,5 @@
-"""xray: AlexNet (MindSpore) for NORMAL vs PNEUMONIA chest X-rays."""
+"""xray: AlexNet (MindSpore) for chest X-rays, three tasks: NORMAL vs PNEUMONIA,
+normal/bacterial/viral, and bacterial vs viral pneumonia."""
 import os
 from pathlib import Path
 

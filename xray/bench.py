@@ -50,12 +50,14 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tabulate import tabulate
 
 from xray import CONF_DIR, SAMPLE_DIR
 from xray.checks import TRAIN, check
 from xray.errors import XrayError, one_line_errors
 from xray.files import to_json, write_json
 from xray.preprocess import MAX_PIXELS, MIN_IMAGE_SIZE
+from xray.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +87,6 @@ BENCH_CONFIG = {
                         "subdir": "${hydra.job.num}"}},
 }
 ConfigStore.instance().store(name="bench", node=BENCH_CONFIG)
-
-
-class Ticker:
-    """Progress lines for a long loop: 'what: done/total, rate' at most every `every_s` s."""
-
-    def __init__(self, what: str, total: int, per_item: int = 1, every_s: float = 10.0) -> None:
-        self.what, self.total, self.per_item, self.every_s = what, total, per_item, every_s
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last >= self.every_s and done < self.total:
-            self.last = now
-            log.info("  %s: %d/%d, %.1f img/s so far", self.what, done, self.total,
-                     done * self.per_item / (now - self.start))
 
 
 def rate(images: int, seconds: float) -> float:
@@ -212,15 +199,15 @@ def timed(items, cfg: DictConfig, what: str, body: Callable[[int, object], None]
     """body(i, item) for the first warmup + steps (default cfg.steps) items; img/s of the last
     `steps` of them, fetching included (warmup >= 1)."""
     steps = steps or cfg.steps
-    total, tick = cfg.warmup + steps, None
+    total, progress = cfg.warmup + steps, None
     for i, item in enumerate(items):
-        if tick is not None:
-            tick(i - cfg.warmup)
+        if progress is not None:
+            progress.update(i - cfg.warmup)
         body(i, item)
-        if i + 1 == cfg.warmup:
-            tick = Ticker(what, steps, cfg.batch_size)  # the clock starts here
+        if i + 1 == cfg.warmup:  # the clock starts here
+            progress = Progress(f"  {what}", steps, every_s=10.0, per_item=cfg.batch_size, unit="img")
         elif i + 1 == total:
-            return rate(steps * cfg.batch_size, time.perf_counter() - tick.start)
+            return rate(steps * cfg.batch_size, time.perf_counter() - progress.start)
     raise XrayError(f"{what}: the data gave fewer than warmup + steps = {total} batches")
 
 
@@ -241,12 +228,12 @@ def bench_eval_pipeline(cfg: DictConfig, records, spec, size: int) -> float:
 
 def build_step(cfg: DictConfig, size: int, num_classes: int):
     """(net, step_fn): xray.train's train step for input `size` (train.amp included)."""
-    from xray.schedules import lr_schedule
+    from xray.registry import create_schedule
     from xray.step import build_training
 
     total = 3 * (cfg.warmup + cfg.steps)  # bare + end to end (+ margin): one lr per step
     net, _, _, _, step = build_training(cfg, size, [1] * num_classes,
-                                        lr_schedule(float(cfg.lr), cfg.optim, 1, total))
+                                        create_schedule(float(cfg.lr), cfg.optim, 1, total))
     net.set_train(True)
     return net, step
 
@@ -480,7 +467,7 @@ def bench(cfg: DictConfig, work_dir: Optional[Path] = None) -> dict:
     check_bench(cfg)
     with tempfile.TemporaryDirectory(prefix="xray-bench-", dir=work_dir) as tmp:
         data_dir = Path(cfg.data.dir) if cfg.data.dir is not None else sample_data(cfg, Path(tmp))
-        return _bench(cfg, data_dir, Path(tmp))
+        return measure_all(cfg, data_dir, Path(tmp))
 
 
 def sample_data(cfg: DictConfig, tmp: Path) -> Path:
@@ -494,7 +481,8 @@ def sample_data(cfg: DictConfig, tmp: Path) -> Path:
     return out
 
 
-def _bench(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
+def measure_all(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
+    """Every measurement on the converted data set in `data_dir`; temp files go to `tmp`."""
     import mindspore as ms
 
     from xray.data import check_task, preprocess_spec, read_manifest, split_file, task_records
@@ -590,10 +578,10 @@ def table(result: dict) -> str:
         rows.append(("bare train step (MindSpore)", size, f"{r['step_img_s']:.1f}", "1.00"))
         rows.append(("input pipeline alone (training, augmented)", size, f"{r['pipeline_img_s']:.1f}",
                      f"{r['pipeline_vs_step']:.2f} x bare step"))
-        rows.append(("  same, the Pillow ops of older runs", size, f"{r['pil_pipeline_img_s']:.1f}",
+        rows.append(("input pipeline, the Pillow ops of older runs", size, f"{r['pil_pipeline_img_s']:.1f}",
                      f"now / Pillow {r['pipeline_vs_pil']:.2f}"))
-        rows.append(("  evaluation's (MindSpore C++ ops only)", size, f"{r['eval_pipeline_img_s']:.1f}",
-                     f"{r['eval_pipeline_vs_step']:.2f} x bare step"))
+        rows.append(("input pipeline, evaluation's (MindSpore C++ ops only)", size,
+                     f"{r['eval_pipeline_img_s']:.1f}", f"{r['eval_pipeline_vs_step']:.2f} x bare step"))
         rows.append(("end to end (pipeline -> step)", size, f"{r['end_to_end_img_s']:.1f}",
                      f"{r['end_to_end_vs_step']:.2f} x bare step"))
         if r["torch_step_img_s"] is not None:
@@ -601,22 +589,17 @@ def table(result: dict) -> str:
                          f"MindSpore/PyTorch {r['mindspore_vs_torch']:.2f}"))
         else:
             rows.append(("PyTorch train step", size, "-", result["torch"]["reason"]))
-    text = aligned(rows)
+    text = text_table(rows, ("left", "right", "right", "left"))
     for size, r in result["sizes"].items():
         if "kernels" in r:
             text += f"\n\n{kernel_table(r['kernels'], size)}"
     return text
 
 
-def aligned(rows: list[tuple]) -> str:
-    """Rows of cells as text columns: numbers (and their headers) right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    numeric = [all(c.replace(".", "", 1).replace(",", "").isdigit() or c in ("", "-")
-                   for c in (row[i] for row in rows[1:])) for i in range(len(widths))]
-    lines = ["  ".join(f"{cell:>{w}}" if right else f"{cell:<{w}}"
-                       for cell, w, right in zip(row, widths, numeric)).rstrip() for row in rows]
-    lines.insert(1, "-" * max(len(line) for line in lines))
-    return "\n".join(lines)
+def text_table(rows: list[tuple], align: tuple[str, ...]) -> str:
+    """Rows of formatted cells (the first is the header) as aligned text columns."""
+    # disable_numparse: the cells are formatted already; tabulate would turn "1.00" into "1"
+    return tabulate(rows[1:], headers=rows[0], colalign=align, disable_numparse=True)
 
 
 def kernel_table(kernels: dict, size: str) -> str:
@@ -648,7 +631,7 @@ def kernel_table(kernels: dict, size: str) -> str:
         for name in names:
             row += [f"{kernels[name][key]:.1f}", ""]
         rows.append(tuple(row))
-    return aligned(rows)
+    return text_table(rows, ("left", "right") + ("right", "left") * len(names))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")

@@ -1,5 +1,6 @@
-"""How far to trust p(pneumonia): expected calibration error, Brier score, reliability diagram,
-and temperature scaling (Guo et al. 2017) fitted on the validation split.
+"""How far to trust a two-class task's p(positive class), e.g. p(pneumonia): expected
+calibration error, Brier score, reliability diagram, and temperature scaling (Guo et al. 2017)
+fitted on the validation split.
 
 With two classes, softmax(logits / T)[1] = sigmoid((l1 - l0) / T) = sigmoid(logit(p) / T), so
 the temperature works on the probability itself (and on an ensemble's or TTA's mean). It is
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from xray.errors import XrayError
 from xray.files import write_json
@@ -53,19 +55,13 @@ def scale(p: np.ndarray, temperature: float) -> np.ndarray:
 
 def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
     """The T > 0 that minimises the negative log-likelihood of (y, scale(p, T)) (convex in
-    1/T; a golden-section search over log T in [1/50, 50])."""
+    1/T), searched over log T in [log 1/50, log 50] by scipy's bounded Brent method."""
     y = np.asarray(y)
     if y.all() or not y.any():
         raise XrayError("temperature scaling needs both classes in the validation split")
-    lo, hi = np.log(1 / 50), np.log(50)
-    ratio = (np.sqrt(5) - 1) / 2
-    for _ in range(80):
-        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if nll(y, scale(p, np.exp(a))) < nll(y, scale(p, np.exp(b))):
-            hi = b
-        else:
-            lo = a
-    return float(np.exp((lo + hi) / 2))
+    fit = minimize_scalar(lambda log_t: nll(y, scale(p, np.exp(log_t))), method="bounded",
+                          bounds=(np.log(1 / 50), np.log(50)), options={"xatol": 1e-9})
+    return float(np.exp(fit.x))
 
 
 def calibration_metrics(y: np.ndarray, p: np.ndarray) -> dict:

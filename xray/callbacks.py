@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from xray.checkpoint import save_model
 from xray.data import make_eval_dataset
 from xray.distributed import Group, any_rank, leave_together
 from xray.metrics import confusion_k
@@ -81,6 +82,24 @@ class TensorBoard:
         except OSError as e:
             log.error("TensorBoard events in %s not fully written: %s", self.writer.logdir, e)
             self.writer.file_writer.event_writer._closed = True  # noqa: SLF001 - its atexit hook checks this
+
+
+class RunWriter:
+    """The run's checkpoints and history, written by rank 0 only (every rank keeps the same
+    state in memory; the others write nothing)."""
+
+    def __init__(self, run, enabled: bool) -> None:
+        self.run, self.enabled = run, enabled
+
+    def best(self, state, epoch: int) -> None:
+        if self.enabled:
+            save_model(state.net, self.run.best_ckpt, state.identity, epoch, state.run.best_auc)
+
+    def state(self, state) -> None:
+        """last.ckpt (to resume), then history.jsonl (for people and plots)."""
+        if self.enabled:
+            state.save(self.run.last_ckpt)
+            self.run.write_history(state.history)
 
 
 class GradCamImages:

@@ -22,10 +22,10 @@ from mindspore import nn, ops
 from omegaconf import DictConfig, OmegaConf
 
 from xray.calibration import load_temperature, scale
-from xray.errors import XrayError
-from xray.files import to_json
+from xray.errors import RunRefused, XrayError
+from xray.files import flatten, fsync_file, replace_durably, to_json
 from xray.labels import CLASSES, task_classes
-from xray.model import build_model
+from xray.registry import create_model
 from xray.preprocess import Preprocess
 
 
@@ -165,21 +165,11 @@ def legacy_history(last_ckpt: Path, epochs_done: int) -> list:
 def check_identity(saved: dict, wanted: dict, where: Path) -> None:
     """A checkpoint continues or serves only the run it was made for: name the first keys that
     differ (task, classes, model, input) and what to do."""
-    differ = [key for key in _flat(wanted) if _flat(saved).get(key) != _flat(wanted)[key]]
+    differ = [key for key in flatten(wanted) if flatten(saved).get(key) != flatten(wanted)[key]]
     if differ:
-        shown = ", ".join(f"{k}: {_flat(saved).get(k)!r} there, {_flat(wanted)[k]!r} asked" for k in differ[:3])
-        raise XrayError(f"{where} was made with other settings ({shown}); use the settings it was "
+        shown = ", ".join(f"{k}: {flatten(saved).get(k)!r} there, {flatten(wanted)[k]!r} asked" for k in differ[:3])
+        raise RunRefused(f"{where} was made with other settings ({shown}); use the settings it was "
                         "made with, another run folder, or overwrite=true to start over")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _scalar(value):
@@ -211,7 +201,8 @@ def save_checkpoint(params: dict, path: Path, meta: dict) -> None:
     try:
         ms.save_checkpoint([{"name": name, "data": p} for name, p in params.items()], str(tmp),
                            append_dict=meta)
-        tmp.replace(path)
+        fsync_file(tmp)
+        replace_durably(tmp, path)
     except BaseException:
         for leftover in path.parent.glob(f".{path.stem}.tmp.*"):  # MindSpore writes .tmp.tmp first
             leftover.unlink(missing_ok=True)
@@ -290,7 +281,7 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
     identity = model_identity(params, cfg)
     spec = Preprocess(**identity["preprocess"])
     classes = tuple(identity["classes"])
-    net = build_model(OmegaConf.create(identity["model"]), spec.image_size, len(classes))
+    net = create_model(OmegaConf.create(identity["model"]), spec.image_size, len(classes))
     missing, _ = ms.load_param_into_net(net, legacy_names(params))
     if missing:
         raise XrayError(f"ckpt={checkpoint} does not match the model it records "

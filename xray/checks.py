@@ -4,14 +4,16 @@ or a run that trains on nonsense (lr=-1 is gradient ascent) and says `ok`."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
 from xray.errors import XrayError
+from xray.labels import TASKS
+from xray.registry import LOSSES, MODELS, SCHEDULES, Registry
 
 # key -> (kind, test, what it must be); kind: "int", "number", "choice", "pair", "bool"
-Rule = tuple[str, Callable[[Any], bool], str]
+Rule = tuple[str, Callable[[Any], bool], Union[str, Callable[[], str]]]
 
 
 def _int(low: int, high: Optional[int] = None) -> Rule:
@@ -25,6 +27,12 @@ def _number(test: Callable[[float], bool], what: str) -> Rule:
 
 def _choice(*options: str) -> Rule:
     return "choice", lambda v: v in options, f"one of {', '.join(options)}"
+
+
+def _registered(registry: Registry) -> Rule:
+    """One of the registry's names, listed when a value is checked, not at import: listing them
+    imports their module (MindSpore), which xray.convert's workers must not pay for."""
+    return "choice", lambda v: v in registry.names(), lambda: f"one of {', '.join(registry.names())}"
 
 
 POSITIVE = _number(lambda v: v > 0, "> 0")
@@ -46,12 +54,13 @@ TRAIN: dict[str, Rule] = {
     "device_target": DEVICE,
     "mode": MODE,
     "optim.weight_decay": NON_NEGATIVE,
-    "optim.schedule": _choice("constant", "step", "cosine"),
+    "optim.schedule": _registered(SCHEDULES),
     "optim.warmup_epochs": _int(0),
     "optim.step_epochs": _int(1),
     "optim.gamma": _number(lambda v: 0 < v <= 1, "in (0, 1]"),
-    "task.name": _choice("binary", "subtype", "bacterial_vs_viral"),
-    "loss.name": _choice("softmax_ce", "mse"),
+    "task.name": _choice(*TASKS),
+    "model.name": _registered(MODELS),
+    "loss.name": _registered(LOSSES),
     "loss.label_smoothing": FRACTION,
     "model.dropout": FRACTION,
     "model.in_channels": ("int", lambda v: v in (1, 3), "1 or 3"),
@@ -102,7 +111,7 @@ def check(cfg: DictConfig, rules: dict[str, Rule]) -> None:
         if value is None:
             continue
         if not _valid(kind, value, test):
-            raise XrayError(f"{key}={_show(value)} must be {what}")
+            raise XrayError(f"{key}={_show(value)} must be {what() if callable(what) else what}")
 
 
 def _valid(kind: str, value: Any, test: Callable[[Any], bool]) -> bool:

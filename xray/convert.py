@@ -29,6 +29,7 @@ from xray.files import atomic_dir, to_json
 from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name, supported_tasks
 from xray.preprocess import (FORMAT, MAX_PIXELS, STORED_EQUALIZE, encode_stored, load_image,
                              standardize_by_name)
+from xray.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -160,24 +161,6 @@ def _write(writer, rows: Optional[list[dict]], out_dir: Path) -> None:
         raise
 
 
-class Progress:
-    """Log 'what: done/total (pct), rate, eta' at most every `every_s` seconds."""
-
-    def __init__(self, what: str, total: int, every_s: float = 5.0) -> None:
-        self.what, self.total, self.every_s = what, total, every_s
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        log.info("%s: %d/%d (%.0f%%), %.1f/s, eta %.0f s", self.what, done, self.total,
-                 100.0 * done / max(self.total, 1), rate, eta)
-
-
 def _split_summary(items: list[Item]) -> dict:
     return {
         "images": len(items),
@@ -236,7 +219,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
         stats = np.zeros(3)  # train pixel sum, sum of squares, count
         pending: dict[str, list[dict]] = {s: [] for s in splits}
         workers = workers or len(os.sched_getaffinity(0))
-        progress = Progress("convert", len(jobs))
+        progress = Progress("convert", len(jobs), unit="img")
         # spawn: workers only need Pillow, and must not inherit MindSpore's threads
         with mp.get_context("spawn").Pool(workers) as pool:
             tasks = [(i, str(it.path), short_side, max_pixels) for i, (it, _) in enumerate(jobs)]

@@ -103,7 +103,7 @@ def _probe_here(device: str, amp: str) -> str:
 
     from xray import CONF_DIR
     from xray.device import setup_device
-    from xray.schedules import lr_schedule
+    from xray.registry import create_schedule
     from xray.step import build_training
 
     if device != "CPU" and not ms.hal.is_available(device):
@@ -111,7 +111,7 @@ def _probe_here(device: str, amp: str) -> str:
     setup_device(device, "graph")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the training defaults
         cfg = compose("config", overrides=[f"device_target={device}", f"train.amp={amp}", "seed=0"])
-    _, _, _, _, step = build_training(cfg, PROBE_SIZE, [1, 1], lr_schedule(0.01, cfg.optim, 1, 2))
+    _, _, _, _, step = build_training(cfg, PROBE_SIZE, [1, 1], create_schedule(0.01, cfg.optim, 1, 2))
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.normal(size=(8, 1, PROBE_SIZE, PROBE_SIZE)).astype(np.float32))
     y = ms.Tensor(np.array([0, 1] * 4, np.int32))

@@ -14,6 +14,11 @@ class XrayError(Exception):
     """A user-facing problem (bad input, bad config). Its message says what to do."""
 
 
+class RunRefused(XrayError):
+    """The request contradicts what a run folder holds (other settings, another model): refused
+    before anything in the folder is written."""
+
+
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a Hydra task function.
 

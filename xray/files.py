@@ -14,15 +14,43 @@ from typing import Any, Iterator
 
 
 def write_text(path: Path, text: str) -> None:
+    """Durably: a crash or a node failure leaves the old file or the new one, never a cut one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_durably(tmp, path)
     except BaseException:  # e.g. a full disk: leave no half-written temp file behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a complete (fsynced) temp file into place and make the rename itself durable: a
+    rename without fsync can leave an empty or cut file after a power or node failure."""
+    os.replace(tmp, path)
+    try:
+        fd = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError:
+        return  # (a folder that cannot be opened, e.g. on some network file systems)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -33,6 +61,17 @@ def to_json(obj: Any, indent: Any = None) -> str:
     """Strict JSON: NaN and infinities (an undefined metric) become null, which every JSON
     reader accepts (bare NaN is a Python extension)."""
     return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists stay values): nested settings as dotted keys."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _finite(x: Any) -> Any:

@@ -1,5 +1,15 @@
-"""Binary classification metrics on p(pneumonia), in numpy: AUC, sensitivity, ... with
-bootstrap confidence intervals and a Youden threshold."""
+"""Classification metrics of a task's class probabilities, in numpy.
+
+Two classes (NORMAL vs PNEUMONIA, bacterial vs viral): p(positive class) read off at a threshold
+(accuracy, balanced accuracy, AUC, sensitivity, specificity, PPV, NPV), the ROC curve, and the
+Youden and sensitivity-target thresholds. K classes (normal/bacterial/viral): the argmax's
+accuracy and balanced accuracy, per-class and macro one-vs-rest AUC. Percentile bootstrap
+confidence intervals of any of them.
+
+Hand-written rather than scikit-learn's (which tests/test_metrics.py checks them against):
+the bootstrap calls them 1000 times per split, and scikit-learn's input validation makes that
+~20x slower (measured on 624 images: 3.2 s vs 0.15 s for two classes, 8.3 s vs 0.46 s for three).
+"""
 from __future__ import annotations
 
 import warnings

@@ -13,13 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray.calibration import FILE as CALIBRATION
 from xray.errors import in_batch_job
-from xray.files import to_json, write_json, write_text
+from xray.files import flatten, to_json, write_json, write_text
 from xray.hparams import hparams_of, write_hparams
 from xray.provenance import provenance
 
 log = logging.getLogger(__name__)
 
 ENDED = ("ok", "diverged")  # statuses of a training that ran to its end
+# keys that may differ between the run and a rerun of it: where things are and how they are
+# run, not what is trained (issue 26: any other difference is refused)
+OPERATIONAL = ("data.dir", "data.root", "data.workers", "train.resume", "train.log_every", "train.eval_splits",
+               "train.eval_bootstrap", "train.cam_images", "train.keep_last", "train.threshold_rule",
+               "train.target_sensitivity", "overwrite", "sweep_name", "device_target", "mode", "cluster",
+               "preprocess", "hydra")
+HYDRA_RECORD = ".hydra.accepted"  # the .hydra/ of the run's last accepted start
 # what evaluating a run writes beside its result (a stale calibration.json would give a new
 # model the old temperature)
 EVALUATION_FILES = ("eval_*.json", "predictions_*.csv", "roc_*.png", "confusion_*.png",
@@ -73,6 +80,32 @@ class RunFolder:
             elif path.exists():
                 path.unlink()
 
+    def changed_settings(self, cfg: DictConfig) -> list[str]:
+        """The keys that define the model and its data whose requested value differs from the
+        run's config.yaml, as "key: recorded -> requested" (keys one side lacks, e.g. added
+        by a later xray, are not compared)."""
+        if not self.config.is_file():
+            return []
+        recorded = flatten(OmegaConf.to_container(OmegaConf.load(self.config), resolve=False))
+        requested = flatten(OmegaConf.to_container(cfg, resolve=True))
+        return [f"{key}: {recorded[key]!r} -> {value!r}" for key, value in requested.items()
+                if key in recorded and recorded[key] != value and not _operational(key)]
+
+    def keep_hydra_record(self) -> None:
+        """Copy the .hydra/ Hydra wrote for this (accepted) start, so that a refused rerun,
+        which Hydra lets rewrite .hydra/ before xray sees it, can be undone."""
+        hydra = self.path / ".hydra"
+        if hydra.is_dir():
+            shutil.rmtree(self.path / HYDRA_RECORD, ignore_errors=True)
+            shutil.copytree(hydra, self.path / HYDRA_RECORD)
+
+    def restore_hydra_record(self) -> None:
+        """A refused rerun leaves .hydra/ as the run's last accepted start wrote it."""
+        kept = self.path / HYDRA_RECORD
+        if kept.is_dir():
+            for file in kept.iterdir():
+                shutil.copy2(file, self.path / ".hydra" / file.name)
+
     def write_config(self, cfg: DictConfig, preprocess: dict) -> None:
         """The run's resolved config + its input preprocessing, for people and older tools
         (evaluate and resume read the checkpoint's own record)."""
@@ -114,3 +147,8 @@ class RunFolder:
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(target)
+
+
+def _operational(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in OPERATIONAL)
+

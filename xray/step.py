@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from xray.distributed import Group, grad_reducer, mean_over_ranks
 from xray.errors import XrayError
-from xray.losses import build_loss
-from xray.model import build_model, dropout_masks
+from xray.model import dropout_masks
+from xray.registry import create_loss, create_model
 
 
 def build_optimizer(net: nn.Cell, cfg: DictConfig, lr: np.ndarray) -> nn.Momentum:
@@ -63,8 +63,8 @@ def build_training(cfg: DictConfig, image_size: int, class_counts: list[int], lr
                    group: Group = Group()):
     """(net, loss_fn, optimizer, scaler, step): the network and the step the training loop runs,
     from the config (train.amp included); xray.bench and xray.doctor time this same step."""
-    net = build_model(cfg.model, image_size, len(class_counts))
-    loss_fn = build_loss(cfg.loss, len(class_counts), class_counts)
+    net = create_model(cfg.model, image_size, len(class_counts))
+    loss_fn = create_loss(cfg.loss, len(class_counts), class_counts)
     optimizer = build_optimizer(net, cfg, lr)
     scaler = loss_scaler(cfg.train.amp)
     step = make_step(cfg, mixed_precision(net, cfg.train.amp), loss_fn, optimizer, scaler, group)

@@ -27,23 +27,22 @@ from mindspore import nn, ops
 from omegaconf import DictConfig, OmegaConf
 
 from xray import CONF_DIR
-from xray.callbacks import GradCamImages, PreemptionGuard, TensorBoard
-from xray.checkpoint import (SavedState, TrainingState, check_identity, checkpoint_bytes, ensure_space,
-                             read_state, save_model)
+from xray.callbacks import GradCamImages, PreemptionGuard, RunWriter, TensorBoard
+from xray.checkpoint import SavedState, TrainingState, check_identity, checkpoint_bytes, ensure_space, read_state
 from xray.checks import TRAIN, check
 from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec, read_manifest,
                        split_file, task_records)
 from xray.device import setup_device
 from xray.distributed import (Group, barrier, check_batch_split, die_on_sigterm, init_group, join_slurm_job,
                               launched_rank, leave_together, local_device, release_group)
-from xray.errors import XrayError, one_line_errors
+from xray.errors import RunRefused, XrayError, one_line_errors
 from xray.evaluate import evaluate_splits
 from xray.hparams import hparams_of
 from xray.metrics import task_metrics
 from xray.provenance import provenance
+from xray.registry import create_schedule
 from xray.run_folder import RunFolder
-from xray.run_lock import hold
-from xray.schedules import lr_schedule
+from xray.run_lock import FolderLock
 from xray.step import build_training
 
 log = logging.getLogger(__name__)
@@ -56,12 +55,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     overwrite=true starts it over); one that another job is training is refused. A run that
     raises leaves metrics.json and HParams saying `failed`, then re-raises."""
     run = RunFolder(Path(run_dir))
-    with hold(run.path, "training"):  # one writer per run folder, for the whole job (all ranks)
+    lock = FolderLock(run.path, "training")  # one writer per run folder, for the whole job
+    try:
+        lock.acquire()
+        refuse_other_settings(cfg, run)
+    except XrayError:
+        lock.release()
+        run.restore_hydra_record()  # Hydra rewrote .hydra/ for this refused start
+        raise
+    with lock:
         finished = run.finished_result()
         if finished is not None and not cfg.get("overwrite"):
+            run.restore_hydra_record()
             log.info("%s already finished (status %s); not training it again (overwrite=true starts "
                      "it over)", run.path, finished["status"])
             return finished
+        if launched_rank() == 0:
+            run.keep_hydra_record()
         opened: list[TensorBoard] = []  # the run's event file, once fit has opened it
         # a Slurm job of several tasks: one rank each (task 0 also starts the scheduler)
         scheduler = join_slurm_job(run.path / "scheduler.log")
@@ -81,7 +91,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             release_group(group)
             return result
         except Exception as e:
-            if group.is_main:
+            if group.is_main and not isinstance(e, RunRefused):  # (a refusal wrote nothing)
                 try:
                     if not opened:
                         opened.append(TensorBoard(run.path, purge_step=0))
@@ -98,6 +108,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 scheduler.kill()
 
 
+def refuse_other_settings(cfg: DictConfig, run: RunFolder) -> None:
+    """A run folder continues (or returns) only the training it holds: other settings for a
+    finished or an interrupted run are refused, naming the keys, before anything is written."""
+    if cfg.get("overwrite"):
+        return
+    changed = run.changed_settings(cfg)
+    if changed:
+        state = "finished" if run.finished_result() else "was begun"
+        raise RunRefused(f"{run.path} {state} with other settings ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}); rerun with its settings, start it over "
+                         "with overwrite=true, or use another run folder (hydra.run.dir=...)")
+
+
 def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
     """The training loop. With several ranks, every rank runs all of it on its part of each
     batch, and only rank 0 writes (checkpoints, TensorBoard, history, metrics, evaluation)."""
@@ -105,7 +128,7 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
     ms.set_seed(cfg.seed)  # weight init; data order, augmentation and dropout come from (seed, step)
     saved = read_state(run.last_ckpt) if cfg.train.resume and run.last_ckpt.exists() else None
     data = load_data(cfg, run, saved)
-    lr = lr_schedule(float(cfg.lr), cfg.optim, cfg.epochs, data.steps_per_epoch)
+    lr = create_schedule(float(cfg.lr), cfg.optim, cfg.epochs, data.steps_per_epoch)
     net, loss_fn, optimizer, scaler, step_fn = build_training(cfg, cfg.data.image_size, data.train_counts, lr, group)
     state = TrainingState(net, optimizer, scaler, data.identity)
     if saved is not None:
@@ -123,6 +146,7 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
     opened.append(tensorboard)
     cams = GradCamImages(data.val, data.spec, data.classes, cfg.train.cam_images if group.is_main else 0)
     guard = PreemptionGuard(group)
+    writer = RunWriter(run, enabled=group.is_main)
     describe(cfg, data, group)
     status, train_time, train_images = "ok", 0.0, 0
 
@@ -154,18 +178,15 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
             log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, loss)
             break
         if guard.stop_requested():  # time limit or preemption: save where we are, let submitit requeue
-            if group.is_main:
-                state.save(run.last_ckpt)
+            writer.state(state)
             tensorboard.close()
             log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch,
                         state.run.step_in_epoch, run.last_ckpt)
             guard.hand_over()
-        state.history.append(end_epoch(epoch, state, loss_fn, data, tensorboard, global_step, lr, epoch_time,
-                                       run.best_ckpt if group.is_main else None, cfg))
+        state.history.append(end_epoch(epoch, state, loss_fn, data, tensorboard, writer, global_step, lr,
+                                       epoch_time, cfg))
         cams.epoch(net, tensorboard, global_step - 1)
-        if group.is_main:
-            state.save(run.last_ckpt)
-            run.write_history(state.history)
+        writer.state(state)
 
     return finish(cfg, run, group, state, data, tensorboard, guard, status, global_step,
                   time.perf_counter() - start_time, train_time, train_images)
@@ -264,8 +285,7 @@ def validate(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, np.nd
 
 
 def end_epoch(epoch: int, state: TrainingState, loss_fn: nn.Cell, data: TrainingData, tensorboard: TensorBoard,
-              global_step: int, lr: np.ndarray, epoch_time: float, best_ckpt: Optional[Path],
-              cfg: DictConfig) -> dict:
+              writer: RunWriter, global_step: int, lr: np.ndarray, epoch_time: float, cfg: DictConfig) -> dict:
     """Validate, keep best.ckpt (by val AUC), log; advances the state to the next epoch.
     Returns the epoch's history entry."""
     run = state.run
@@ -279,8 +299,7 @@ def end_epoch(epoch: int, state: TrainingState, loss_fn: nn.Cell, data: Training
     improved = not math.isnan(val["auc"]) and val["auc"] > run.best_auc
     if improved:
         run.best_auc, run.best_epoch = val["auc"], epoch
-        if best_ckpt is not None:  # (None: a rank other than 0, which writes nothing)
-            save_model(state.net, best_ckpt, state.identity, epoch, run.best_auc)
+        writer.best(state, epoch)
     rates = (f"sens {val['sensitivity']:.3f}  spec {val['specificity']:.3f}" if len(data.classes) == 2
              else f"bal_acc {val['balanced_accuracy']:.3f}")
     log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  %s  lr %.2e  "
