@@ -173,7 +173,7 @@ def require(report: dict, device: str) -> None:
             hint = "; this node has no NVIDIA driver (submit to a GPU partition, with --gpus)"
         elif missing:
             hint = (f"; MindSpore's GPU plugin cannot find {', '.join(missing)}: install CUDA 11.6 "
-                    "(or 11.1) and cuDNN 8 and put their lib folders on LD_LIBRARY_PATH (README, GPU)")
+                    "(or 11.1) and cuDNN 8 and put their lib folders on LD_LIBRARY_PATH (docs/speed-and-gpus.md)")
     raise XrayError(f"device_target={device} cannot train on {report['host']}: {result['message']}{hint}")
 
 
