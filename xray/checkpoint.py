@@ -10,6 +10,7 @@ the history lived in history.jsonl, the input pipeline in config.yaml. Format 1 
 resume (`read_state` upgrades them) and evaluate."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray.calibration import load_temperature, scale
 from xray.errors import RunRefused, XrayError
-from xray.files import flatten, fsync_file, replace_durably, to_json
+from xray.files import flatten, fsync_file, replace_durably, to_json, write_json
 from xray.labels import CLASSES, task_classes
 from xray.registry import create_model
 from xray.preprocess import Preprocess
@@ -164,12 +165,19 @@ def legacy_history(last_ckpt: Path, epochs_done: int) -> list:
 
 def check_identity(saved: dict, wanted: dict, where: Path) -> None:
     """A checkpoint continues or serves only the run it was made for: name the first keys that
-    differ (task, classes, model, input) and what to do."""
-    differ = [key for key in flatten(wanted) if flatten(saved).get(key) != flatten(wanted)[key]]
+    differ (task, classes, model, input, the images of its train and val splits) and what to
+    do. Keys the checkpoint does not record (added by a later xray) are not compared."""
+    saved, wanted = flatten(saved), flatten(wanted)
+    differ = [key for key in wanted if key in saved and saved[key] != wanted[key]]
+    if any(key.startswith("data.") for key in differ):
+        splits = " and ".join(key[5:] for key in differ if key.startswith("data."))
+        raise RunRefused(f"{where} was trained on other images: the {splits} split of this data set "
+                         "differs (re-converted with other settings?); use the data set it was trained on "
+                         "(data.dir), another run folder, or overwrite=true to start over")
     if differ:
-        shown = ", ".join(f"{k}: {flatten(saved).get(k)!r} there, {flatten(wanted)[k]!r} asked" for k in differ[:3])
+        shown = ", ".join(f"{k}: {saved[k]!r} there, {wanted[k]!r} asked" for k in differ[:3])
         raise RunRefused(f"{where} was made with other settings ({shown}); use the settings it was "
-                        "made with, another run folder, or overwrite=true to start over")
+                         "made with, another run folder, or overwrite=true to start over")
 
 
 def _scalar(value):
@@ -210,10 +218,21 @@ def save_checkpoint(params: dict, path: Path, meta: dict) -> None:
 
 
 def save_model(net: nn.Cell, path: Path, identity: dict, epoch: int, val_auc: float) -> None:
-    """best.ckpt: the network's parameters, what it was made for, and when it was best."""
-    save_checkpoint(net.parameters_dict(), path, {"format_version": FORMAT_VERSION,
-                                                  "identity": to_json(identity),
-                                                  "epoch": epoch, "val_auc": val_auc})
+    """best.ckpt: the network's parameters, what it was made for, and when it was best; and
+    the same record without the weights in best.json beside it, with the checkpoint's sha256
+    (for tools that read runs without MindSpore, and to tell a copied or altered file)."""
+    meta = {"format_version": FORMAT_VERSION, "epoch": epoch, "val_auc": val_auc}
+    save_checkpoint(net.parameters_dict(), path, {**meta, "identity": to_json(identity)})
+    write_json(path.with_suffix(".json"), {"checkpoint": path.name, "sha256": sha256_of(path), **meta,
+                                          "identity": identity})
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass

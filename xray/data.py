@@ -12,6 +12,7 @@ shuffle and random ops: those repeat themselves in every epoch that starts a fre
 under one seed, and are not reproducible with several workers."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,33 @@ def read_column(path: Path, column: str) -> list:
     except RuntimeError as e:
         raise XrayError(f"{path} is damaged or incomplete ({_first_line(e)}); "
                         f"{RECONVERT.format(path.parent)}") from None
+
+
+def split_images(data_dir: Path, manifest: dict, split: str) -> list[str]:
+    """The images of a split as "<folder label>/<file name>", sorted: what identifies a split's
+    content whatever the conversion's order or time."""
+    path = split_file(data_dir, manifest, split)
+    names, labels = read_column(path, "file_name"), read_column(path, "label")
+    return sorted(f"{int(label)}/{_text(name)}" for name, label in zip(names, labels))
+
+
+def images_digest(images: list[str]) -> str:
+    return hashlib.sha256("\n".join(images).encode()).hexdigest()[:16]
+
+
+def fingerprint(data_dir: Path, manifest: dict, splits=None) -> dict:
+    """What a data set is, to record beside a result: its manifest's hash and, per split, the
+    image count and a digest of its images (equal digests: the same images)."""
+    raw = (Path(data_dir) / "manifest.json").read_bytes()
+    out = {"dir": str(data_dir), "manifest_sha256": hashlib.sha256(raw).hexdigest()[:16], "splits": {}}
+    for split in splits or [s for s, v in manifest["splits"].items() if v.get("file")]:
+        images = split_images(data_dir, manifest, split)
+        out["splits"][split] = {"images": len(images), "digest": images_digest(images)}
+    return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def read_labels(path: Path) -> np.ndarray:

@@ -61,6 +61,14 @@ class RunFolder:
     def config(self) -> Path:
         return self.path / "config.yaml"
 
+    @property
+    def train_images(self) -> Path:  # the images the model learnt from, one "<label>/<file name>" a line
+        return self.path / "train_images.txt"
+
+    def read_train_images(self) -> Optional[set]:
+        """The run's train images (None: a run from before they were recorded)."""
+        return set(self.train_images.read_text().splitlines()) if self.train_images.is_file() else None
+
     def finished_result(self) -> Optional[dict]:
         """metrics.json of a run whose training ended (ok or diverged), else None."""
         try:
@@ -73,7 +81,7 @@ class RunFolder:
         """overwrite=true: remove what an earlier attempt wrote and what evaluating it wrote
         (not .hydra/ or the logs)."""
         paths = [self.checkpoints, *self.path.glob("events.out.tfevents.*"), self.metrics, self.history,
-                 self.config, *(p for pattern in EVALUATION_FILES for p in self.path.glob(pattern))]
+                 self.config, self.train_images, *(p for pattern in EVALUATION_FILES for p in self.path.glob(pattern))]
         for path in paths:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -112,6 +120,9 @@ class RunFolder:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved["preprocess"] = preprocess
         write_text(self.config, OmegaConf.to_yaml(resolved))
+
+    def write_train_images(self, images: list) -> None:
+        write_text(self.train_images, "".join(f"{name}\n" for name in images))
 
     def write_history(self, history: list) -> None:
         """history.jsonl: the checkpoint's history, one line per epoch, for people and plots."""

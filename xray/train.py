@@ -30,8 +30,8 @@ from xray import CONF_DIR
 from xray.callbacks import GradCamImages, PreemptionGuard, RunWriter, TensorBoard
 from xray.checkpoint import SavedState, TrainingState, check_identity, checkpoint_bytes, ensure_space, read_state
 from xray.checks import TRAIN, check
-from xray.data import (check_task, make_eval_dataset, make_train_dataset, preprocess_spec, read_manifest,
-                       split_file, task_records)
+from xray.data import (check_task, images_digest, make_eval_dataset, make_train_dataset, preprocess_spec,
+                       read_manifest, split_file, split_images, task_records)
 from xray.device import setup_device
 from xray.distributed import (Group, barrier, check_batch_split, die_on_sigterm, init_group, join_slurm_job,
                               launched_rank, leave_together, local_device, release_group)
@@ -216,6 +216,7 @@ class TrainingData:
     train_counts: list
     steps_per_epoch: int
     identity: dict
+    train_images: list  # "<label>/<file name>" of the train split: evaluate refuses splits that share any
 
 
 def load_data(cfg: DictConfig, run: RunFolder, saved: Optional[SavedState]) -> TrainingData:
@@ -226,13 +227,16 @@ def load_data(cfg: DictConfig, run: RunFolder, saved: Optional[SavedState]) -> T
     spec = preprocess_spec(manifest, cfg.data.image_size, cfg.model.in_channels, cfg.data.equalize,
                            pipeline=resumed_pipeline(saved, run) if saved else "mindspore")
     task, classes = check_task(manifest, cfg.task.name, data_dir)
-    identity = {"task": task, "classes": list(classes), "model": OmegaConf.to_container(cfg.model, resolve=True),
-                "preprocess": spec.to_dict()}
-    if saved is not None and saved.identity is not None:
-        check_identity(saved.identity, identity, saved.path)
     # (reading the records also checks the files: a damaged one is one line now, not later)
     train = task_records(split_file(data_dir, manifest, "train"), task)
     val = task_records(split_file(data_dir, manifest, "val"), task)
+    train_images = split_images(data_dir, manifest, "train")
+    identity = {"task": task, "classes": list(classes), "model": OmegaConf.to_container(cfg.model, resolve=True),
+                "preprocess": spec.to_dict(),
+                "data": {"train": images_digest(train_images),
+                         "val": images_digest(split_images(data_dir, manifest, "val"))}}
+    if saved is not None and saved.identity is not None:
+        check_identity(saved.identity, identity, saved.path)
     steps_per_epoch = len(train.targets) // cfg.batch_size
     if steps_per_epoch == 0:
         raise XrayError(f"batch_size={cfg.batch_size} is larger than the train split "
@@ -241,7 +245,8 @@ def load_data(cfg: DictConfig, run: RunFolder, saved: Optional[SavedState]) -> T
         steps_per_epoch = min(steps_per_epoch, int(cfg.train.max_steps_per_epoch))
     return TrainingData(data_dir, manifest, train, val,
                         make_eval_dataset(val, spec, cfg.batch_size, workers=cfg.data.workers), spec, classes,
-                        np.bincount(train.targets, minlength=len(classes)).tolist(), steps_per_epoch, identity)
+                        np.bincount(train.targets, minlength=len(classes)).tolist(), steps_per_epoch, identity,
+                        train_images)
 
 
 def resumed_pipeline(saved: SavedState, run: RunFolder) -> str:
@@ -261,6 +266,7 @@ def prepare_folder(run: RunFolder, cfg: DictConfig, state: TrainingState, data: 
     existing = sum(f.stat().st_size for f in run.checkpoints.glob("*.ckpt"))
     ensure_space(run.checkpoints, 4 * checkpoint_bytes(state.net) - existing, "this run's checkpoints")
     run.write_config(cfg, data.spec.to_dict())
+    run.write_train_images(data.train_images)
 
 
 def describe(cfg: DictConfig, data: TrainingData, group: Group) -> None:
