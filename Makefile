@@ -1,12 +1,13 @@
 # The two commands a new user needs:
 #   make demo   set up, then convert -> train -> evaluate -> predict on the shipped sample
-#   make test   set up, then run the tests but the long ones (make test SUITE=all: every one)
+#   make test   set up, then run the tests but the long ones (make test SUITE=all: every one;
+#               make test-unit: only the unit tier, no training, well under a minute)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   := outputs/demo
 
-.PHONY: setup demo test slurm-up slurm-down clean
+.PHONY: setup demo test test-unit slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +38,9 @@ MARKS_fast = -m "not slow and not slurm"
 MARKS_all =
 test: setup
 	$(PY) -m pytest $(MARKS_$(SUITE))
+
+test-unit: setup
+	$(PY) -m pytest -m unit
 
 # a real single-node Slurm on this machine (root, Debian): the `slurm` tests use it
 slurm-up:
