@@ -1,8 +1,12 @@
 """Conversion: odd-but-valid images are converted right, bad files skipped and listed (or fatal
-with strict), bad roots fail at once with one line, output appears atomically."""
+with strict), bad roots fail at once with one line, output appears atomically, one conversion
+at a time per data.dir."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mindspore.dataset as ds
@@ -217,6 +221,173 @@ def test_the_pipelines_conversion_keeps_the_same_one_and_refuses_another(tmp_pat
     # overwrite=true: converted again, with the split it asks for
     assert _convert(*args, "label", MAX_PIXELS, reconvert=True)["stratify"] == "label"
     assert json.loads((out / "manifest.json").read_text())["stratify"] == "label"
+
+
+# -- one writer, places that cannot be written, inputs at the edges (issue 26) ------------------
+
+def convert_cli(root, out, run_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "xray.convert", f"data.root={root}", f"data.dir={out}",
+            "data.short_side=64", "workers=1", f"hydra.run.dir={run_dir}", *extra]
+
+
+def one_line(proc) -> str:
+    """The single `error:` line of a failed command (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_second_conversion_into_a_busy_data_dir_is_refused_naming_the_first(tmp_path):
+    """Two real processes: while the first converts (frozen with SIGSTOP after it took the lock,
+    so that it is surely still running), the second -- even with overwrite=true -- is refused in
+    one line naming the first; the first then finishes as if alone and leaves no lock."""
+    root = copy_sample(tmp_path / "cx", per_class=3)
+    out = tmp_path / "data"
+    first = subprocess.Popen(convert_cli(root, out, tmp_path / "run1"), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120  # until it writes (its temp folder beside data.dir)
+        while not list(tmp_path.glob(".data.tmp-*")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert list(tmp_path.glob(".data.tmp-*")), f"the first conversion did not start: {first.poll()}"
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run(convert_cli(root, out, tmp_path / "run2", "overwrite=true"),
+                                    capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        first_err = first.communicate(timeout=300)[1]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    error = one_line(second)
+    assert f"{out} is in use: converting by" in error and f"pid {first.pid} " in error, error
+    assert first.returncode == 0, first_err[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["test"]["images"] == 6 and manifest["short_side"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock, no temp
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A small tmpfs holding `published/` (a converted data set, say), remounted read-only
+    (root ignores file modes, a read-only mount it cannot ignore)."""
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True,
+                       capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {e}")
+    try:
+        (disk / "published").mkdir()
+        (disk / "published" / "manifest.json").write_text("{}")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True, timeout=30)
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False, capture_output=True, timeout=30)
+
+
+def test_a_data_dir_that_cannot_be_written_is_one_line(tmp_path, read_only):
+    root = copy_sample(tmp_path / "cx", per_class=2)
+    proc = subprocess.run(convert_cli(root, read_only / "data", tmp_path / "run"), capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    error = one_line(proc)
+    assert f"{read_only / 'data'}" in error and "Read-only file system" in error, error
+    assert "use another data.dir that you can write" in error
+    for out in (read_only / "published", read_only / "new" / "data"):  # replaced; parent missing
+        with pytest.raises(XrayError, match=rf"{out}.*Read-only.*data\.dir that you can write"):
+            convert(root, out, short_side=SHORT, workers=1, overwrite=True)
+    # a read-only mount *at* data.dir (its parent writable): refused before anything is decoded
+    with pytest.raises(XrayError, match=rf"data\.dir={read_only} is a mount point"):
+        convert(root, read_only, short_side=SHORT, workers=1, overwrite=True)
+    assert (read_only / "published" / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cx", "ro", "run"]  # no lock, no temp left
+
+
+def test_an_image_no_chest_xray_looks_like_is_skipped_before_it_fills_the_memory(tmp_path):
+    """A 1x10000 PNG (~100 bytes) would become 128 x 1,280,000 px after the short-side resize
+    (and 4 GB of float64 working copies): it is refused from its header, as is 10000x1; the
+    rest converts, and the whole conversion's peak memory stays small."""
+    root = copy_sample(tmp_path / "cx", per_class=3)
+    thin = {"IM-9201-0001.png": (10000, 1), "IM-9202-0001.png": (1, 10000)}  # height, width
+    for name, shape in thin.items():
+        Image.fromarray(np.full(shape, 128, np.uint8)).save(root / "train" / "NORMAL" / name)
+    assert max((root / "train" / "NORMAL" / n).stat().st_size for n in thin) < 200
+    out = tmp_path / "data"
+    measure = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+    proc = subprocess.run([sys.executable, "-c", measure,
+                           *convert_cli(root, out, tmp_path / "run", "data.short_side=128")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss: KB, the largest process
+    assert peak_mb < 1536, f"converting peaked at {peak_mb:.0f} MB"
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = {Path(s["file"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == set(thin)
+    assert skipped["IM-9201-0001.png"].startswith("1x10000: aspect ratio 10000:1 is over max_aspect_ratio=4 ")
+    assert skipped["IM-9202-0001.png"].startswith("10000x1: aspect ratio 10000:1 is over max_aspect_ratio=4 ")
+    assert "it would become 128x1280000 pixels" in skipped["IM-9201-0001.png"]  # width x height
+    splits = manifest["splits"]
+    assert splits["train"]["images"] + splits["val"]["images"] == 6 and splits["test"]["images"] == 6
+
+
+def test_the_aspect_ratio_limit_is_configurable(tmp_path):
+    root = copy_sample(tmp_path / "cx", per_class=3)
+    Image.fromarray(gray_pattern(40, 130)).save(root / "train" / "NORMAL" / "IM-9203-0001.png")  # 3.25:1
+    skipped = convert(root, tmp_path / "a", short_side=SHORT, workers=1, max_aspect_ratio=3)["skipped"]
+    assert [Path(s["file"]).name for s in skipped] == ["IM-9203-0001.png"]
+    assert skipped[0]["reason"].startswith("130x40: aspect ratio 3.2:1 is over max_aspect_ratio=3 ")
+    assert convert(root, tmp_path / "b", short_side=SHORT, workers=1)["skipped"] == []  # default 4
+    with pytest.raises(XrayError, match="max_aspect_ratio=0.5 must be a number >= 1"):
+        convert(root, tmp_path / "c", max_aspect_ratio=0.5)
+
+
+@pytest.mark.parametrize("folder, leave", [
+    ("train/NORMAL", []),
+    ("train/PNEUMONIA", [".DS_Store"]),  # only hidden files: no image either
+    ("test/NORMAL", []),
+])
+def test_an_empty_class_folder_is_refused_before_decoding(tmp_path, monkeypatch, folder, leave):
+    root = copy_sample(tmp_path / "cx", per_class=3)
+    for path in (root / folder).iterdir():
+        path.unlink()
+    for name in leave:
+        (root / folder / name).write_bytes(b"\x00\x00\x00\x01Bud1")
+    import xray.convert
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoding started")
+
+    monkeypatch.setattr(xray.convert.mp, "get_context", no_decoding)
+    with pytest.raises(XrayError, match=rf"^class folder {root / folder} holds (no files|only hidden "
+                                        r"files \(\.DS_Store\)): every class needs images"):
+        convert(root, tmp_path / "out", short_side=SHORT, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cx"]
+
+
+def test_an_empty_class_folder_is_one_line_on_the_command_line(tmp_path):
+    root = copy_sample(tmp_path / "cx", per_class=2)
+    for path in (root / "train" / "NORMAL").iterdir():
+        path.unlink()
+    proc = subprocess.run(convert_cli(root, tmp_path / "out", tmp_path / "run"), capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert f"class folder {root / 'train' / 'NORMAL'} holds no files" in one_line(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_class_folder_whose_every_file_is_skipped_is_refused(tmp_path):
+    root = copy_sample(tmp_path / "cx", per_class=3)
+    for path in (root / "train" / "NORMAL").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(XrayError, match=rf"class folder {root / 'train' / 'NORMAL'}: none of its 3 "
+                                        r"files is a usable image \(all skipped; e\.g\. "):
+        convert(root, tmp_path / "out", short_side=SHORT, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cx"]
 
 
 # -- progress lines (xray.progress, used by convert and bench) --------------------------------

@@ -100,6 +100,7 @@ CONVERT: dict[str, Rule] = {
     "data.val_source": _choice("patients", "official"), "data.seed": _int(0),
     "data.stratify": _choice("subtype", "label"),
     "data.max_pixels": _int(1), "workers": _int(0),
+    "max_aspect_ratio": _number(lambda v: v >= 1, ">= 1 (long side / short side)"),
 }
 
 

@@ -1,6 +1,8 @@
 """Kaggle chest_xray folders -> {train,val,test}.mindrecord + manifest.json.
 
     python -m xray.convert data.root=/data/chest_xray [data.dir=...] [overwrite=true]
+
+One conversion at a time per data.dir: the whole job holds a lock beside it (xray.run_lock).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Optional
 import hydra
 import numpy as np
 from omegaconf import DictConfig
+from PIL import Image
 
 from xray import CONF_DIR
 from xray.checks import CONVERT, check
@@ -30,10 +33,12 @@ from xray.labels import CLASSES, LABEL_TO_INDEX, parse_file_name, supported_task
 from xray.preprocess import (FORMAT, MAX_PIXELS, STORED_EQUALIZE, encode_stored, load_image,
                              standardize_by_name)
 from xray.progress import Progress
+from xray.run_lock import hold
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+MAX_ASPECT_RATIO = 4.0  # long side / short side: no chest X-ray is more elongated than this
 LAYOUT = "<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg (Kaggle chest-xray-pneumonia)"
 SCHEMA = {
     "file_name": {"type": "string"},
@@ -66,13 +71,20 @@ def scan(root: Path) -> dict[str, list[Item]]:
     for split in SPLITS:
         if not (root / split).is_dir():
             continue
+        for cls in CLASSES:
+            if not (root / split / cls).is_dir():
+                raise XrayError(f"{root / split / cls} is missing; expected {LAYOUT}")
         items = []
         for cls in CLASSES:
             folder = root / split / cls
-            if not folder.is_dir():
-                raise XrayError(f"{folder} is missing; expected {LAYOUT}")
             # links too: a dangling one or a loop is listed under `skipped`, not dropped silently
-            for path in sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink()):
+            paths = sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
+            if not any(not p.name.startswith(".") for p in paths):
+                # a class with no images would make a data set of the other class alone
+                what = f"only hidden files ({', '.join(p.name for p in paths[:3])})" if paths else "no files"
+                raise XrayError(f"class folder {folder} holds {what}: every class needs images; "
+                                f"put its images there, or point data.root at a complete copy")
+            for path in paths:
                 subtype, patient = parse_file_name(path.name, cls)
                 items.append(Item(path, split, LABEL_TO_INDEX[cls], subtype, patient))
         found[split] = items
@@ -126,16 +138,41 @@ def assign_splits(found: dict[str, list[Item]], val_source: str, val_fraction: f
     return splits
 
 
-def _decode(job: tuple[int, str, int, int]) -> tuple[int, Optional[dict], str, tuple[float, float, int]]:
+def shape_refusal(path: str, short_side: int, max_aspect_ratio: float) -> Optional[str]:
+    """Why an image is refused for its shape, from its header alone (before decoding): its
+    long side over its short side above max_aspect_ratio. That also bounds what it becomes:
+    after the short-side resize its long side is at most short_side * max_aspect_ratio (a
+    1x10000 PNG of 100 bytes would otherwise become 256 x 2,560,000 pixels, gigabytes).
+    None: the shape is fine, or the header cannot be read (decoding then says why)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - load_image reports a file it cannot read
+        return None
+    short, long = min(w, h), max(w, h)
+    if short < 1 or long <= short * max_aspect_ratio:
+        return None
+    ratio = f"{long / short:.1f}".rstrip("0").rstrip(".")
+    scale = short_side / short
+    return (f"{w}x{h}: aspect ratio {ratio}:1 is over max_aspect_ratio={max_aspect_ratio:g} (no chest "
+            f"X-ray has this shape; at data.short_side={short_side} it would become "
+            f"{max(1, round(w * scale))}x{max(1, round(h * scale))} pixels)")
+
+
+def _decode(job: tuple[int, str, int, int, float]
+            ) -> tuple[int, Optional[dict], str, tuple[float, float, int]]:
     """Worker: decode one file. Returns (index, its image columns or None, error,
     (sum, sum_sq, n_pixels))."""
-    index, path, short_side, max_pixels = job
+    index, path, short_side, max_pixels, max_aspect_ratio = job
     if os.path.islink(path) and not os.path.exists(path):
         try:
             reason = f"dangling symlink -> {os.readlink(path)}"
             os.stat(path)
         except OSError as e:  # ELOOP: the link points (through others) back at itself
             reason = "symlink loop" if e.errno == errno.ELOOP else reason
+        return index, None, reason, (0.0, 0.0, 0)
+    reason = shape_refusal(path, short_side, max_aspect_ratio)
+    if reason:
         return index, None, reason, (0.0, 0.0, 0)
     try:
         image = load_image(path, short_side, max_pixels)
@@ -194,20 +231,54 @@ def holds_conversion(out_dir: Path, wanted: dict) -> Optional[bool]:
 
 def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = "patients",
             val_fraction: float = 0.1, seed: int = 42, workers: int = 0, strict: bool = False,
-            overwrite: bool = False, max_pixels: int = MAX_PIXELS, stratify: str = "subtype") -> dict:
-    """Convert the Kaggle layout under `root` into `out_dir`; returns the manifest."""
-    from mindspore.mindrecord import FileWriter  # heavy import, only where needed
-
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise XrayError(f"data.dir={out_dir} already exists; pass overwrite=true to replace it")
+            overwrite: bool = False, max_pixels: int = MAX_PIXELS, stratify: str = "subtype",
+            max_aspect_ratio: float = MAX_ASPECT_RATIO) -> dict:
+    """Convert the Kaggle layout under `root` into `out_dir`; returns the manifest. The whole
+    conversion, its checks of what `out_dir` holds included, holds the lock of `out_dir`: a
+    second conversion into it meanwhile is refused in one line naming this one."""
     if short_side < 32:
         raise XrayError(f"data.short_side={short_side} is too small (>= 32)")
-    splits = assign_splits(scan(Path(root)), val_source, val_fraction, seed, stratify)
+    if (isinstance(max_aspect_ratio, bool) or not isinstance(max_aspect_ratio, (int, float))
+            or not max_aspect_ratio >= 1):
+        raise XrayError(f"max_aspect_ratio={max_aspect_ratio} must be a number >= 1 "
+                        "(an image's long side over its short side)")
+    out_dir = Path(out_dir)
+    # beside: the lock file sits next to data.dir, which is replaced as a whole
+    with hold(out_dir, "converting", beside=True, rank=0):
+        try:
+            return _convert(Path(root), out_dir, short_side, val_source, val_fraction, seed,
+                            workers, strict, overwrite, max_pixels, stratify, float(max_aspect_ratio))
+        except OSError as e:
+            if (e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY)
+                    and _inside(e.filename, out_dir.parent) and not _inside(e.filename, root)):
+                raise XrayError(f"cannot write data.dir={out_dir}: {e.strerror} ({e.filename}); "
+                                "convert into a data.dir in a folder you can write") from None
+            raise
+
+
+def _inside(filename, folder: Path) -> bool:
+    """Whether an OSError's file is `folder` or lies in it."""
+    if not filename:
+        return False
+    path = Path(os.path.abspath(os.fsdecode(filename)))
+    folder = Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents
+
+
+def _convert(root: Path, out_dir: Path, short_side: int, val_source: str, val_fraction: float,
+             seed: int, workers: int, strict: bool, overwrite: bool, max_pixels: int,
+             stratify: str, max_aspect_ratio: float) -> dict:
+    start = time.perf_counter()
+    if out_dir.exists() and not overwrite:
+        raise XrayError(f"data.dir={out_dir} already exists; pass overwrite=true to replace it")
+    if os.path.ismount(out_dir):  # (a read-only published copy, say) it cannot be renamed away
+        raise XrayError(f"data.dir={out_dir} is a mount point, which conversion cannot replace as a "
+                        "whole; convert into a data.dir inside it or elsewhere")
+    splits = assign_splits(scan(root), val_source, val_fraction, seed, stratify)
     jobs = [(it, split) for split, items in splits.items() for it in items]
     log.info("convert: %d files (%s) from %s", len(jobs),
              ", ".join(f"{s} {len(v)}" for s, v in splits.items()), root)
+    from mindspore.mindrecord import FileWriter  # heavy import, only where needed
 
     with atomic_dir(out_dir) as tmp:  # out_dir appears only when complete
         writers = {}
@@ -222,7 +293,8 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
         progress = Progress("convert", len(jobs), unit="img")
         # spawn: workers only need Pillow, and must not inherit MindSpore's threads
         with mp.get_context("spawn").Pool(workers) as pool:
-            tasks = [(i, str(it.path), short_side, max_pixels) for i, (it, _) in enumerate(jobs)]
+            tasks = [(i, str(it.path), short_side, max_pixels, max_aspect_ratio)
+                     for i, (it, _) in enumerate(jobs)]
             for done, (i, columns, error, pixel_stats) in enumerate(
                     pool.imap(_decode, tasks, chunksize=8), start=1):
                 item, split = jobs[i]
@@ -244,6 +316,7 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
                         _write(writers[split], pending[split], out_dir)
                         pending[split] = []
                 progress.update(done)
+        _refuse_unusable_classes(root, jobs, kept, skipped)
         for split, writer in writers.items():
             if pending[split]:
                 _write(writer, pending[split], out_dir)
@@ -274,6 +347,23 @@ def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = 
     return manifest
 
 
+def _refuse_unusable_classes(root: Path, jobs: list[tuple[Item, str]], kept: dict[str, list[Item]],
+                             skipped: list[dict]) -> None:
+    """A class folder none of whose files could be used (all skipped) would make a split of the
+    other class alone: refuse it, naming the folder and why its files were skipped."""
+    listed = Counter((it.source_split, it.label) for it, _ in jobs)
+    usable = Counter((it.source_split, it.label) for items in kept.values() for it in items)
+    for (split, label), n in sorted(listed.items()):
+        if usable[(split, label)]:
+            continue
+        folder = root / split / CLASSES[label]
+        reasons = [s["reason"] for s in skipped if Path(s["file"]).parent == folder]
+        example = f"; e.g. {reasons[0]}" if reasons else ""
+        raise XrayError(f"class folder {folder}: none of its {n} files is a usable image (all "
+                        f"skipped{example}); put readable images there, or point data.root at a "
+                        "complete copy")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="convert")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
@@ -284,7 +374,13 @@ def main(cfg: DictConfig) -> None:
     convert(Path(cfg.data.root), Path(cfg.data.dir), short_side=cfg.data.short_side,
             val_source=cfg.data.val_source, val_fraction=cfg.data.val_fraction,
             seed=cfg.data.seed, workers=cfg.workers, strict=cfg.strict,
-            overwrite=cfg.overwrite, max_pixels=cfg.data.max_pixels, stratify=cfg.data.stratify)
+            overwrite=cfg.overwrite, max_pixels=cfg.data.max_pixels, stratify=cfg.data.stratify,
+            max_aspect_ratio=_or_default(cfg.get("max_aspect_ratio"), MAX_ASPECT_RATIO))
+
+
+def _or_default(value, default):
+    """null in a config means "not set": the code's own default applies."""
+    return default if value is None else value
 
 
 if __name__ == "__main__":
