@@ -25,7 +25,7 @@ OPTIONAL_PAGES = {ROOT / "docs" / "export.md"}
 # primary config -> which of `config`'s keys it shares and so does not list again:
 # a group prefix ("data.") or "" (all of them: bench is the training config plus its own keys)
 SHARED_WITH_CONFIG = {"config": (), "convert": ("data.", "cluster."), "evaluate": ("cluster.",),
-                      "predict": (), "bench": ("",)}
+                      "predict": (), "bench": ("",), "lr_find": ("",)}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target) and ![alt](target)
 HTML_IMAGE = re.compile(r"<img[^>]*\ssrc=\"([^\"]+)\"")
