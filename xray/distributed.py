@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from xray.errors import XrayError
 
@@ -272,13 +272,48 @@ def join_slurm_job(scheduler_log: Path) -> Optional[subprocess.Popen]:
         return start_scheduler(env, stdout=out)
 
 
-def die_on_sigterm() -> None:
-    """For a data-parallel rank: SIGTERM ends the process (its default). MindSpore ends a rank
-    whose peer died (no heartbeat for MS_NODE_TIMEOUT s) with SIGTERM; under submitit, whose
-    handler only logs SIGTERM, the rank would wait in its collective for MS_CPU_COMM_OP_TIMEOUT
-    (20 min) instead. The time-limit signal (SIGUSR2) is not affected."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def die_on_sigterm(last_words: Callable[[], None] = lambda: None) -> None:
+    """For a data-parallel rank: SIGTERM ends the process, after `last_words()` (the group's
+    failure record). MindSpore ends a rank whose peer died (no heartbeat for MS_NODE_TIMEOUT s)
+    with SIGTERM; under submitit, whose handler only logs SIGTERM, the rank would wait in its
+    collective for MS_CPU_COMM_OP_TIMEOUT (20 min) instead. The main thread may be blocked in
+    that collective, so a watchdog thread acts (MindSpore releases the GIL while it waits),
+    woken through the signal module's wakeup fd. The time-limit signal (SIGUSR2) is not
+    affected."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the watchdog below acts
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watchdog() -> None:
+        while signal.SIGTERM not in os.read(read_end, 64):
+            pass  # another signal (e.g. SIGUSR2, which the preemption guard handles)
+        try:
+            last_words()
+        finally:
+            die_of(signal.SIGTERM)
+
+    threading.Thread(target=watchdog, name="sigterm-watchdog", daemon=True).start()
+
+
+def die_of(signum: int) -> None:
+    """End this process by `signum` with its default action, from any thread (Python lets only
+    the main thread reset a handler; the C library does not care)."""
+    import ctypes
+
+    ctypes.CDLL(None).signal(int(signum), 0)  # 0: SIG_DFL
+    os.kill(os.getpid(), signum)
+
+
+def timed_out_ranks(scheduler_log: Path) -> list[str]:
+    """The scheduler's lines naming the ranks it declared dead (in task 0's run folder)."""
+    try:
+        lines = scheduler_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.strip()[-200:] for line in lines if "is timed out" in line]
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -71,10 +72,7 @@ class RunFolder:
 
     def finished_result(self) -> Optional[dict]:
         """metrics.json of a run whose training ended (ok or diverged), else None."""
-        try:
-            result = json.loads(self.metrics.read_text())
-        except (OSError, ValueError):
-            return None
+        result = self._read_result()
         return result if result.get("status") in ENDED else None
 
     def start_over(self) -> None:
@@ -131,11 +129,21 @@ class RunFolder:
     def write_result(self, result: dict) -> None:
         write_json(self.metrics, result)
 
-    def record_failure(self, cfg: DictConfig, error: Exception, writer=None) -> dict:
+    def record_failure(self, cfg: DictConfig, error, writer=None, rank: Optional[int] = None,
+                       since: Optional[float] = None) -> dict:
         """metrics.json (and HParams, given the run's TensorBoard writer) say `failed` with the
-        error, where the disk still lets them."""
-        result = {"status": "failed", "error": f"{type(error).__name__}: {error}".splitlines()[0],
-                  "epochs": cfg.get("epochs"), "hparams": hparams_of(cfg), "provenance": provenance(cfg)}
+        error, where the disk still lets them. In a data-parallel group any rank records
+        (`rank`), and the first failure of this job (recorded after `since`) stays the error:
+        a peer's later SIGTERM is added under `ranks` instead of replacing it."""
+        message = (error if isinstance(error, str) else f"{type(error).__name__}: {error}").splitlines()[0]
+        result = {"status": "failed", "error": message, "epochs": cfg.get("epochs"),
+                  "hparams": hparams_of(cfg), "provenance": provenance(cfg), "time": time.time()}
+        if rank is not None:
+            result["error"] = f"rank {rank}: {message}"
+            result["ranks"] = {str(rank): message}
+            earlier = self._read_result()
+            if earlier.get("status") == "failed" and earlier.get("time", 0) >= (since or 0):
+                result = {**earlier, "ranks": {**earlier.get("ranks", {}), str(rank): message}}
         try:
             if writer is not None:
                 write_hparams(writer, cfg, result, 0)
@@ -143,6 +151,12 @@ class RunFolder:
         except OSError as e:  # e.g. the full disk that made it fail
             log.error("could not record the failure in %s: %s", self.path, e)
         return result
+
+    def _read_result(self) -> dict:
+        try:
+            return json.loads(self.metrics.read_text())
+        except (OSError, ValueError):
+            return {}
 
     def link_job_logs(self) -> None:
         """Inside a submitit (Slurm) job: slurm.out / slurm.err point at the job's log files,

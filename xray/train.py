@@ -34,7 +34,7 @@ from xray.data import (check_task, images_digest, make_eval_dataset, make_train_
                        read_manifest, split_file, split_images, task_records)
 from xray.device import setup_device
 from xray.distributed import (Group, barrier, check_batch_split, die_on_sigterm, init_group, join_slurm_job,
-                              launched_rank, leave_together, local_device, release_group)
+                              launched_rank, leave_together, local_device, release_group, timed_out_ranks)
 from xray.errors import RunRefused, XrayError, one_line_errors
 from xray.evaluate import evaluate_splits
 from xray.hparams import hparams_of
@@ -55,6 +55,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     overwrite=true starts it over); one that another job is training is refused. A run that
     raises leaves metrics.json and HParams saying `failed`, then re-raises."""
     run = RunFolder(Path(run_dir))
+    started = time.time()  # (a group's failure record of this job is newer)
     lock = FolderLock(run.path, "training")  # one writer per run folder, for the whole job
     try:
         lock.acquire()
@@ -82,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             setup_device(cfg.device_target, cfg.mode, local_device())
             group = init_group()
             if group.size > 1:
-                die_on_sigterm()
+                die_on_sigterm(lambda: run.record_failure(cfg, ended_by_sigterm(run), rank=group.rank, since=started))
             if cfg.get("overwrite") and group.is_main:
                 run.start_over()
             barrier(group)
@@ -91,13 +92,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             release_group(group)
             return result
         except Exception as e:
-            if group.is_main and not isinstance(e, RunRefused):  # (a refusal wrote nothing)
+            if (group.is_main or group.size > 1) and not isinstance(e, RunRefused):  # (a refusal wrote nothing)
                 try:
-                    if not opened:
+                    if group.is_main and not opened:
                         opened.append(TensorBoard(run.path, purge_step=0))
                 except OSError:  # e.g. the full disk that made it fail
                     pass
-                run.record_failure(cfg, e, opened[0].writer if opened else None)
+                run.record_failure(cfg, e, opened[0].writer if opened else None,
+                                   rank=group.rank if group.size > 1 else None, since=started)
             raise
         finally:
             for tensorboard in opened:
@@ -106,6 +108,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             # at their exit; after a failure the group is broken and it would wait in vain
             if scheduler is not None and sys.exc_info()[0] is not None:
                 scheduler.kill()
+
+
+def ended_by_sigterm(run: RunFolder) -> str:
+    """Why a rank got SIGTERM: MindSpore ends the survivors of a group that lost a rank."""
+    dead = timed_out_ranks(run.path / "scheduler.log")
+    return ("ended by SIGTERM: its data-parallel group lost a rank (" + (dead[-1] if dead else
+            "see scheduler.log and each rank's log") + ") or the job was cancelled")
 
 
 def refuse_other_settings(cfg: DictConfig, run: RunFolder) -> None:
