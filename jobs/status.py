@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from xray.errors import XrayError, one_line_errors
+from xray.hparams import decision_metrics, read_eval
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -81,9 +82,16 @@ def status(pipeline_dir: Path) -> str:
     lines.append("progress: " + ", ".join(f"{n} {s}" for s, n in sorted(done.items())))
     best = Path(record["best_dir"])
     if (best / "eval_test.json").exists():
-        auc = json.loads((best / "eval_test.json").read_text())["youden"]["auc"]
-        lines.append(f"best: {best} (test AUC {auc['value']:.4f}, 95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f})")
+        lines.append(best_line(best))
     return "\n".join(lines)
+
+
+def best_line(best: Path) -> str:
+    """The exported best model's test AUC (a K-class model's macro AUC) with its CI, from its
+    eval_test.json (one written before `youden` was renamed too)."""
+    auc = decision_metrics(read_eval(best / "eval_test.json"))["auc"]
+    ci = f", 95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f}" if auc["ci95"] else ""
+    return f"best: {best} (test AUC {auc['value']:.4f}{ci})"
 
 
 @one_line_errors

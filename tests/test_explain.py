@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from conftest import SAMPLE
+from helpers import SAMPLE
 from xray.calibration import brier, ece, fit_temperature, nll, scale
 from xray.checkpoint import load_trained_model
 from xray.evaluate import evaluate
@@ -109,6 +109,7 @@ def test_maps_of_reinitialised_weights_are_different(square_model):
     assert np.mean(corr) < 0.9 and np.mean(np.abs(trained - random)) > 0.05
 
 
+@pytest.mark.unit
 def test_ece_brier_nll_on_hand_made_cases():
     y = np.array([0, 0, 1, 1])
     assert ece(y, np.array([0.0, 0.0, 1.0, 1.0])) == 0.0
@@ -118,6 +119,7 @@ def test_ece_brier_nll_on_hand_made_cases():
     assert nll(y, np.full(4, 0.5)) == pytest.approx(np.log(2))
 
 
+@pytest.mark.unit
 def test_temperature_scaling_repairs_an_overconfident_model():
     rng = np.random.default_rng(0)
     q = rng.uniform(0.05, 0.95, 4000)  # the true probabilities

@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, make_cfg
+from helpers import REPO, TINY, make_cfg
 from xray.checks import TRAIN, check
 from xray.hparams import hparams_of
 

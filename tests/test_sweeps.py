@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import SAMPLE
+from helpers import SAMPLE
 from xray.checkpoint import load_trained_model, resolve_checkpoints
 from xray.errors import XrayError
 from xray.evaluate import evaluate
@@ -140,7 +140,7 @@ def test_report_shows_test_columns_ranks_by_them_and_exports_top_k(smoke_sweep, 
     members = report(sweep_dir, best_root, rank_by="test_auc", top_k=2)
     ok = [m for m in members if m.status == "ok"]
     assert len(ok) == 2 and all(set(m.evals) == {"val", "test"} for m in ok)
-    assert ok[0].evals["test"]["youden"]["auc"]["value"] >= ok[1].evals["test"]["youden"]["auc"]["value"]
+    assert ok[0].evals["test"]["at_val_threshold"]["auc"]["value"] >= ok[1].evals["test"]["at_val_threshold"]["auc"]["value"]
     header = (sweep_dir / "report.csv").read_text().splitlines()[0].split(",")
     assert {"test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "best_val_auc"} <= set(header)
     assert not any(c.startswith("val_") for c in header)  # val at its own threshold is optimistic

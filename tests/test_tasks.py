@@ -11,7 +11,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, TINY, copy_sample, make_cfg
+from helpers import SAMPLE, TINY, copy_sample, make_cfg
 from xray.checkpoint import load_trained_model
 from xray.convert import Item, convert, split_by_patient
 from xray.data import check_task, read_manifest, split_file, task_records
@@ -22,6 +22,7 @@ from xray.predict import format_results, predict_images
 from xray.train import train
 
 
+@pytest.mark.unit
 def test_one_label_map_per_task():
     subtypes = ["normal", "bacteria", "virus", "unknown", "normal"]
     assert [list(a) for a in task_targets("binary", subtypes)] == [[0, 1, 2, 3, 4], [0, 1, 1, 1, 0]]
@@ -33,6 +34,7 @@ def test_one_label_map_per_task():
         task_targets("viral", subtypes)
 
 
+@pytest.mark.unit
 def test_a_subtype_model_is_read_off_as_the_two_class_questions():
     labels = np.array([0, 1, 2, 1, 0])  # NORMAL, BACTERIAL, VIRAL, BACTERIAL, NORMAL
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
@@ -44,6 +46,7 @@ def test_a_subtype_model_is_read_off_as_the_two_class_questions():
     assert binary_read_offs("binary", labels, probs) == {} == binary_read_offs("bacterial_vs_viral", labels, probs)
 
 
+@pytest.mark.unit
 def test_supported_tasks_need_every_class():
     assert supported_tasks({"normal": 5, "bacteria": 3, "virus": 2}) == ["binary", "subtype", "bacterial_vs_viral"]
     assert supported_tasks({"normal": 5, "bacteria": 3}) == ["binary"]
@@ -62,6 +65,7 @@ def test_a_data_set_without_viral_images_refuses_those_tasks_in_one_line(tmp_pat
         check_task(manifest, "subtype", tmp_path / "data")
 
 
+@pytest.mark.unit
 def test_the_patient_split_is_stratified_by_subtype():
     import random
     rng = random.Random(0)
@@ -110,19 +114,19 @@ def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
     # 1 - p(normal), so its AUC is NORMAL's one-vs-rest AUC
     read_off = result["read_off"]
     assert read_off["pneumonia_vs_normal"]["images"] == 20 and read_off["bacterial_vs_viral"]["images"] == 10
-    assert read_off["pneumonia_vs_normal"]["youden"]["auc"]["value"] == pytest.approx(
+    assert read_off["pneumonia_vs_normal"]["at_val_threshold"]["auc"]["value"] == pytest.approx(
         result["argmax"]["auc_NORMAL"]["value"])
     val = np.loadtxt(run / "predictions_val.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
     default_rule = {  # pneumonia vs normal: the defaults' sensitivity target; bacterial vs viral: Youden
-        "pneumonia_vs_normal": (lambda y, p: sensitivity_threshold(y, p, 0.93), "val: sensitivity >= 0.93"),
-        "bacterial_vs_viral": (youden_threshold, "val")}
+        "pneumonia_vs_normal": (lambda y, p: sensitivity_threshold(y, p, 0.93), "sensitivity>=0.93"),
+        "bacterial_vs_viral": (youden_threshold, "youden")}
     for name, (y_val, p_val) in binary_read_offs("subtype", val[:, 0].astype(int), val[:, 1:]).items():
         r = read_off[name]  # its threshold chosen on val by that rule (the val evaluation's, handed on)
-        threshold, chosen_on = default_rule[name]
-        assert r["youden"]["threshold"] == pytest.approx(threshold(y_val, p_val), abs=2e-6)
-        assert r["youden"]["chosen_on"] == chosen_on and r["at_0.5"]["threshold"] == 0.5
-        assert np.array(r["youden"]["confusion_matrix"]).sum() == r["images"]
-        assert len(r["youden"]["specificity"]["ci95"]) == 2
+        threshold, rule = default_rule[name]
+        assert r["at_val_threshold"]["threshold"] == pytest.approx(threshold(y_val, p_val), abs=2e-6)
+        assert r["at_val_threshold"]["rule"] == rule and r["at_0.5"]["threshold"] == 0.5
+        assert np.array(r["at_val_threshold"]["confusion_matrix"]).sum() == r["images"]
+        assert len(r["at_val_threshold"]["specificity"]["ci95"]) == 2
     model = load_trained_model(run / "checkpoints" / "best.ckpt")
     assert model.classes == ("NORMAL", "BACTERIAL", "VIRAL")
     images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]
@@ -133,7 +137,7 @@ def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
     assert format_results(results).splitlines()[0].split() == ["file", "label", "p(normal)", "p(bacterial)", "p(viral)"]
     assert (tmp_path / f"{images[0].stem}_cam.png").exists()
     # TensorBoard: the 3x3 confusion image, one precision-recall curve per class, macro AUC in HParams
-    from test_pipeline import events
+    from helpers import events
     acc = events(run)
     assert len(acc.Images("val/confusion_matrix")) == 1 and len(acc.Scalars("val/auc_VIRAL")) == 1
     assert {f"val/pr_curve/{c}" for c in model.classes} <= set(acc.Tags()["tensors"])
@@ -151,8 +155,7 @@ def test_the_sensitivity_rule_sets_the_pneumonia_threshold_and_leaves_bacterial_
     """threshold_rule=sensitivity (issue 7): at the end of training, the subtype model's pneumonia
     vs normal read-off is scored at the highest threshold that keeps val sensitivity >= target,
     named so; bacterial vs viral keeps Youden's. Through train's own end-of-run evaluation."""
-    from xray.evaluate import summary
-    from xray.evaluate import evaluate_splits
+    from xray.evaluate import evaluate_splits, summary
     from omegaconf import OmegaConf
     run = tmp_path / "run"  # (a copy, made a run trained with the rule: the module's run stays as it is)
     shutil.copytree(task_run("subtype"), run)
@@ -164,16 +167,16 @@ def test_the_sensitivity_rule_sets_the_pneumonia_threshold_and_leaves_bacterial_
     val = np.loadtxt(run / "predictions_val.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
     read_offs = binary_read_offs("subtype", val[:, 0].astype(int), val[:, 1:])
     expected = {"pneumonia_vs_normal": (sensitivity_threshold(*read_offs["pneumonia_vs_normal"], 0.9),
-                                        "val: sensitivity >= 0.9"),
-                "bacterial_vs_viral": (youden_threshold(*read_offs["bacterial_vs_viral"]), "val")}
+                                        "sensitivity>=0.9"),
+                "bacterial_vs_viral": (youden_threshold(*read_offs["bacterial_vs_viral"]), "youden")}
     for split in ("val", "test"):
         result = json.loads((run / f"eval_{split}.json").read_text())
         assert summary(result) == out[split]
-        for name, (threshold, chosen_on) in expected.items():
-            r = result["read_off"][name]["youden"]
-            assert (r["threshold"], r["chosen_on"]) == (pytest.approx(threshold, abs=2e-6), chosen_on)
+        for name, (threshold, rule) in expected.items():
+            r = result["read_off"][name]["at_val_threshold"]
+            assert (r["threshold"], r["rule"]) == (pytest.approx(threshold, abs=2e-6), rule)
     pn_val = json.loads((run / "eval_val.json").read_text())["read_off"]["pneumonia_vs_normal"]
-    assert pn_val["youden"]["sensitivity"]["value"] >= 0.9
+    assert pn_val["at_val_threshold"]["sensitivity"]["value"] >= 0.9
 
 
 def test_a_subtype_ensemble_with_tta_averages_the_class_probabilities(task_run, tmp_path):
@@ -190,7 +193,9 @@ def test_a_subtype_ensemble_with_tta_averages_the_class_probabilities(task_run, 
         value = params[name].asnumpy()
         value = scale * value + rng.standard_normal(value.shape) * np.abs(value).mean() * scale
         params[name] = ms.Parameter(ms.Tensor(value.astype(np.float32)), name=name)
-    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(other / "checkpoints" / "best.ckpt"))
+    records = {k: v for k, v in params.items() if isinstance(v, str)}  # (the checkpoint's identity)
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items() if k not in records],
+                       str(other / "checkpoints" / "best.ckpt"), append_dict=records)
     members = [run / "checkpoints" / "best.ckpt", other / "checkpoints" / "best.ckpt"]
 
     def probs(folder: Path, tag: str) -> np.ndarray:
@@ -234,6 +239,7 @@ def test_the_explain_grid_of_a_subtype_model_has_each_class_wrong_and_right_call
         evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, calibrate=True)
 
 
+@pytest.mark.unit
 def test_the_report_exports_no_winner_across_tasks(tmp_path):
     from xray.report import Member, export_best
     members = []
@@ -254,6 +260,7 @@ def test_the_report_exports_no_winner_across_tasks(tmp_path):
         export_best(members[:1], tmp_path / "best")
 
 
+@pytest.mark.unit
 def test_the_subtype_sweep_is_one_task_named_after_it():
     from hydra import compose, initialize_config_dir
     from xray import CONF_DIR
@@ -278,7 +285,7 @@ def test_bacterial_vs_viral_uses_pneumonia_images_only(task_run, sample_data):
     subtypes = Counter(manifest["splits"]["test"]["subtypes"])
     assert result["images"] == subtypes["bacteria"] + subtypes["virus"] == 10
     assert result["positives"] == subtypes["bacteria"] and result["classes"] == ["VIRAL", "BACTERIAL"]
-    assert "youden" in result and result["youden"]["chosen_on"] == "val"
+    assert result["at_val_threshold"]["rule"] == "youden"  # bacterial vs viral: always Youden's
     records = task_records(split_file(sample_data, manifest, "train"), "bacterial_vs_viral")
     assert len(records.indices) == manifest["splits"]["train"]["classes"]["PNEUMONIA"]
     images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]

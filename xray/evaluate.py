@@ -1,13 +1,19 @@
-"""Evaluate a checkpoint (or an ensemble) on a split, with bootstrap CIs, at the
-val-chosen threshold and 0.5.
+"""Evaluate a checkpoint (or an ensemble) on a split, with bootstrap CIs.
+
+One path for every task, K classes (a two-class task is K = 2): the predictions, the result
+header, the files and their captions. On it sit the two-class decisions (labels.binary_decisions),
+each at the threshold its rule chose on val (`at_val_threshold`) and at 0.5: a two-class task's
+own (p(class 1); at the top level of the result) and a subtype model's read-offs, pneumonia vs
+normal and bacterial vs viral (under `read_off`). A K-class task also decides by argmax (`argmax`).
 
     python -m xray.evaluate ckpt=<run>/checkpoints/best.ckpt split=test [tta=4]
     python -m xray.evaluate ckpt=[<run1>/checkpoints/best.ckpt,<run2>/...] split=test
     python -m xray.evaluate ckpt=outputs/best/<sweep> top_k=3 split=test
 
 Writes eval_<split>.json, predictions_<split>.csv, roc_<split>.png and confusion_<split>.png
-(with tta > 1: eval_<split>_tta<K>.json, ...) into the checkpoint's run folder; an ensemble
-writes them into this command's own output folder (outputs/evaluate/<time>/).
+(two classes: reliability_<split>.png; explain=N: cam_errors_<split>.png; with tta > 1:
+eval_<split>_tta<K>.json, ...) into the checkpoint's run folder; an ensemble writes them into
+this command's own output folder (outputs/evaluate/<time>/).
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.explain import cam_grid, grad_cam
 from xray.files import write_json, write_text
-from xray.labels import binary_read_offs
+from xray.hparams import ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, binary_results, with_current_keys
+from xray.labels import binary_decisions
 from xray.metrics import (binary_metrics, bootstrap_ci, confusion, confusion_k, multiclass_metrics, roc_curve,
                           sensitivity_threshold, youden_threshold)
 from xray.plots import confusion_figure, roc_figure, save_figure
@@ -43,17 +50,23 @@ log = logging.getLogger(__name__)
 
 def predict_records(model: TrainedModel, records: TaskRecords, batch_size: int, workers: int = 2,
                     tta: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(file names, class ids, raw probabilities) of the task's records, in file order:
-    p(class 1) of a two-class model, NxK class probabilities of a K-class one."""
+    """(file names, class ids, NxK raw class probabilities) of the task's records, in file order."""
     dataset = make_eval_dataset(records, model.spec, batch_size, workers=workers, with_names=True,
                                 tta=tta)
     names, labels, probs = [], [], []
     for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
-        p = model.class_probabilities(batch["image"])
-        probs.append(p[:, 1] if len(model.classes) == 2 else p)
+        probs.append(model.class_probabilities(batch["image"]))
         labels.append(batch["label"])
         names.extend(str(n) for n in batch["file_name"])
     return names, np.concatenate(labels), np.concatenate(probs)
+
+
+def calibrated(model: TrainedModel, probs: np.ndarray) -> np.ndarray:
+    """A model's NxK class probabilities through its temperature (two-class models only have one)."""
+    if probs.shape[1] != 2:
+        return probs
+    p = model.calibrate(probs[:, 1])
+    return np.stack([1 - p, p], axis=1)
 
 
 @dataclass
@@ -61,11 +74,11 @@ class SplitPredictions:
     split: str
     names: list[str]
     labels: np.ndarray
-    raw: list[np.ndarray]  # per model, before its temperature
+    raw: list[np.ndarray]  # per model, NxK, before its temperature
 
     def probabilities(self, models: Sequence[TrainedModel]) -> np.ndarray:
-        """The ensemble's probabilities: the mean of each member's (calibrated) ones."""
-        return np.mean([m.calibrate(p) if p.ndim == 1 else p for m, p in zip(models, self.raw)], axis=0)
+        """The ensemble's NxK probabilities: the mean of each member's (calibrated) ones."""
+        return np.mean([calibrated(m, p) for m, p in zip(models, self.raw)], axis=0)
 
 
 def predict_split(models: Sequence[TrainedModel], data_dir: Path, manifest: dict, split: str,
@@ -76,43 +89,49 @@ def predict_split(models: Sequence[TrainedModel], data_dir: Path, manifest: dict
     return SplitPredictions(split, runs[0][0], runs[0][1], [p for _, _, p in runs])
 
 
-def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
-    """Every metric as {value, ci95} plus the confusion matrix, at one threshold (n_boot = 0:
-    no CI, ci95 null)."""
-    point = binary_metrics(y, p, threshold)
-    ci = (bootstrap_ci(y, p, lambda yy, pp: binary_metrics(yy, pp, threshold), n=n_boot, seed=seed)
-          if n_boot > 0 else {})
-    out = {"threshold": threshold}
-    out.update({k: {"value": v, "ci95": ci.get(k)} for k, v in point.items()})
-    out["confusion_matrix"] = confusion(y, p, threshold).tolist()
-    return out
+def with_ci(metric: Callable[[np.ndarray, np.ndarray], dict], y: np.ndarray, p: np.ndarray,
+            n_boot: int, seed: int) -> dict:
+    """Every value metric(y, p) returns as {value, ci95}, a bootstrap CI over images (n_boot = 0:
+    ci95 null)."""
+    ci = bootstrap_ci(y, p, metric, n=n_boot, seed=seed) if n_boot > 0 else {}
+    return {k: {"value": v, "ci95": ci.get(k)} for k, v in metric(y, p).items()}
 
 
-def at_two_thresholds(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int,
-                      chosen_on: str = "val") -> dict:
-    """{youden: metrics at the val-chosen `threshold`, at_0.5: metrics at 0.5}."""
-    return {"youden": {**metrics_with_ci(y, p, threshold, n_boot, seed), "chosen_on": chosen_on},
-            "at_0.5": metrics_with_ci(y, p, 0.5, n_boot, seed)}
+def metrics_at(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
+    """A two-class decision at one threshold: every metric with its CI, the 2x2 confusion matrix."""
+    return {"threshold": threshold,
+            **with_ci(lambda yy, pp: binary_metrics(yy, pp, threshold), y, p, n_boot, seed),
+            "confusion_matrix": confusion(y, p, threshold).tolist()}
 
 
-BINARY = "threshold"  # val_thresholds' key of a two-class model's own threshold
+def binary_result(y: np.ndarray, p: np.ndarray, threshold: float, rule: str, n_boot: int, seed: int) -> dict:
+    """A two-class decision's result: at the threshold `rule` chose on val, and at 0.5."""
+    return {"images": int(len(y)), "positives": int(y.sum()),
+            AT_VAL_THRESHOLD: {"rule": rule, **metrics_at(y, p, threshold, n_boot, seed)},
+            AT_HALF: metrics_at(y, p, 0.5, n_boot, seed)}
+
+
+def argmax_result(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], n_boot: int, seed: int) -> dict:
+    """A K-class decision by argmax: accuracy, balanced accuracy, macro and per-class one-vs-rest
+    AUC, per-class sensitivity and specificity, with CIs, and the KxK confusion matrix."""
+    return {**with_ci(lambda yy, pp: multiclass_metrics(yy, pp, classes), y, probs, n_boot, seed),
+            "confusion_matrix": confusion_k(y, probs.argmax(axis=1), len(classes)).tolist()}
 
 
 def chosen_thresholds(val_result: dict) -> dict[str, tuple[float, str]]:
-    """The thresholds a val evaluation chose, with where each came from, to hand to the other
-    splits: {"threshold": ..., and per read-off of a subtype model its name: ...}."""
-    chosen = {BINARY: val_result["youden"]} if "youden" in val_result else {}
-    chosen.update({name: r["youden"] for name, r in val_result.get("read_off", {}).items()})
-    return {name: (r["threshold"], r["chosen_on"]) for name, r in chosen.items()}
+    """{decision name: (threshold, rule)} a val evaluation chose, to hand to the other splits
+    (an eval_val.json written before `youden` was renamed too)."""
+    return {name: (r[AT_VAL_THRESHOLD]["threshold"], r[AT_VAL_THRESHOLD]["rule"])
+            for name, r in binary_results(with_current_keys(val_result)).items()}
 
 
-def origin(chosen_on: str) -> str:
-    """How a plot title says where its threshold came from."""
-    if chosen_on == "val":
+def origin(rule: str) -> str:
+    """How a plot title or log line says where a threshold came from."""
+    if rule == "youden":
         return "Youden on val"
-    if chosen_on.startswith("val: "):  # another rule: "val: sensitivity >= 0.95"
-        return f"{chosen_on[5:]} on val"
-    return "0.5: val has one class only"
+    if rule.startswith("sensitivity>="):  # "sensitivity>=0.93"
+        return f"sensitivity >= {rule[len('sensitivity>='):]} on val"
+    return rule  # NO_RULE
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,11 @@ class ThresholdRule:
         """Its short name in file names: youden, sensitivity0.95."""
         return "youden" if self.name == "youden" else f"sensitivity{float(self.target_sensitivity):g}"
 
+    @property
+    def label(self) -> str:
+        """Its name in results (`rule`): youden, sensitivity>=0.95."""
+        return "youden" if self.name == "youden" else f"sensitivity>={float(self.target_sensitivity):g}"
+
     def for_decision(self, name: str) -> "ThresholdRule":
         """The rule for one decision (a two-class task or a read-off): this one for pneumonia vs
         normal, Youden for the others."""
@@ -155,14 +179,13 @@ def trained_with(model: TrainedModel) -> ThresholdRule:
 
 def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str,
                      rule: ThresholdRule = YOUDEN) -> tuple[float, str]:
-    """(the threshold `rule` chooses on val, where it came from): 0.5 when val has one class only."""
+    """(the threshold `rule` chooses on val, the rule's label): 0.5 when val has one class only."""
     if np.all(y_val) or not np.any(y_val):
         log.warning("%s: val has one class only, so no threshold can be chosen on it; 0.5 used", what)
-        return 0.5, "none: val has one class only, 0.5 used"
+        return 0.5, NO_RULE
     if rule.name == "sensitivity":
-        target = float(rule.target_sensitivity)
-        return sensitivity_threshold(y_val, p_val, target), f"val: sensitivity >= {target:g}"
-    return youden_threshold(y_val, p_val), "val"
+        return sensitivity_threshold(y_val, p_val, float(rule.target_sensitivity)), rule.label
+    return youden_threshold(y_val, p_val), rule.label
 
 
 def val_predictions(run: SplitPredictions, models: Sequence[TrainedModel], data_dir: Path, manifest: dict,
@@ -173,21 +196,9 @@ def val_predictions(run: SplitPredictions, models: Sequence[TrainedModel], data_
     return predict_split(models, data_dir, manifest, "val", batch_size, workers, tta)
 
 
-def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
-             batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
-             tta: int = 1, out_dir: Optional[Path] = None, calibrate: bool = False, explain: int = 0,
-             val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
-             threshold_rule: Optional[ThresholdRule] = None) -> dict:
-    """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
-    with tta test-time views per image, at the threshold chosen on val (by `threshold_rule`; None:
-    the rule the first checkpoint's run trained with) and at 0.5,
-    with calibration (ECE, Brier, reliability diagram). calibrate=True first fits the
-    checkpoint's temperature on val (calibration.json beside it: evaluate and predict apply it
-    from then on). explain=N draws Grad-CAM maps of the N most confident false positives, false
-    negatives, true positives and true negatives (K classes: wrong and right calls of each).
-    Writes eval_<split>.json, predictions, ROC, confusion and reliability PNGs into the run
-    folder (one checkpoint) or `out_dir`, and returns the JSON. `val_thresholds` (chosen_thresholds of these models' val evaluation) spares a
-    second pass over val."""
+def load_models(checkpoints: Sequence[Path], data_dir: Optional[Path], calibrate: bool,
+                explain: int) -> tuple[list[TrainedModel], Path, dict]:
+    """(the models, the data folder, its manifest), checked to fit together and the options."""
     models = [load_trained_model(Path(c)) for c in checkpoints]
     if not models:
         raise XrayError("ckpt is empty; pass a checkpoint, a list [a.ckpt,b.ckpt] or a best folder")
@@ -202,59 +213,122 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
                             f"but {model.checkpoint} was trained on short_side={model.spec.short_side}")
     if len({m.task for m in models}) > 1:
         raise XrayError(f"an ensemble's members must share one task, not {sorted({m.task for m in models})}")
-    threshold_rule = threshold_rule or trained_with(models[0])
     check_task(manifest, models[0].task, data_dir)
-    if len(models[0].classes) > 2:
-        if calibrate:
-            raise XrayError(f"calibrate=true works on two-class tasks, not task={models[0].task}")
-        return evaluate_k_classes(models, split, data_dir, manifest, batch_size, bootstrap, seed,
-                                  workers, tta, out_dir, val_thresholds, explain, threshold_rule)
+    if calibrate and len(models[0].classes) != 2:
+        raise XrayError(f"calibrate=true works on two-class tasks, not task={models[0].task}")
+    return models, data_dir, manifest
+
+
+def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optional[Path] = None,
+             batch_size: int = 64, bootstrap: int = 1000, seed: int = 0, workers: int = 2,
+             tta: int = 1, out_dir: Optional[Path] = None, calibrate: bool = False, explain: int = 0,
+             val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
+             threshold_rule: Optional[ThresholdRule] = None) -> dict:
+    """Evaluate one checkpoint, or the mean probability of several (an ensemble), on `split`,
+    with tta test-time views per image: each two-class decision at the threshold chosen on val
+    (by `threshold_rule`; None: the rule the first checkpoint's run trained with) and at 0.5, a
+    K-class task's argmax too, and a two-class task's calibration (ECE, Brier, reliability
+    diagram). calibrate=True first fits the checkpoint's temperature on val (calibration.json
+    beside it: evaluate and predict apply it from then on). explain=N draws Grad-CAM maps of the
+    N most confident false positives, false negatives, true positives and true negatives (K
+    classes: wrong and right calls of each). Writes eval_<split>.json, predictions, ROC,
+    confusion (and reliability) PNGs into the run folder (one checkpoint) or `out_dir`, and
+    returns the JSON. `val_thresholds` (chosen_thresholds of these models' val evaluation)
+    spares a second pass over val."""
+    models, data_dir, manifest = load_models(checkpoints, data_dir, calibrate, explain)
+    threshold_rule = threshold_rule or trained_with(models[0])
+    task, classes = models[0].task, models[0].classes
     run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
-    given = (val_thresholds or {}).get(BINARY) if not calibrate else None  # (a new temperature, a new threshold)
-    val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta) if given is None else None
-    if calibrate:
-        fit_temperature_of(models[0], val.labels, val.raw[0])
-    y, p = run.labels, run.probabilities(models)
-    threshold, chosen_on = given or threshold_on_val(val.labels, val.probabilities(models), "threshold",
-                                                     threshold_rule.for_decision(models[0].task))
-    raw = np.mean(run.raw, axis=0)
-    classes = models[0].classes
+    val = None  # predicted when needed
+    if calibrate:  # a new temperature, so new thresholds too
+        val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
+        fit_temperature_of(models[0], val.labels, val.raw[0][:, 1])
+        val_thresholds = None
+    y, probs = run.labels, run.probabilities(models)
+    decisions = binary_decisions(task, y, probs)
+    thresholds = {name: t for name, t in (val_thresholds or {}).items() if name in decisions}
+    if set(thresholds) != set(decisions):
+        if val is None:
+            val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
+        thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule.for_decision(name)) for name, (yy, pp)
+                      in binary_decisions(task, val.labels, val.probabilities(models)).items()}
+    two_class = len(classes) == 2
+    raw = np.mean(run.raw, axis=0)  # (before the temperatures)
     result = {
-        "split": split,
-        "task": models[0].task,
-        "classes": list(classes),
+        "split": split, "task": task, "classes": list(classes),
         "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
-        "tta": tta,
-        "data_dir": str(data_dir),
-        "images": int(len(y)),
-        "positives": int(y.sum()),
+        "tta": tta, "data_dir": str(data_dir), "images": int(len(y)),
+        **({} if two_class else {"per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)}}),
         "bootstrap": {"resamples": bootstrap, "level": 0.95, "unit": "image"},
-        **at_two_thresholds(y, p, threshold, bootstrap, seed, chosen_on),
-        "calibration": {**calibration_metrics(y, p), "bins": BINS,
-                        "temperature": [m.temperature for m in models] if len(models) > 1 else models[0].temperature,
-                        "uncalibrated": calibration_metrics(y, raw)},
     }
+    read_offs = {name: binary_result(yy, pp, *thresholds[name], bootstrap, seed)
+                 for name, (yy, pp) in decisions.items()}
+    if two_class:  # the task's own decision at the top level, as always, and how far to trust its p
+        result.update(read_offs[task])
+        result["calibration"] = {
+            **calibration_metrics(y, probs[:, 1]), "bins": BINS,
+            "temperature": [m.temperature for m in models] if len(models) > 1 else models[0].temperature,
+            "uncalibrated": calibration_metrics(y, raw[:, 1])}
+    else:
+        result[ARGMAX] = argmax_result(y, probs, classes, bootstrap, seed)
+        if read_offs:
+            result["read_off"] = read_offs
     out, tag = output_place(models, out_dir, split, tta, threshold_rule)
     write_json(out / f"eval_{tag}.json", result)
-    write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, p[:, None], classes[1:]))
-    fpr, tpr, _ = roc_curve(y, p)
-    cm = np.array(result["youden"]["confusion_matrix"])
-    sens, spec = result["youden"]["sensitivity"]["value"], result["youden"]["specificity"]["value"]
-    auc = result["youden"]["auc"]["value"]
+    first = 1 if two_class else 0  # two classes: only p of the positive one
+    write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, probs[:, first:], classes[first:]))
     what = f"{split}" + (f", {len(models)} models" if len(models) > 1 else "") + (f", tta {tta}" if tta > 1 else "")
-    save_figure(roc_figure(fpr, tpr, auc, f"{what}: ROC ({len(y)} images)", (1 - spec, sens)),
-                out / f"roc_{tag}.png")
-    save_figure(confusion_figure(cm, f"{what}, threshold {threshold:.3f} ({origin(chosen_on)})", classes),
-                out / f"confusion_{tag}.png")
-    curves = {"as trained": raw, **({"temperature-scaled": p} if any(m.temperature for m in models) else {})}
-    save_figure(reliability_figure(y, curves, f"{what}: reliability ({len(y)} images)"),
-                out / f"reliability_{tag}.png")
+    save_figures(result, y, probs, raw, any(m.temperature for m in models), what, out, tag)
     if explain:
-        explain_errors(models[0], task_records(split_file(data_dir, manifest, split), models[0].task),
-                       run.names, y, p, error_picks(y, p, threshold, explain), out / f"cam_errors_{tag}.png")
-    _log_summary(result)
-    log.info("  -> %s", out / f"eval_{tag}.json")
+        picks = (error_picks(y, probs[:, 1], result[AT_VAL_THRESHOLD]["threshold"], explain) if two_class
+                 else class_picks(y, probs, classes, explain))
+        explain_errors(models[0], task_records(split_file(data_dir, manifest, split), task), run.names, y,
+                       probs[:, 1] if two_class else probs, picks, out / f"cam_errors_{tag}.png")
+    log_result(result, out / f"eval_{tag}.json")
     return result
+
+
+def save_figures(result: dict, y: np.ndarray, probs: np.ndarray, raw: np.ndarray, temperature_scaled: bool,
+                 what: str, out: Path, tag: str) -> None:
+    """roc_<tag>.png and confusion_<tag>.png: a two-class task's curve with its val-chosen
+    operating point, its confusion there and its reliability diagram (reliability_<tag>.png);
+    a K-class task's one-vs-rest curves and its argmax confusion."""
+    classes, n = result["classes"], len(y)
+    if len(classes) == 2:
+        r = result[AT_VAL_THRESHOLD]
+        fpr, tpr, _ = roc_curve(y, probs[:, 1])
+        roc = roc_figure(fpr, tpr, r["auc"]["value"], f"{what}: ROC ({n} images)",
+                         (1 - r["specificity"]["value"], r["sensitivity"]["value"]))
+        title = f"{what}, threshold {r['threshold']:.3f} ({origin(r['rule'])})"
+        curves = {"as trained": raw[:, 1], **({"temperature-scaled": probs[:, 1]} if temperature_scaled else {})}
+        save_figure(reliability_figure(y, curves, f"{what}: reliability ({n} images)"),
+                    out / f"reliability_{tag}.png")
+    else:
+        r = result[ARGMAX]
+        curves = {c: (*roc_curve(y == i, probs[:, i])[:2], r[f"auc_{c}"]["value"]) for i, c in enumerate(classes)}
+        roc = roc_figure(None, None, r["auc"]["value"], f"{what}: one-vs-rest ROC ({n} images)", more=curves)
+        title = f"{what}, argmax"
+    save_figure(roc, out / f"roc_{tag}.png")
+    save_figure(confusion_figure(np.array(r["confusion_matrix"]), title, classes), out / f"confusion_{tag}.png")
+
+
+def log_result(result: dict, path: Path) -> None:
+    """Every metric block of an eval result, value and CI, one line a metric."""
+    log.info("%s (%s): %d images, checkpoint %s", result["split"], result["task"], result["images"],
+             result["checkpoint"])
+    blocks = {"argmax": result[ARGMAX]} if ARGMAX in result else {}
+    for name, r in binary_results(result).items():
+        at_val = r[AT_VAL_THRESHOLD]
+        blocks[f"{name} ({r['images']} images, {r['positives']} positive) at {at_val['threshold']:.3f}, "
+               f"{origin(at_val['rule'])}"] = at_val
+        blocks[f"{name} at 0.5"] = r[AT_HALF]
+    for title, block in blocks.items():
+        log.info("  %s:", title)
+        for metric, v in block.items():
+            if isinstance(v, dict):
+                ci = v["ci95"]
+                log.info("    %-24s %.3f%s", metric, v["value"], f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    log.info("  -> %s", path)
 
 
 def calibrate_checkpoint(checkpoint: Path, batch_size: int = 64, workers: int = 2) -> float:
@@ -264,11 +338,12 @@ def calibrate_checkpoint(checkpoint: Path, batch_size: int = 64, workers: int = 
         raise XrayError(f"temperature scaling here is for two-class tasks, not task={model.task}")
     data_dir = Path(model.cfg.data.dir)
     val = predict_split([model], data_dir, read_manifest(data_dir), "val", batch_size, workers, 1)
-    return fit_temperature_of(model, val.labels, val.raw[0])
+    return fit_temperature_of(model, val.labels, val.raw[0][:, 1])
 
 
 def fit_temperature_of(model: TrainedModel, y_val: np.ndarray, p_val_raw: np.ndarray) -> float:
-    """Fit the checkpoint's temperature on val, store it beside it, use it from now on."""
+    """Fit the checkpoint's temperature on val (p_val_raw: p(class 1) before any temperature),
+    store it beside it, use it from now on."""
     temperature = fit_temperature(y_val, p_val_raw)
     record = save_temperature(model.run_dir, temperature, y_val, p_val_raw, str(model.checkpoint))
     model.temperature = temperature
@@ -354,94 +429,22 @@ def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
     return buf.getvalue()
 
 
-def evaluate_k_classes(models: Sequence[TrainedModel], split: str, data_dir: Path, manifest: dict,
-                       batch_size: int, bootstrap: int, seed: int, workers: int, tta: int,
-                       out_dir: Optional[Path], val_thresholds: Optional[dict[str, tuple[float, str]]] = None,
-                       explain: int = 0, threshold_rule: ThresholdRule = YOUDEN) -> dict:
-    """A K-class task: metrics of the argmax decision (accuracy, balanced accuracy, macro and
-    per-class one-vs-rest AUC, per-class sensitivity and specificity) with bootstrap CIs, the
-    KxK confusion matrix, one-vs-rest ROC curves; for `subtype`, also the two-class questions
-    read off its probabilities (`read_off`: pneumonia vs normal, bacterial vs viral), each at its
-    own threshold chosen on val and at 0.5."""
-    classes = models[0].classes
-    run = predict_split(models, data_dir, manifest, split, batch_size, workers, tta)
-    y, probs = run.labels, run.probabilities(models)
-    point = multiclass_metrics(y, probs, classes)
-    ci = (bootstrap_ci(y, probs, lambda yy, pp: multiclass_metrics(yy, pp, classes), n=bootstrap, seed=seed)
-          if bootstrap > 0 else {})
-    cm = confusion_k(y, probs.argmax(axis=1), len(classes))
-    result = {
-        "split": split, "task": models[0].task, "classes": list(classes),
-        "checkpoint": str(models[0].checkpoint) if len(models) == 1 else [str(m.checkpoint) for m in models],
-        "tta": tta, "data_dir": str(data_dir), "images": int(len(y)),
-        "per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
-        "bootstrap": {"resamples": bootstrap, "level": 0.95, "unit": "image"},
-        "argmax": {**{k: {"value": v, "ci95": ci.get(k)} for k, v in point.items()},
-                   "confusion_matrix": cm.tolist()},
-    }
-    read_offs = binary_read_offs(models[0].task, y, probs)
-    if read_offs:  # the two-class questions the model answers too, each at its own val-chosen threshold
-        thresholds = {name: t for name, t in (val_thresholds or {}).items() if name in read_offs}
-        if set(thresholds) != set(read_offs):
-            val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
-            thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule.for_decision(name)) for name, (yy, pp)
-                          in binary_read_offs(models[0].task, val.labels, val.probabilities(models)).items()}
-        result["read_off"] = {}
-        for name, (yy, pp) in read_offs.items():
-            threshold, chosen_on = thresholds[name]
-            result["read_off"][name] = {"images": int(len(yy)), "positives": int(yy.sum()),
-                                        **at_two_thresholds(yy, pp, threshold, bootstrap, seed, chosen_on)}
-    out, tag = output_place(models, out_dir, split, tta, threshold_rule)
-    write_json(out / f"eval_{tag}.json", result)
-    write_text(out / f"predictions_{tag}.csv", predictions_csv(run.names, y, probs, classes))
-    what = f"{split}" + (f", {len(models)} models" if len(models) > 1 else "") + (f", tta {tta}" if tta > 1 else "")
-    curves = {c: (*roc_curve(y == i, probs[:, i])[:2], point[f"auc_{c}"]) for i, c in enumerate(classes)}
-    save_figure(roc_figure(None, None, point["auc"], f"{what}: one-vs-rest ROC ({len(y)} images)",
-                           more=curves), out / f"roc_{tag}.png")
-    save_figure(confusion_figure(cm, f"{what}, argmax", classes), out / f"confusion_{tag}.png")
-    if explain:
-        explain_errors(models[0], task_records(split_file(data_dir, manifest, split), models[0].task),
-                       run.names, y, probs, class_picks(y, probs, classes, explain), out / f"cam_errors_{tag}.png")
-    log.info("%s (%s): %d images, checkpoint %s", split, models[0].task, len(y), result["checkpoint"])
-    for name, v in point.items():
-        c = ci.get(name)
-        log.info("    %-24s %.3f%s", name, v, f"  [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
-    for name, r in result.get("read_off", {}).items():
-        log.info("  read off as %s (%d images): AUC %.3f; at %.3f (%s) accuracy %.3f, sensitivity "
-                 "%.3f, specificity %.3f; at 0.5 accuracy %.3f", name, r["images"], r["youden"]["auc"]["value"],
-                 r["youden"]["threshold"], origin(r["youden"]["chosen_on"]), r["youden"]["accuracy"]["value"],
-                 r["youden"]["sensitivity"]["value"],
-                 r["youden"]["specificity"]["value"], r["at_0.5"]["accuracy"]["value"])
-    log.info("  -> %s", out / f"eval_{tag}.json")
-    return result
-
-
 def summary(result: dict) -> dict:
-    """The point values of an eval_<split>.json: {youden: {metric: value}, at_0.5: {...}} for a
-    two-class task, {argmax: {...}} for more classes."""
-    return {key: {**({"threshold": result[key]["threshold"]} if "threshold" in result[key] else {}),
-                  **{k: v["value"] for k, v in result[key].items() if isinstance(v, dict) and "value" in v}}
-            for key in ("youden", "at_0.5", "argmax") if key in result}
-
-
-def _log_summary(result: dict) -> None:
-    log.info("%s: %d images (%d pneumonia), checkpoint %s", result["split"], result["images"],
-             result["positives"], result["checkpoint"])
-    for key in ("youden", "at_0.5"):
-        r = result[key]
-        log.info("  threshold %.3f (%s):", r["threshold"], origin(r["chosen_on"]) if key == "youden" else "fixed")
-        for name in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv"):
-            ci = r[name]["ci95"]
-            log.info("    %-18s %.3f%s", name, r[name]["value"], f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    """The point values of an eval result, for metrics.json's `eval`: {at_val_threshold: {rule,
+    threshold, metric: value, ...}, at_0.5: {threshold, ...}} for a two-class task, {argmax:
+    {metric: value, ...}} for more classes."""
+    return {key: {k: v["value"] if isinstance(v, dict) else v for k, v in result[key].items()
+                  if k != "confusion_matrix"}
+            for key in (AT_VAL_THRESHOLD, AT_HALF, ARGMAX) if key in result}
 
 
 def evaluate_splits(checkpoint: Path, data_dir: Path, manifest: dict, cfg: DictConfig,
                     time_is_up: Callable[[], bool] = lambda: False) -> dict:
     """Evaluate the val-chosen checkpoint on each of train.eval_splits the data set has
-    (eval_<split>.json etc. in the run folder); returns {split: {youden: {..}, at_0.5: {..}}}
-    with the point values, or {split: {error: ..}}: the training result stands whatever
-    happens here. Nothing here feeds back into training or checkpoint choice. Stops early
-    when the job's time is up (the result is written before the scheduler kills it)."""
+    (eval_<split>.json etc. in the run folder); returns {split: summary(its result)}, or
+    {split: {error: ..}}: the training result stands whatever happens here. Nothing here feeds
+    back into training or checkpoint choice. Stops early when the job's time is up (the result
+    is written before the scheduler kills it)."""
     out: dict = {}
     val_thresholds = None  # chosen on val once, for every split
     splits = sorted(cfg.train.eval_splits or [], key=lambda s: s != "val")
@@ -486,4 +489,3 @@ if __name__ == "__main__":
     from xray.evaluate import main as entrypoint
 
     entrypoint()
-

@@ -1,11 +1,17 @@
-"""The HParams schema: the keys every run reports (TensorBoard's HParams tab, metrics.json,
-the sweep report). Light on purpose: the report ranks sweeps without importing MindSpore."""
+"""The keys every run reports: its hyper-parameters and metrics (TensorBoard's HParams tab,
+metrics.json, the sweep report), and the result keys of eval_<split>.json, read the same way
+for runs written before a key was renamed. Light on purpose: the report ranks sweeps and
+jobs.status reads results without importing MindSpore."""
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from xray.errors import XrayError
 
 INTENSITY = ("brightness", "contrast", "gamma", "blur", "noise")  # data.augment strengths
 TEST_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
@@ -47,12 +53,74 @@ def _as(kind: Callable, value: Any) -> Any:
     return number
 
 
+# The metric blocks of an evaluation: a two-class decision at the threshold its rule chose on
+# val and at 0.5; a K-class task's argmax decision.
+AT_VAL_THRESHOLD, AT_HALF, ARGMAX = "at_val_threshold", "at_0.5", "argmax"
+OLD_AT_VAL_THRESHOLD = "youden"  # its name before it was renamed, whatever the rule
+NO_RULE = "0.5: val has one class only"  # the `rule` of a threshold that val could not choose
+
+
+def with_current_keys(result: dict) -> dict:
+    """An eval_<split>.json, or one split of metrics.json's `eval` summary, with today's keys.
+    Files written before the rename hold `at_val_threshold` as `youden` (whatever the rule),
+    with the rule in `chosen_on`; a summary of then does not name it (`rule`: null)."""
+    out = dict(_renamed(result))  # (a copy: the caller's dict stays as read)
+    if "read_off" in out:  # a subtype model's two-class read-offs
+        out["read_off"] = {name: _renamed(block) for name, block in out["read_off"].items()}
+    return out
+
+
+def _renamed(block: dict) -> dict:
+    if OLD_AT_VAL_THRESHOLD not in block:
+        return block
+    out = dict(block)
+    old = out.pop(OLD_AT_VAL_THRESHOLD)
+    out[AT_VAL_THRESHOLD] = {"rule": rule_of_chosen_on(old.get("chosen_on")),
+                             **{k: v for k, v in old.items() if k != "chosen_on"}}
+    return out
+
+
+def rule_of_chosen_on(chosen_on: Optional[str]) -> Optional[str]:
+    """The `rule` an old file's `chosen_on` meant: "val" (Youden's J), "val: sensitivity >= 0.93",
+    "none: val has one class only, 0.5 used"."""
+    if chosen_on is None:
+        return None
+    if chosen_on == "val":
+        return "youden"
+    if chosen_on.startswith("val: sensitivity >= "):
+        return "sensitivity>=" + chosen_on[len("val: sensitivity >= "):]
+    if chosen_on.startswith("none:"):
+        return NO_RULE
+    return chosen_on
+
+
+def read_eval(path: Path) -> dict:
+    """An eval_<split>.json with today's keys (with_current_keys); an unreadable one is one line."""
+    try:
+        return with_current_keys(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as e:
+        raise XrayError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); rerun "
+                        "`python -m xray.evaluate` on that run's checkpoint, or delete the file") from None
+
+
+def decision_metrics(result: dict) -> dict:
+    """The block that says how a model decides, from an eval result or summary with today's
+    keys: a two-class task's `at_val_threshold`, a K-class task's `argmax` ({} if neither)."""
+    return result.get(AT_VAL_THRESHOLD) or result.get(ARGMAX) or {}
+
+
+def binary_results(result: dict) -> dict[str, dict]:
+    """The two-class decisions of an eval result with today's keys, {name: its block}: a
+    two-class task's own (the result itself, named after the task), a subtype model's read-offs."""
+    own = {result["task"]: result} if AT_VAL_THRESHOLD in result else {}
+    return {**own, **result.get("read_off", {})}
+
+
 def metrics_of(result: dict) -> dict:
     """The HParams metrics of a run's result (metrics.json): best val, final loss, diverged,
-    and the val-chosen checkpoint on the test split at the val-chosen threshold."""
+    and the val-chosen checkpoint on the test split at the val-chosen threshold (K classes: argmax)."""
     best = result.get("best_val") or {}
-    test_eval = (result.get("eval") or {}).get("test") or {}
-    test = test_eval.get("youden") or test_eval.get("argmax") or {}  # two classes / more
+    test = decision_metrics(with_current_keys((result.get("eval") or {}).get("test") or {}))
     number = lambda v: float(v) if v is not None else float("nan")  # noqa: E731
     return {
         "hparam/best_val_auc": number(best.get("auc")),

@@ -1,4 +1,6 @@
-"""The one label map and the file-name conventions of the Kermany chest X-ray set."""
+"""The label maps of the tasks (normal vs pneumonia, three classes, bacterial vs viral), the
+two-class questions each task answers, and the file-name conventions of the Kermany chest
+X-ray set."""
 from __future__ import annotations
 
 import re
@@ -57,6 +59,15 @@ def binary_read_offs(task: str, labels, probs) -> dict[str, tuple["np.ndarray", 
     return {"pneumonia_vs_normal": (pneumonia.astype(np.int64), 1.0 - probs[:, 0]),
             "bacterial_vs_viral": ((labels[pneumonia] == 1).astype(np.int64),
                                    np.divide(bacterial, either, out=np.full_like(either, 0.5), where=either > 0))}
+
+
+def binary_decisions(task: str, labels, probs) -> dict[str, tuple["np.ndarray", "np.ndarray"]]:
+    """Every two-class question a model of `task` answers, {name: (0/1 targets, p of the
+    positive class)} from its NxK class probabilities: a two-class task its own (named after
+    the task, p = probs[:, 1]), a subtype model its read-offs (binary_read_offs)."""
+    if len(TASK_CLASSES[task]) == 2:
+        return {task: (labels, probs[:, 1])}
+    return binary_read_offs(task, labels, probs)
 
 
 def supported_tasks(subtype_counts: dict[str, int]) -> list[str]:

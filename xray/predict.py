@@ -3,8 +3,9 @@
     python -m xray.predict ckpt=<run>/checkpoints/best.ckpt image=some.jpeg [plot=true] [tta=4]
     python -m xray.predict ckpt=outputs/best/<sweep> top_k=3 image=<folder>      # an ensemble
 
-Prints `file  label  p(pneumonia)`; plot=true saves <image name>.png (the X-ray titled with
-its prediction) into the run's output folder.
+Prints `file  label  p(<class>)...`: p of the positive class of a two-class task (p(pneumonia)),
+every class's p of a K-class one; plot=true saves <image name>.png (the X-ray titled with its
+prediction) into the run's output folder.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from tabulate import tabulate
 
 from xray import CONF_DIR
 from xray.checks import PREDICT, check
@@ -118,17 +120,15 @@ def explain_image(models: Sequence[TrainedModel], images: dict,
 
 
 def format_results(results: list[dict]) -> str:
-    """The table: file, label, one p(<class>) column per probability the results carry."""
+    """The table: file, label, one p(<class>) column per probability the results carry, and
+    why an image could not be read, if one could not."""
     columns = [k for k in (results[0] if results else {}) if k.startswith("p_")]
-    width = max([len("file")] + [len(r["file"]) for r in results])
-    label_width = max([9] + [len(r["label"]) for r in results])
-    heads = [f"p({k[2:]})" for k in columns]
-    lines = [f"{'file':<{width}}  {'label':<{label_width}}  " + "  ".join(f"{h:<12}" for h in heads).rstrip()]
-    for r in results:
-        ps = "  ".join(f"{'-' if r[k] is None else format(r[k], '.4f'):<12}" for k in columns).rstrip()
-        extra = f"  ({r['error']})" if "error" in r else ""
-        lines.append(f"{r['file']:<{width}}  {r['label']:<{label_width}}  {ps}{extra}")
-    return "\n".join(lines)
+    errors = any("error" in r for r in results)
+    rows = [[r["file"], r["label"], *("-" if r[k] is None else f"{r[k]:.4f}" for k in columns),
+             *([r.get("error", "")] if errors else [])] for r in results]
+    headers = ["file", "label", *(f"p({k[2:]})" for k in columns), *(["error"] if errors else [])]
+    # disable_numparse: the cells are formatted already; tabulate would turn "1.0000" into "1"
+    return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")

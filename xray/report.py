@@ -1,33 +1,45 @@
-"""Rank the members of a sweep, plot them, and pull the best checkpoint out of outputs/.
+"""Rank a sweep's members, plot them and export the best checkpoint; or compare named runs.
 
     python -m xray.report outputs/multirun/<sweep>            # table + report.{csv,md} + PNGs
     python -m xray.report outputs/multirun/<sweep> --force    # replace outputs/best/<name> even if not better
     python -m xray.report outputs/multirun/<sweep> --rank-by test_auc --top-k 3
+    python -m xray.report --compare 'outputs/subtype_cpu/*' <run> --splits test,val \
+        [--decisions bacterial_vs_viral,argmax] [--figure compare.png] [--markdown]
 
 Works on a sweep that is still running or partly failed: members without metrics.json are
-`unfinished`; a member whose training raised is `failed`.
+`unfinished`; a member whose training raised is `failed`. --compare reads each run folder's
+eval_<split>.json (an ensemble's: the folder `xray.evaluate` wrote) and prints every decision
+(a two-class task's own and a subtype model's read-offs at the val-chosen threshold and at 0.5,
+a K-class model's argmax) with its bootstrap CIs; --figure draws their ROC curves from the
+predictions_<split>.csv files, and per-class sensitivities of K-class models.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import io
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from omegaconf import OmegaConf
+from tabulate import tabulate
 
 from xray.errors import XrayError, one_line_errors
 from xray.files import atomic_dir, write_json, write_text
-from xray.hparams import TEST_METRICS, hparams_of  # the same keys TensorBoard's HParams tab shows
+from xray.hparams import ARGMAX, AT_HALF, AT_VAL_THRESHOLD, binary_results, decision_metrics, hparams_of, read_eval
+from xray.hparams import TEST_METRICS  # the same keys TensorBoard's HParams tab shows
+from xray.labels import binary_decisions
+from xray.metrics import roc_auc, roc_curve
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +66,8 @@ class Member:
         best = self.metrics.get("best_val") or {}
         out = {"best_val_auc": best.get("auc"), "best_val_accuracy": best.get("accuracy")}
         for split, result in self.evals.items():
-            decision = result.get("youden") or result.get("argmax")  # two classes / more
-            if split == "val" or decision is None:  # val: best_val_auc says it, unbiased
+            decision = decision_metrics(result)  # two classes: at the val-chosen threshold; more: argmax
+            if split == "val" or not decision:  # val: best_val_auc says it, unbiased
                 continue
             for metric in EVAL_METRICS:
                 out[f"{split}_{metric}"] = (decision.get(metric) or {}).get("value")
@@ -77,8 +89,7 @@ def collect(sweep_dir: Path, rank_by: str = "best_val_auc") -> list[Member]:
         cfg = OmegaConf.load(config)
         metrics_file = path / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        evals = {f.stem[len("eval_"):]: json.loads(f.read_text())
-                 for f in sorted(path.glob("eval_*.json")) if "_tta" not in f.stem}
+        evals = {f.stem[len("eval_"):]: read_eval(f) for f in sorted(path.glob("eval_*.json")) if "_tta" not in f.stem}
         # a finished run's own record first: a rerun of it (with a typo) rewrites .hydra/, not that
         hparams = {**hparams_of(cfg), **metrics.get("hparams", {})}
         members.append(Member(path.name, path, metrics.get("status", "unfinished"),
@@ -113,7 +124,7 @@ def varying_hparams(members: list[Member]) -> list[str]:
 
 def eval_splits(members: list[Member]) -> list[str]:
     """The splits other than val some member was evaluated on, test first."""
-    found = {s for m in members for s, r in m.evals.items() if s != "val" and ("youden" in r or "argmax" in r)}
+    found = {s for m in members for s, r in m.evals.items() if s != "val" and decision_metrics(r)}
     return sorted(found, key=lambda s: (s != "test", s))
 
 
@@ -140,17 +151,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def render(columns: list[str], data: list[dict], markdown: bool = False) -> str:
+    """A table of `data`'s `columns`: aligned text for a terminal, or a GitHub markdown table."""
+    cells = [[_fmt(r.get(c)) for c in columns] for r in data]
+    # disable_numparse: the cells are formatted already; tabulate would turn "1.00" into "1"
+    return tabulate(cells, headers=columns, tablefmt="github" if markdown else "plain",
+                    disable_numparse=True) + "\n"
+
+
 def table(members: list[Member], markdown: bool = False) -> str:
     columns, data = rows(members)
-    cols = [c for c in columns if c != "checkpoint"] if not markdown else columns
-    cells = [[_fmt(r.get(c)) for c in cols] for r in data]
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(out) + "\n"
+    return render(columns if markdown else [c for c in columns if c != "checkpoint"], data, markdown)
 
 
 def write_csv(members: list[Member], path: Path) -> None:
@@ -433,10 +444,195 @@ def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), fo
     return members
 
 
+# -- compare: named runs side by side ------------------------------------------------------------
+
+def natural_key(path: Path) -> list:
+    """Sorts 2_run before 10_run: run folders are often numbered in the order trained."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def run_folders(patterns: Sequence[str]) -> list[Path]:
+    """The folders named, or matched by globs (in natural order), in the order given, each once."""
+    folders: list[Path] = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matched = sorted((Path(p) for p in glob.glob(pattern) if Path(p).is_dir()), key=natural_key)
+            if not matched:
+                raise XrayError(f"--compare {pattern} matches no folder; check the path (and quote a glob, "
+                                "e.g. 'outputs/runs/*', so the shell leaves it to the report)")
+        elif Path(pattern).is_dir():
+            matched = [Path(pattern)]
+        else:
+            raise XrayError(f"--compare {pattern}: no such folder; pass run folders (with eval_<split>.json, "
+                            "which `python -m xray.evaluate` writes) or a glob of them")
+        folders += [f for f in matched if f not in folders]
+    return folders
+
+
+@dataclass
+class Decision:
+    """One metric block of one run's evaluation: a K-class model's argmax, or a two-class
+    decision (a two-class task's own, a subtype model's read-off) at one threshold."""
+    run: Path
+    split: str
+    task: str
+    name: str  # argmax, or the two-class decision's name
+    at: str  # "argmax", "0.5", or the val-chosen threshold with its rule
+    images: int
+    metrics: dict  # {metric: {value, ci95}}
+
+    def cells(self) -> dict:
+        return {"run": str(self.run), "split": self.split, "task": self.task, "decision": self.name,
+                "at": self.at, "images": self.images, **{m: with_ci(self.metrics.get(m)) for m in COMPARED}}
+
+
+COMPARED = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")
+COMPARE_COLUMNS = ["run", "split", "task", "decision", "at", "images", *COMPARED]
+
+
+def with_ci(metric: Optional[dict]) -> Optional[str]:
+    """0.943 (0.903-0.977): a value with its bootstrap 95 % CI."""
+    if not metric or metric.get("value") is None:
+        return None
+    ci = metric.get("ci95")
+    return f"{metric['value']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def decisions_of(run: Path, split: str, result: dict) -> list[Decision]:
+    """Every metric block of an eval result (today's keys): a K-class model's argmax, and each
+    two-class decision at the val-chosen threshold and at 0.5."""
+    out = []
+    if ARGMAX in result:
+        out.append(Decision(run, split, result["task"], ARGMAX, "argmax", result["images"], result[ARGMAX]))
+    for name, r in binary_results(result).items():
+        at_val = r[AT_VAL_THRESHOLD]
+        chosen = f"{at_val['threshold']:.3f} ({at_val['rule'] or 'rule not recorded'} on val)"
+        out.append(Decision(run, split, result["task"], name, chosen, r["images"], at_val))
+        out.append(Decision(run, split, result["task"], name, "0.5", r["images"], r[AT_HALF]))
+    return out
+
+
+def compare_decisions(folders: Sequence[Path], splits: Sequence[str],
+                      names: Optional[Sequence[str]] = None) -> list[Decision]:
+    """Every decision of every run on every split, from its eval_<split>.json (a run without
+    one is left out, with a warning); `names` keeps only those named (e.g. argmax,
+    bacterial_vs_viral: a bacterial_vs_viral model's own and a subtype model's read-off)."""
+    out = []
+    for folder in folders:
+        for split in splits:
+            path = folder / f"eval_{split}.json"
+            if not path.exists():
+                log.warning("compare: %s has no eval_%s.json, left out (python -m xray.evaluate "
+                            "ckpt=%s/checkpoints/best.ckpt split=%s writes it)", folder, split, folder, split)
+                continue
+            out += [d for d in decisions_of(folder, split, read_eval(path)) if names is None or d.name in names]
+    if not out:
+        raise XrayError(f"--compare: no eval_<{'|'.join(splits)}>.json"
+                        + (f" with decisions {', '.join(names)}" if names else "")
+                        + " in the folders given; evaluate the runs first, or pick other --splits / --decisions")
+    return out
+
+
+def read_predictions(folder: Path, split: str, classes: Sequence[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(class ids, NxK class probabilities) from a run's predictions_<split>.csv (a two-class
+    one holds p of class 1 only); None when the run has none."""
+    path = folder / f"predictions_{split}.csv"
+    if not path.exists():
+        log.warning("compare: %s has no predictions_%s.csv; its ROC curve is left out", folder, split)
+        return None
+    try:
+        with open(path, newline="") as f:
+            records = list(csv.DictReader(f))
+        labels = np.array([int(r["label"]) for r in records])
+        if len(classes) == 2:
+            p = np.array([float(r[f"p_{classes[1].lower()}"]) for r in records])
+            return labels, np.stack([1 - p, p], axis=1)
+        return labels, np.array([[float(r[f"p_{c.lower()}"]) for c in classes] for r in records])
+    except (KeyError, ValueError) as e:
+        raise XrayError(f"{path} cannot be read ({type(e).__name__}: {e}); rerun `python -m xray.evaluate` "
+                        "on that run's checkpoint, or delete the file") from None
+
+
+def compare_figure(decisions: list[Decision], splits: Sequence[str]):
+    """A row of panels per split: the ROC curves of each two-class decision, one curve per run
+    (from its predictions), and, when K-class runs are compared, their per-class sensitivities."""
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(d.name for d in decisions if d.name != ARGMAX))
+    with_bars = any(d.name == ARGMAX for d in decisions)
+    runs = short_names(list(dict.fromkeys(d.run for d in decisions)))  # run -> its label, one colour each
+    ncols = len(names) + with_bars
+    fig, axes = plt.subplots(len(splits), ncols, figsize=(5.5 * ncols, 4.6 * len(splits)), dpi=100, squeeze=False)
+    for panels, split in zip(axes, splits):
+        here = [d for d in decisions if d.split == split]
+        for ax, name in zip(panels, names):
+            for run in dict.fromkeys(d.run for d in here if d.name == name):
+                roc_curve_panel(ax, run, split, name, runs[run], f"C{list(runs).index(run) % 10}")
+            ax.plot([0, 1], [0, 1], ":", color="grey")
+            ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{name}, {split}")
+            if ax.get_legend_handles_labels()[0]:  # (no curve: no predictions file)
+                ax.legend(fontsize=7, loc="lower right")
+        if with_bars:
+            sensitivity_bars(panels[-1], [d for d in here if d.name == ARGMAX], split, runs)
+    fig.tight_layout()
+    return fig
+
+
+def short_names(runs: list[Path]) -> dict[Path, str]:
+    """Each run's folder name, or as many of its last path parts as tell it from the others."""
+    for parts in range(1, max(len(r.parts) for r in runs) + 1):
+        labels = {r: str(Path(*r.parts[-parts:])) for r in runs}
+        if len(set(labels.values())) == len(runs):
+            return labels
+    return {r: str(r) for r in runs}
+
+
+def roc_curve_panel(ax, run: Path, split: str, name: str, label: str, colour: str) -> None:
+    """One run's ROC curve of decision `name` on `split`, from its predictions."""
+    result = read_eval(run / f"eval_{split}.json")
+    predictions = read_predictions(run, split, result["classes"])
+    if predictions is None:
+        return
+    y, p = binary_decisions(result["task"], *predictions)[name]
+    fpr, tpr, _ = roc_curve(y, p)
+    read_off = " (read off)" if result["task"] != name else ""
+    ax.plot(fpr, tpr, lw=1.5, color=colour, label=f"{label}{read_off}: AUC {roc_auc(y, p):.3f}")
+
+
+def sensitivity_bars(ax, argmax: list[Decision], split: str, runs: dict[Path, str]) -> None:
+    """Each K-class run's per-class sensitivity (argmax), grouped by class."""
+    classes = list(dict.fromkeys(k[len("sensitivity_"):] for d in argmax for k in d.metrics
+                                 if k.startswith("sensitivity_")))
+    width = 0.8 / len(argmax)
+    for i, d in enumerate(argmax):
+        values = [d.metrics.get(f"sensitivity_{c}", {}).get("value") or 0.0 for c in classes]
+        bars = ax.bar(np.arange(len(classes)) + (i - (len(argmax) - 1) / 2) * width, values, width,
+                      color=f"C{list(runs).index(d.run) % 10}",
+                      label=f"{runs[d.run]} (accuracy {d.metrics['accuracy']['value']:.3f})")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set(ylim=(0, 1.08), ylabel="sensitivity (argmax)", title=f"per class, {split}")
+    ax.legend(fontsize=7, loc="lower left")
+
+
+def compare(patterns: Sequence[str], splits: Sequence[str] = ("test",), names: Optional[Sequence[str]] = None,
+            figure: Optional[Path] = None, markdown: bool = False, out=None) -> list[Decision]:
+    """Print the decisions of the runs named or globbed by `patterns` on `splits` side by side,
+    with their CIs (a markdown table with markdown=True); draw compare_figure into `figure`."""
+    from xray.plots import save_figure
+
+    decisions = compare_decisions(run_folders(patterns), splits, names)
+    (out or sys.stdout).write(render(COMPARE_COLUMNS, [d.cells() for d in decisions], markdown))
+    if figure is not None:
+        shown = [s for s in splits if any(d.split == s for d in decisions)]
+        save_figure(compare_figure(decisions, shown), figure)
+        log.info("compare: -> %s", figure)
+    return decisions
+
 @one_line_errors
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m xray.report", description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a sweep folder, e.g. outputs/multirun/<sweep>")
+    parser.add_argument("sweep_dir", type=Path, nargs="?", help="a sweep folder, e.g. outputs/multirun/<sweep>")
     parser.add_argument("--best-root", type=Path, default=Path("outputs/best"),
                         help="where the winner is copied (default outputs/best)")
     parser.add_argument("--no-best", action="store_true", help="only report, copy nothing")
@@ -446,10 +642,25 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "always takes the best by val AUC")
     parser.add_argument("--top-k", type=int, default=1,
                         help="also copy the K best members by val AUC into <best>/members/1..K")
+    compare_options = parser.add_argument_group("compare runs (instead of a sweep)")
+    compare_options.add_argument("--compare", nargs="+", metavar="RUN_OR_GLOB",
+                                 help="run folders or quoted globs of them, e.g. 'outputs/subtype_cpu/*'")
+    compare_options.add_argument("--splits", default="test", help="comma-separated splits (default test); "
+                                 "a file tag works too, e.g. test_tta4")
+    compare_options.add_argument("--decisions", help="comma-separated decisions to keep, e.g. "
+                                 "bacterial_vs_viral,argmax (default all)")
+    compare_options.add_argument("--figure", type=Path, help="also draw ROC curves and per-class sensitivities here")
+    compare_options.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
+    if (args.sweep_dir is None) == (args.compare is None):
+        parser.error("pass a sweep folder, or --compare RUN_OR_GLOB [...]")
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.compare:
+        compare(args.compare, args.splits.split(","), args.decisions.split(",") if args.decisions else None,
+                args.figure, args.markdown)
+        return
     report(args.sweep_dir, None if args.no_best else args.best_root, args.force, rank_by=args.rank_by,
            top_k=args.top_k)
 
