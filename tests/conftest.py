@@ -1,48 +1,14 @@
-"""Shared fixtures: configs composed like the CLI does, the shipped sample converted once,
-and one tiny trained run reused by the evaluate / predict / TensorBoard tests."""
+"""Shared fixtures: the shipped sample converted once, one tiny trained run reused by the
+evaluate / predict / TensorBoard tests, and image files. Plain helpers are in helpers.py."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import xray
+from helpers import SAMPLE, TINY, make_cfg
 from xray.convert import convert
-
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
-SAMPLE = xray.SAMPLE_DIR
-
-# Small and fast: 72 px input (AlexNet needs >= 67), 8 images a batch.
-TINY = ["data=sample", "data.image_size=72", "batch_size=8", "epochs=2", "data.workers=1",
-        "train.log_every=2"]
-
-
-def make_cfg(config_name: str = "config", overrides: list[str] | tuple = ()):
-    """Compose a config exactly as `python -m xray.<entrypoint> overrides...` would."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
-
-
-def copy_sample(dest: Path, per_class: int | None = None, splits=("train", "test")) -> Path:
-    """A Kaggle-layout copy of (part of) the shipped sample."""
-    for split in splits:
-        for cls in ("NORMAL", "PNEUMONIA"):
-            files = sorted((SAMPLE / split / cls).glob("*.jpeg"))[:per_class]
-            (dest / split / cls).mkdir(parents=True, exist_ok=True)
-            for f in files:
-                shutil.copy(f, dest / split / cls / f.name)
-    return dest
-
-
-def gray_pattern(h: int = 40, w: int = 60) -> np.ndarray:
-    """An asymmetric uint8 pattern (so that rotations are detectable)."""
-    y, x = np.mgrid[0:h, 0:w]
-    return ((x * 4 + y * 2) % 256).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_cfg
+from helpers import make_cfg
 from xray.bench import (TORCH_MISSING, bench, bench_torch, check_bench, enough_data, kernel_table,
                         onednn_kernel_times, table, timed, torch_alexnet)
 from xray.data import read_manifest, split_file, task_records

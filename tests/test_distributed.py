@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import xray.train
-from conftest import TINY, make_cfg
-from xray.data import epoch_plan, rank_part
 import xray.distributed
+import xray.train
+from helpers import TINY, events, make_cfg
+from xray.data import epoch_plan, rank_part
 from xray.distributed import NO_GRAD_REDUCE, Group, env_from_slurm, join_slurm_job, slurm_head_node
 
 # 3 steps an epoch on the sample, 2 epochs; no final evaluation or Grad-CAM (not what is compared)
@@ -27,9 +26,8 @@ RUN = TINY + ["lr=0.05", "train.max_steps_per_epoch=3", "train.eval_splits=[]", 
 
 
 def step_losses(run_dir):
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in sorted(acc.Scalars("train/loss"), key=lambda e: e.step)]
+    """train/loss of every step logged, in step order (a step logged twice counts twice)."""
+    return [e.value for e in sorted(events(run_dir).Scalars("train/loss"), key=lambda e: e.step)]
 
 
 def history(run_dir):
@@ -77,6 +75,7 @@ def wait_all(procs, timeout=600):
     return ended
 
 
+@pytest.mark.unit
 def test_each_rank_gets_its_contiguous_part_of_every_global_batch():
     order, _ = epoch_plan(np.array([0] * 10 + [1] * 22), seed=3, epoch=2)
     parts = [rank_part(order, 8, r, 2).reshape(-1, 4) for r in range(2)]
@@ -85,6 +84,7 @@ def test_each_rank_gets_its_contiguous_part_of_every_global_batch():
     assert Group(1, 2).slice(8) == slice(4, 8)
 
 
+@pytest.mark.unit
 def test_slurm_tasks_become_mindspore_ranks():
     env = env_from_slurm({"SLURM_JOB_ID": "1234", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
                           "SLURM_JOB_NODELIST": "localhost"})
@@ -100,6 +100,7 @@ def test_slurm_tasks_become_mindspore_ranks():
     assert slurm_head_node("gpu[03-05,07],cpu1") == "gpu03"
 
 
+@pytest.mark.unit
 def test_task_0_keeps_the_schedulers_output_and_an_unwritable_log_does_not_fail_it(monkeypatch, tmp_path,
                                                                                    caplog):
     """Task 0 of a 2-task job starts the scheduler with its output appended to scheduler.log,

@@ -9,6 +9,7 @@ from xray.doctor import describe, gpu_plugins, require
 from xray.errors import XrayError
 
 
+@pytest.mark.unit
 def test_the_wheels_gpu_plugins_are_read_with_their_cuda_libraries():
     plugins = gpu_plugins()
     assert plugins, "MindSpore 2.10's wheel ships libmindspore_gpu.so.11.1 / 11.6"
@@ -27,6 +28,7 @@ def _report(gpu_ok: bool, smi, missing=()):
                         "CPU": {"ok": True, "seconds": 1.0, "message": "fine"}}}
 
 
+@pytest.mark.unit
 def test_require_names_the_missing_library_or_the_missing_driver():
     require(_report(True, "0, H100, 80 GiB, 550.54"), "GPU")
     with pytest.raises(XrayError, match="cannot find libcudnn.so.8: install CUDA 11.6"):

@@ -2,12 +2,17 @@
 `at_0.5`, `argmax`), the two-class decisions on top of the K-class path, and old runs' files
 (the `youden` key) read by evaluate, the report's readers and jobs.status."""
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from xray.data import fingerprint, read_manifest
 from xray.errors import XrayError
 from xray.evaluate import ThresholdRule, binary_result, chosen_thresholds, origin, summary, threshold_on_val
 from xray.hparams import NO_RULE, binary_results, metrics_of, read_eval, rule_of_chosen_on, with_current_keys
@@ -121,3 +126,241 @@ def test_a_two_class_run_writes_todays_keys_and_files(trained_run):
     assert (trained_run / "predictions_test.csv").read_text().splitlines()[0] == "file_name,label,p_pneumonia"
     for figure in ("roc_test.png", "confusion_test.png", "reliability_test.png"):
         assert (trained_run / figure).stat().st_size > 0
+    # CIs over patients; the data set by its fingerprint, none of it seen in training
+    assert test["bootstrap"]["unit"] == "patient" and test["patients"] == 20  # (the sample: one image each)
+    assert test["data"] == {**fingerprint(Path(test["data_dir"]), read_manifest(Path(test["data_dir"])), ["test"]),
+                            "overlap_with_train": 0}
+    # the subgroups, at the split's threshold: the sample's test half has 7 IM- and 3 NORMAL2-IM-
+    # normals, 7 bacterial and 3 viral pneumonias
+    block = test["subgroups"]["binary"]
+    assert (block["threshold"], block["rule"]) == (at_val["threshold"], at_val["rule"])
+    assert {g: c["images"] for g, c in block["by"]["subtype"].items()} == {"normal": 10, "bacteria": 7, "virus": 3}
+    assert {g: c["images"] for g, c in block["by"]["family"].items()} == {"IM-": 7, "NORMAL2-IM-": 3, "person": 10}
+    assert "specificity" in block["by"]["family"]["IM-"] and "sensitivity" not in block["by"]["family"]["IM-"]
+    assert sum(c["images"] for c in block["by"]["aspect_ratio"].values()) == 20
+    fp = sum(c["confusion_matrix"][0][1] for c in block["by"]["family"].values())
+    assert fp == at_val["confusion_matrix"][0][1]  # the same threshold as the whole split
+
+
+def synthetic_split(seed: int = 0):
+    """A test split like the real one: normal children from the IM- and NORMAL2-IM- families,
+    pneumonia from person..., several images for some patients, stored sizes of every shape."""
+    from xray.evaluate import ImageInfo, aspect_bucket
+    rng = np.random.default_rng(seed)
+    rows = []  # (file name, label, subtype)
+    for i in range(30):
+        rows += [(f"IM-{i:04d}-{k:04d}.jpeg", 0, "normal") for k in range(1 + i % 3)]
+    for i in range(20):
+        rows += [(f"NORMAL2-IM-{i:04d}-0001.jpeg", 0, "normal")]
+    for i in range(40):
+        kind = "virus" if i % 3 == 0 else "bacteria"
+        rows += [(f"person{i}_{kind}_{k}.jpeg", 1, kind) for k in range(1 + i % 4)]
+    from xray.labels import CLASSES, file_family, parse_file_name
+    names = [r[0] for r in rows]
+    y = np.array([r[1] for r in rows])
+    p = np.clip(0.45 * y + rng.uniform(0.05, 0.55, len(y)), 0, 1)
+    shapes = [(128, int(128 * r)) for r in rng.choice([1.0, 1.2, 1.4, 1.7], len(y))]
+    info = ImageInfo(np.array([parse_file_name(n, CLASSES[label])[1] for n, label, _ in rows]),
+                     np.array([r[2] for r in rows]), np.array([file_family(n) for n in names]),
+                     np.array([aspect_bucket(h, w) for h, w in shapes]))
+    return y, p, info
+
+
+@pytest.mark.unit
+def test_subgroups_report_what_each_group_can_say_at_the_splits_threshold():
+    """Per subtype, file-name family and aspect-ratio bucket: counts (images, patients,
+    positives), the confusion at the split's own threshold, and only the metrics defined in the
+    group (a normal-only family has a specificity, a pneumonia-only one a sensitivity, AUC only
+    where both classes are), each with a patient-bootstrap CI."""
+    from xray.evaluate import subgroups_of
+    y, p, info = synthetic_split()
+    threshold = 0.42
+    block = subgroups_of(y, p, threshold, "sensitivity>=0.93", info, n_boot=100, seed=0, by_patient=True)
+    assert (block["threshold"], block["rule"]) == (threshold, "sensitivity>=0.93")
+    assert list(block["by"]) == ["subtype", "family", "aspect_ratio"]
+    assert list(block["by"]["subtype"]) == ["normal", "bacteria", "virus"]  # (no "unknown" here: left out)
+    assert list(block["by"]["family"]) == ["IM-", "NORMAL2-IM-", "person"]
+    assert list(block["by"]["aspect_ratio"]) == ["<1.1", "1.1-1.3", "1.3-1.5", ">=1.5"]
+    im, normal2, person = (block["by"]["family"][f] for f in ("IM-", "NORMAL2-IM-", "person"))
+    assert (im["images"], im["patients"], im["positives"]) == (60, 30, 0)
+    assert (normal2["images"], normal2["patients"]) == (20, 20) and person["positives"] == person["images"] == 100
+    assert set(im) == {"images", "patients", "positives", "specificity", "confusion_matrix"}
+    assert set(person) == {"images", "patients", "positives", "sensitivity", "confusion_matrix"}
+    rows = info.family == "IM-"
+    assert im["specificity"]["value"] == binary_metrics(y[rows], p[rows], threshold)["specificity"]
+    assert im["confusion_matrix"][0] == [int(np.sum(p[rows] < threshold)), int(np.sum(p[rows] >= threshold))]
+    lo, hi = im["specificity"]["ci95"]
+    assert lo <= im["specificity"]["value"] <= hi and hi - lo > 0
+    mixed = block["by"]["aspect_ratio"]["1.1-1.3"]  # both classes: every metric, AUC too
+    assert {"sensitivity", "specificity", "auc", "accuracy", "balanced_accuracy"} <= set(mixed)
+    for grouping, groups in block["by"].items():  # every image in exactly one group of each grouping
+        assert sum(c["images"] for c in groups.values()) == len(y), grouping
+    none = subgroups_of(y, p, threshold, "youden", info, n_boot=0, seed=0, by_patient=True)
+    assert none["by"]["family"]["IM-"]["specificity"]["ci95"] is None
+
+
+@pytest.mark.unit
+def test_subgroup_cis_resample_patients_by_default_and_images_when_asked():
+    """The IM- family's CI with patients resampled (up to 3 images each here) differs from the
+    image one; with one image per patient (NORMAL2-IM-) both are drawn alike."""
+    from xray.evaluate import subgroups_of
+    y, p, info = synthetic_split(1)
+    by_patient = subgroups_of(y, p, 0.42, "youden", info, n_boot=200, seed=3, by_patient=True)["by"]["family"]
+    by_image = subgroups_of(y, p, 0.42, "youden", info, n_boot=200, seed=3, by_patient=False)["by"]["family"]
+    assert by_patient["IM-"]["specificity"]["ci95"] != by_image["IM-"]["specificity"]["ci95"]
+    assert by_patient["IM-"]["specificity"]["value"] == by_image["IM-"]["specificity"]["value"]
+
+
+@pytest.mark.unit
+def test_aspect_ratio_buckets_and_the_console_table():
+    from xray.evaluate import aspect_bucket, subgroup_table, subgroups_of
+    assert [aspect_bucket(h, w) for h, w in ((100, 109), (110, 100), (100, 129), (130, 100), (100, 149),
+                                             (100, 150), (256, 512))] == [
+        "<1.1", "1.1-1.3", "1.1-1.3", "1.3-1.5", "1.3-1.5", ">=1.5", ">=1.5"]
+    y, p, info = synthetic_split()
+    table = subgroup_table(subgroups_of(y, p, 0.42, "youden", info, n_boot=20, seed=0, by_patient=True))
+    lines = table.splitlines()
+    assert lines[0].split() == ["group", "images", "patients", "pos", "sens", "spec", "AUC"]
+    im = next(line for line in lines if line.startswith("family IM-"))
+    assert im.split()[2:5] == ["60", "30", "0"] and im.split()[5] == "-"  # no sensitivity among normals
+    assert len(lines) == 1 + 3 + 3 + 4
+
+
+@pytest.mark.unit
+def test_a_bad_bootstrap_unit_is_one_line():
+    from xray.evaluate import evaluate
+    with pytest.raises(XrayError, match="bootstrap_unit=visit must be one of patient, image"):
+        evaluate([Path("missing.ckpt")], bootstrap_unit="visit")
+
+
+def linked_run(run: Path, dest: Path, train_images: bool = True) -> Path:
+    """A run folder's config and best checkpoint, hard-linked (no copy of 150 MB), and its
+    train_images.txt unless `train_images` is False (a run from before it was recorded)."""
+    (dest / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "checkpoints/best.ckpt") + (("train_images.txt",) if train_images else ()):
+        os.link(run / name, dest / name)
+    return dest
+
+
+def test_evaluate_refuses_a_split_that_shares_images_with_the_runs_train_split(trained_run, tmp_path):
+    """The run's data.dir re-converted with another split seed (issue 26.2): val now holds some of
+    the run's training images. Evaluating it is refused in one line naming the count and an
+    example; an old run (no train_images.txt) is evaluated, its overlap `unknown`; a split with
+    none of them (the test half) is evaluated with the fingerprint of the data set it came from."""
+    from xray.convert import convert
+    from xray.data import split_images
+    from xray.evaluate import evaluate
+    from helpers import SAMPLE
+    other = tmp_path / "reconverted"
+    convert(SAMPLE, other, short_side=128, val_fraction=0.2, seed=7, workers=1)
+    manifest = read_manifest(other)
+    trained = set((trained_run / "train_images.txt").read_text().splitlines())
+    leaked = sorted(set(split_images(other, manifest, "val")) & trained)
+    assert leaked  # (the premise: another seed moves patients between train and val)
+    run = linked_run(trained_run, tmp_path / "run")
+    ckpt = run / "checkpoints" / "best.ckpt"
+    with pytest.raises(XrayError, match=rf"split=val of {other} shares {len(leaked)} of its \d+ images with the "
+                                        rf"train split {run} was trained on \(e\.g\. {re.escape(leaked[0])}\): the data "
+                                        r"set was re-converted with other splits since; evaluate on the data set the "
+                                        r"run trained on"):
+        evaluate([ckpt], "val", other, bootstrap=0, workers=1)
+    assert not list(run.glob("eval_*"))
+    # the test split of the re-conversion holds no training image: evaluated (its threshold given, as
+    # for an external test set, since its val cannot choose one), the data set recorded
+    result = evaluate([ckpt], "test", other, bootstrap=0, workers=1, val_thresholds={"binary": (0.5, "given")})
+    assert result["data"] == {**fingerprint(other, manifest, ["test"]), "overlap_with_train": 0}
+    assert result["data"]["dir"] == str(other) and result["data"]["splits"]["test"]["images"] == 20
+    old = linked_run(trained_run, tmp_path / "old_run", train_images=False)
+    result = evaluate([old / "checkpoints" / "best.ckpt"], "val", other, bootstrap=0, workers=1)
+    assert result["data"]["overlap_with_train"] == "unknown"
+
+
+@pytest.fixture
+def read_only_run(trained_run, tmp_path):
+    """The shared run seen through a read-only bind mount (root ignores file modes, not a
+    read-only mount), as a model published on a read-only share is."""
+    mount = tmp_path / "published"
+    mount.mkdir()
+    try:
+        subprocess.run(["mount", "--bind", str(trained_run), str(mount)], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot bind-mount here (needs root and mount rights): {e}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], check=True, capture_output=True, timeout=30)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False, capture_output=True, timeout=30)
+
+
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    return line
+
+
+def test_a_model_in_a_read_only_folder_is_evaluated_into_out_dir(read_only_run, tmp_path):
+    """evaluate of a checkpoint whose run folder cannot be written is one line naming the folder
+    and out_dir= (before any prediction); with out_dir the results go there; calibrate=true,
+    which must write beside the checkpoint, is one line too; so is predict's out_dir."""
+    from xray.evaluate import evaluate
+    from xray.predict import writable_folder
+    from helpers import SAMPLE
+    ckpt = read_only_run / "checkpoints" / "best.ckpt"
+    cli = [sys.executable, "-m", "xray.evaluate", f"ckpt={ckpt}", "bootstrap=20", "workers=1",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    error = one_line(subprocess.run(cli, capture_output=True, text=True, cwd=tmp_path, timeout=600))
+    assert error == (f"error: cannot write into {read_only_run} (Read-only file system): the results of evaluate "
+                     "go there; pass out_dir=<a folder you can write>")
+    proc = subprocess.run(cli + [f"out_dir={tmp_path / 'results'}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "eval_test.json").read_text())
+    assert result["checkpoint"] == str(ckpt) and result["data"]["overlap_with_train"] == 0
+    assert {p.name for p in (tmp_path / "results").iterdir()} >= {
+        "eval_test.json", "predictions_test.csv", "roc_test.png", "confusion_test.png", "reliability_test.png"}
+    with pytest.raises(XrayError, match=rf"cannot write into {read_only_run} \(Read-only file system\): calibrate=true "
+                                        r"stores the temperature \(calibration.json\) beside the checkpoint; copy "
+                                        r"the run folder somewhere you can write and calibrate the copy"):
+        evaluate([ckpt], "test", bootstrap=0, workers=1, calibrate=True, out_dir=tmp_path / "results")
+    with pytest.raises(XrayError, match=rf"cannot write into {read_only_run / 'plots'} \(Read-only file system\)"):
+        writable_folder(read_only_run / "plots")
+    image = sorted((SAMPLE / "test" / "NORMAL").glob("*.jpeg"))[0]
+    error = one_line(subprocess.run(
+        [sys.executable, "-m", "xray.predict", f"ckpt={ckpt}", f"image={image}", "plot=true",
+         f"out_dir={read_only_run / 'plots'}", f"hydra.run.dir={tmp_path / 'hydra_predict'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600))
+    assert error.startswith(f"error: cannot write into {read_only_run / 'plots'} (Read-only file system)")
+
+
+def test_card_true_evaluates_val_too_and_hands_both_to_the_model_card(trained_run, tmp_path, monkeypatch):
+    """card=true (issue 28.4): the requested split and val, both written, then
+    xray.card.write_model_card(folder, checkpoints, {"val": ..., split: ...}) (a stand-in here:
+    xray.card is another part of xray)."""
+    import types
+    from xray.evaluate import evaluate
+    calls = []
+    card = types.ModuleType("xray.card")
+    card.write_model_card = lambda folder, checkpoints, results: calls.append((folder, checkpoints, results)) or [
+        folder / "model_card.html"]
+    monkeypatch.setitem(sys.modules, "xray.card", card)
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    result = evaluate([ckpt], "test", bootstrap=0, workers=1, out_dir=tmp_path / "out", card=True)
+    [(folder, checkpoints, results)] = calls
+    assert folder == tmp_path / "out" and checkpoints == [ckpt] and set(results) == {"val", "test"}
+    from xray.files import to_json
+    assert results["test"] is result
+    for split in ("val", "test"):  # (as written: NaN as null)
+        assert json.loads(to_json(results[split])) == json.loads((tmp_path / "out" / f"eval_{split}.json").read_text())
+    assert result["at_val_threshold"]["threshold"] == results["val"]["at_val_threshold"]["threshold"]
+    calls.clear()
+    evaluate([ckpt], "val", bootstrap=0, workers=1, out_dir=tmp_path / "out_val", card=True)
+    assert set(calls[0][2]) == {"val"}  # val asked for: evaluated once
+
+
+def test_card_true_writes_the_model_card(trained_run, tmp_path):
+    """With the real xray.card, once it exists."""
+    pytest.importorskip("xray.card", reason="xray/card.py (the model card) is not written yet")
+    from xray.evaluate import evaluate
+    evaluate([trained_run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, out_dir=tmp_path,
+             card=True)
+    assert (tmp_path / "model_card.html").stat().st_size > 0

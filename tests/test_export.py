@@ -21,10 +21,11 @@ from mindspore import nn, ops
 from omegaconf import OmegaConf
 
 import xray
-from conftest import REPO, make_cfg
+from helpers import REPO, make_cfg
 from xray.checkpoint import load_trained_model
 from xray.labels import task_classes
-from xray.model import AlexNet, build_model
+from xray.model import AlexNet
+from xray.registry import create_model
 from xray.preprocess import Preprocess, preprocess_file
 
 onnx = pytest.importorskip("onnx")
@@ -74,7 +75,7 @@ def make_run(folder: Path, task: str, image_size: int, short_side: int, equalize
     resolved["preprocess"] = spec.to_dict()
     (folder / "checkpoints").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(resolved), folder / "config.yaml")
-    net = build_model(cfg.model, image_size, len(task_classes(task)))
+    net = create_model(cfg.model, image_size, len(task_classes(task)))
     he_normal(net, seed)
     net.set_train(False)  # centre the logits on the sample: probabilities spread around 1/K
     logits = net(ms.Tensor(batch_of_spec(spec, IMAGES[::6]))).asnumpy()
@@ -119,7 +120,6 @@ def snippet() -> str:
 
 # --- what blocks the plain export, and the rewrite -------------------------------------------
 
-@pytest.mark.unit
 def test_adaptive_avg_pool_is_what_blocks_the_plain_export(tmp_path):
     """If a MindSpore upgrade exports AdaptiveAvgPool2D itself, this fails: the rewrite may go."""
     net = AlexNet(2, 1, lrn=False)
@@ -138,7 +138,6 @@ def test_rewritten_pool_is_bit_identical(height, width):
     assert got.shape == expected.shape and np.array_equal(got, expected)
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("size,lrn", [(72, True), (72, False), (180, True)])
 def test_exportable_net_is_the_trained_net(size, lrn):
     """Same probabilities bit for bit, same Parameter objects, names untouched."""
@@ -160,7 +159,6 @@ def unexported(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("unexported") / "run", **RUNS["subtype180"])
 
 
-@pytest.mark.unit
 def test_a_wrong_rewrite_is_refused(unexported, monkeypatch, tmp_path):
     """Break the pool (output bins in (j, i) order: a transpose) -> no file is written."""
     def transposed(height, width, out=(6, 6)):
@@ -174,7 +172,6 @@ def test_a_wrong_rewrite_is_refused(unexported, monkeypatch, tmp_path):
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*"))
 
 
-@pytest.mark.unit
 def test_an_op_the_exporter_lacks_is_one_line(unexported, monkeypatch, tmp_path, capsys):
     """Without the rewrite (softmax(net(x)) as it is): the CLI names the op in one line."""
     class Plain(nn.Cell):
@@ -195,7 +192,6 @@ def test_an_op_the_exporter_lacks_is_one_line(unexported, monkeypatch, tmp_path,
 
 # --- parity: onnxruntime vs MindSpore on the sample X-rays -------------------------------------
 
-@pytest.mark.unit
 def test_onnx_matches_mindspore_on_sample_images(exported):
     model, path, result = exported
     batch = batch_of(model, IMAGES)
@@ -211,7 +207,6 @@ def test_onnx_matches_mindspore_on_sample_images(exported):
     assert np.abs(one - expected[:1]).max() <= TOLERANCE
 
 
-@pytest.mark.unit
 def test_onnx_file_says_how_to_feed_it(exported):
     model, path, _ = exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -261,7 +256,6 @@ def compare_with_predict(model, snippet_out: dict) -> float:
     return max(abs(snippet_out[r["file"]][columns.index(k)] - r[k]) for r in rows for k in r if k.startswith("p_"))
 
 
-@pytest.mark.unit
 def test_docs_snippet_runs_as_written(exported, tmp_path):
     model, path, _ = exported
     diff = compare_with_predict(model, run_snippet(tmp_path, path, IMAGES))

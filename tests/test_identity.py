@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import SAMPLE, TINY, make_cfg
+from helpers import SAMPLE, TINY, make_cfg
 from xray.checkpoint import load_trained_model, sha256_of
 from xray.convert import convert
 from xray.errors import XrayError

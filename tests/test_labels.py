@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from xray.labels import (CLASSES, LABEL_TO_INDEX, POSITIVE, TASK_CLASSES, TASKS, binary_decisions,
-                         binary_read_offs, parse_file_name)
+                         binary_read_offs, decision_rows, file_family, parse_file_name)
 
 
 @pytest.mark.unit
@@ -54,3 +54,26 @@ def test_patient_ids_match_the_data_set_manifest():
     for row in rows:
         subtype, patient = parse_file_name(row["file"], row["label"])
         assert (subtype, patient.lower()) == (row["subtype"], row["patient_id"].lower())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name, family", [
+    ("IM-0115-0001.jpeg", "IM-"), ("NORMAL2-IM-0383-0001.jpeg", "NORMAL2-IM-"), ("normal2-im-1-2.JPEG", "NORMAL2-IM-"),
+    ("person1000_bacteria_2931.jpeg", "person"), ("PERSON7_VIRUS_3.JPEG", "person"), ("scan_17.png", "other"),
+])
+def test_file_name_families(name, family):
+    """The sources of the Kermany set, told apart by their names (subgroup metrics per family)."""
+    assert file_family(name) == family
+
+
+@pytest.mark.unit
+def test_each_decision_names_the_images_it_is_asked_of():
+    """decision_rows picks, for each of binary_decisions' questions, the images whose (y, p) it
+    returns: the subgroups of a read-off are of those images."""
+    labels = np.array([0, 1, 2, 1, 0])
+    probs = np.full((5, 3), 1 / 3)
+    rows = decision_rows("subtype", labels)
+    for name, (y, _) in binary_decisions("subtype", labels, probs).items():
+        assert rows[name].sum() == len(y)
+    assert list(rows["bacterial_vs_viral"]) == [False, True, True, True, False]
+    assert list(decision_rows("binary", np.array([0, 1, 1]))["binary"]) == [True] * 3

@@ -102,3 +102,32 @@ def test_k_class_metrics_match_sklearn(seed):
         assert m[f"auc_{name}"] == pytest.approx(sk.roc_auc_score(y == c, probs[:, c]))
         assert m[f"sensitivity_{name}"] == pytest.approx(recalls[c])
         assert m[f"specificity_{name}"] == pytest.approx(sk.recall_score(y != c, pred != c))
+
+
+def test_a_patient_bootstrap_resamples_whole_patients_and_is_wider_when_their_images_agree():
+    """40 patients of 9 images each, every image of a patient with the same label and score (as
+    repeat X-rays of one child nearly are): resampling images treats them as 360 independent
+    cases and gives a CI about sqrt(9) = 3 times too narrow; resampling patients (each drawn
+    patient's 9 images together) gives the CI of 40 cases. A resample holds whole patients."""
+    rng = np.random.default_rng(0)
+    y_patient = np.r_[np.ones(20), np.zeros(20)].astype(int)
+    p_patient = np.clip(0.25 * y_patient + rng.uniform(0.2, 0.8, 40), 0, 1)
+    y, p = np.repeat(y_patient, 9), np.repeat(p_patient, 9)
+    patients = np.repeat([f"person{i}" for i in range(40)], 9)
+    seen = []
+
+    def sensitivity(yy, pp):
+        seen.append(np.unique(pp, return_counts=True)[1])  # (each patient's score is its own)
+        return {"sensitivity": binary_metrics(yy, pp, 0.6)["sensitivity"]}
+
+    by_patient = bootstrap_ci(y, p, sensitivity, n=400, seed=2, groups=patients)["sensitivity"]
+    assert all(np.all(times % 9 == 0) for times in seen)  # a patient's 9 images together, 0, 9, 18... times
+    assert np.mean([len(times) for times in seen[1:]]) < 30  # ~63 % of the 40 patients in a resample
+    by_image = bootstrap_ci(y, p, sensitivity, n=400, seed=2)["sensitivity"]
+    assert by_image[0] <= sensitivity(y, p)["sensitivity"] <= by_image[1]
+    assert by_patient[1] - by_patient[0] > 2.3 * (by_image[1] - by_image[0])
+    # one image per patient: the same resampling scheme as images (the CI of a comparable width)
+    one_each = bootstrap_ci(y_patient, p_patient, sensitivity, n=400, seed=2, groups=np.arange(40))["sensitivity"]
+    assert (one_each[1] - one_each[0]) == pytest.approx(by_patient[1] - by_patient[0], rel=0.35)
+    assert bootstrap_ci(y, p, sensitivity, n=50, seed=5, groups=patients) == bootstrap_ci(
+        y, p, sensitivity, n=50, seed=5, groups=patients)  # seeded

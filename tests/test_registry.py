@@ -7,12 +7,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import CONF_DIR, make_cfg
+from helpers import CONF_DIR, make_cfg
 from xray.checks import TRAIN, check
 from xray.errors import XrayError
 from xray.registry import LOSSES, MODELS, SCHEDULES, Registry, create_loss, create_model, create_schedule
 
-pytestmark = pytest.mark.unit
 
 # (registry, override selecting a name, the factory called on the composed config)
 SELECT = {
@@ -22,6 +21,7 @@ SELECT = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", SELECT)
 def test_a_registered_name_is_allowed_by_the_checks_and_created(kind, monkeypatch):
     registry, key, create = SELECT[kind]
@@ -33,6 +33,7 @@ def test_a_registered_name_is_allowed_by_the_checks_and_created(kind, monkeypatc
     assert len(made) == 1
 
 
+@pytest.mark.unit
 def test_a_registered_loss_gets_the_class_weights_and_smoothing(monkeypatch):
     made = []
     monkeypatch.setitem(LOSSES._builders, "new_one", lambda *args: made.append(args))
@@ -41,6 +42,7 @@ def test_a_registered_loss_gets_the_class_weights_and_smoothing(monkeypatch):
     assert made == [(2, pytest.approx([40 / 60, 40 / 20]), 0.1)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", SELECT)
 def test_an_unknown_name_is_one_line_naming_the_key_and_the_registered_names(kind):
     registry, key, create = SELECT[kind]
@@ -68,6 +70,7 @@ def test_every_registered_name_builds():
         assert lr.dtype == np.float32 and len(lr) == 12 and lr[0] == pytest.approx(0.1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("group, registry", [("model", MODELS), ("loss", LOSSES)])
 def test_every_registered_model_and_loss_has_its_config_group_file(group, registry):
     """`model=<name>` / `loss=<name>` on the command line needs conf/<group>/<name>.yaml."""
@@ -77,6 +80,7 @@ def test_every_registered_model_and_loss_has_its_config_group_file(group, regist
         assert make_cfg("config", [f"{group}={name}"])[group].name == name
 
 
+@pytest.mark.unit
 def test_a_name_registered_twice_is_refused():
     registry = Registry("thing.name", "xray.registry")
     registry.register("a")(len)
@@ -84,6 +88,7 @@ def test_a_name_registered_twice_is_refused():
         registry.register("a")(len)
 
 
+@pytest.mark.unit
 def test_the_checks_do_not_import_mindspore():
     """Listing names imports their modules only when a value is checked: xray.convert's pool
     workers import xray.checks and must not pay MindSpore's start-up."""

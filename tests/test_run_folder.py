@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, make_cfg
+from helpers import TINY, make_cfg
 from xray.run_folder import RunFolder
 
 

@@ -205,7 +205,6 @@ def test_a_requeued_slurm_job_takes_its_lock_back_even_from_another_host(tmp_pat
     assert os.listdir(run) == []
 
 
-@pytest.mark.unit
 def test_array_members_are_distinct_jobs_and_one_allocation_is_not_a_requeue(tmp_path):
     run = tmp_path / "run"
     member = dict(SLURM_JOB_ID="91", SLURM_ARRAY_JOB_ID="90", SLURM_ARRAY_TASK_ID="1")
@@ -250,7 +249,6 @@ def test_another_hosts_holder_is_stale_only_if_scontrol_says_its_job_ended(tmp_p
         assert proc.returncode == 2 and "on host node-b, Slurm job 555" in proc.stderr
 
 
-@pytest.mark.unit
 def test_two_processes_taking_over_one_stale_lock_never_both_win(tmp_path):
     first = Holder(tmp_path / "seed")
     first.wait_held()
@@ -283,7 +281,6 @@ def test_two_processes_taking_over_one_stale_lock_never_both_win(tmp_path):
         assert os.listdir(run) == [], f"round {round_}"
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("group", [
     {"XRAY_GROUP_ID": "launch:g1"},  # what xray.launch gives its ranks
     {"MS_SCHED_HOST": "127.0.0.1", "MS_SCHED_PORT": "18123", "MS_WORKER_NUM": "2"},  # msrun

@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from xray.errors import XrayError
-from xray.registry import LOSSES, create_loss
+from xray.registry import LOSSES
 
 
 class SoftmaxCrossEntropy(nn.Cell):
@@ -65,6 +65,3 @@ def softmax_ce(num_classes: int, weights: Optional[Sequence[float]], label_smoot
 @LOSSES.register("mse")
 def mse(num_classes: int, weights: Optional[Sequence[float]], label_smoothing: float) -> nn.Cell:
     return SoftmaxMSE(num_classes, weights, label_smoothing)
-
-
-build_loss = create_loss  # the old name, still imported by step.py

@@ -7,7 +7,7 @@ from mindspore import nn, ops
 
 from xray.errors import XrayError
 from xray.preprocess import MIN_IMAGE_SIZE
-from xray.registry import MODELS, create_model
+from xray.registry import MODELS
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
@@ -108,6 +108,3 @@ def alexnet(cfg, image_size: int, num_classes: int) -> AlexNet:
     if not 0 <= cfg.dropout < 1:
         raise XrayError(f"model.dropout={cfg.dropout} must be in [0, 1)")
     return AlexNet(num_classes, cfg.in_channels, cfg.lrn)
-
-
-build_model = create_model  # the old name, still imported by step.py, checkpoint.py and tests (until switched)

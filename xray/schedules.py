@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
-from xray.registry import SCHEDULES, create_schedule
+from xray.registry import SCHEDULES
 
 
 @SCHEDULES.register("constant")
@@ -23,6 +23,3 @@ def step_decay(base_lr: float, optim: DictConfig, step: np.ndarray, steps_per_ep
 def cosine(base_lr: float, optim: DictConfig, step: np.ndarray, steps_per_epoch: int) -> np.ndarray:
     """Half a cosine from base_lr down to 0 over the run."""
     return 0.5 * base_lr * (1 + np.cos(np.pi * step / max(len(step), 1)))
-
-
-lr_schedule = create_schedule  # the old name, still imported by train.py, doctor.py and tests

@@ -1,15 +1,15 @@
-"""Mixed precision (train.amp): the fp16 step learns, an overflowing step is skipped and the
-loss scale lowered, and a mixed-precision run's checkpoint serves fp32 evaluation."""
+"""xray.step: the optimizer, and mixed precision (train.amp): an overflowing fp16 step is
+skipped and the loss scale lowered, the fp16 step follows the fp32 one, and a mixed-precision
+run's checkpoint keeps its loss scale and serves fp32 evaluation."""
 import json
 
 import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import TINY, make_cfg
+from helpers import TINY, make_cfg
 from xray.losses import SoftmaxCrossEntropy
-from xray.model import build_model
-from xray.schedules import lr_schedule
+from xray.registry import create_model, create_schedule
 from xray.step import build_optimizer, loss_scaler, make_step, mixed_precision
 
 
@@ -23,14 +23,37 @@ def _weights(net) -> np.ndarray:
     return np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
 
 
+class ConvDense(ms.nn.Cell):
+    """Weights and biases, as AlexNet's layers have them, without AlexNet's cost to build."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = ms.nn.Conv2d(1, 2, 3, has_bias=True)
+        self.fc = ms.nn.Dense(4, 2)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("override", ["momentum=0", "optim.weight_decay=0", "optim.weight_decay=0.001"])
+def test_the_optimizer_takes_integer_sweep_values_and_decays_weights_only(override):
+    """Hydra parses momentum=0 as an int, which nn.Momentum rejects; weight decay applies to
+    the weights, not to the biases."""
+    cfg = make_cfg("config", TINY + [override])
+    net = ConvDense()
+    opt = build_optimizer(net, cfg, create_schedule(float(cfg.lr), cfg.optim, 2, 4))
+    assert float(opt.momentum.asnumpy()) == pytest.approx(float(cfg.momentum))
+    decay = {p.name: d for p, d in zip(opt.parameters, opt.group_weight_decay)}
+    assert decay == {"conv.weight": pytest.approx(cfg.optim.weight_decay), "conv.bias": 0.0,
+                     "fc.weight": pytest.approx(cfg.optim.weight_decay), "fc.bias": 0.0}
+
+
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 def test_an_overflowing_step_is_skipped_and_the_scale_halved(level, tmp_path, monkeypatch):
     # the step as training compiles it (jit, graph mode), whatever earlier tests left set
     ms.set_context(mode=ms.GRAPH_MODE)
     cfg = make_cfg("config", ["data=sample", "mode=graph", f"train.amp={level}"])
     ms.set_seed(0)
-    net = build_model(cfg.model, 72, 2)
-    optimizer = build_optimizer(net, cfg, lr_schedule(0.01, cfg.optim, 1, 10))
+    net = create_model(cfg.model, 72, 2)
+    optimizer = build_optimizer(net, cfg, create_schedule(0.01, cfg.optim, 1, 10))
     scaler = loss_scaler(level)
     monkeypatch.chdir(tmp_path)
     step = make_step(cfg, mixed_precision(net, level), SoftmaxCrossEntropy(), optimizer, scaler)
@@ -58,8 +81,8 @@ def test_a_mixed_precision_step_follows_the_fp32_step():
     for level in ("O0", "O2"):
         cfg = make_cfg("config", ["data=sample", "mode=pynative", "model.dropout=0"])
         ms.set_seed(0)
-        net = build_model(cfg.model, 72, 2)
-        optimizer = build_optimizer(net, cfg, lr_schedule(0.01, cfg.optim, 1, 10))
+        net = create_model(cfg.model, 72, 2)
+        optimizer = build_optimizer(net, cfg, create_schedule(0.01, cfg.optim, 1, 10))
         step = make_step(cfg, mixed_precision(net, level), SoftmaxCrossEntropy(), optimizer,
                          loss_scaler(level))
         losses[level] = float(step(x, y, 0).asnumpy())
@@ -68,8 +91,8 @@ def test_a_mixed_precision_step_follows_the_fp32_step():
 
 
 @pytest.mark.slow
-def test_a_mixed_precision_run_trains_resumes_and_evaluates_in_fp32(sample_data, tmp_path):
-    from xray.checkpoint import load_trained_model, read_checkpoint
+def test_a_mixed_precision_run_saves_its_loss_scale_and_evaluates_in_fp32(sample_data, tmp_path):
+    from xray.checkpoint import load_trained_model, read_checkpoint, read_state
     from xray.train import train
 
     run_dir = tmp_path / "amp"
@@ -77,9 +100,11 @@ def test_a_mixed_precision_run_trains_resumes_and_evaluates_in_fp32(sample_data,
                                      "train.keep_last=true", "train.eval_splits=[]", "train.cam_images=0"])
     result = train(cfg, run_dir)
     assert result["status"] == "ok" and np.isfinite(result["best_val"]["auc"])
-    meta = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert float(meta["loss_scale"].asnumpy()) > 0  # the scale is part of the resumable state
+    # the scale is part of the resumable state: 2^16 at the start, halved by any overflow
+    scale = read_state(run_dir / "checkpoints" / "last.ckpt").run.loss_scale
+    assert scale in [2.0 ** k for k in range(17)]
     assert json.loads((run_dir / "metrics.json").read_text())["hparams"]["amp"] == "O2"
+    # fp32 master weights: the checkpoint serves the fp32 model of evaluation and predict
     model = load_trained_model(run_dir / "checkpoints" / "best.ckpt")
-    probs = model.class_probabilities(np.zeros((2, 1, 72, 72), np.float32))
-    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    params = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert {params[p.name].dtype for p in model.net.get_parameters()} == {ms.float32}
