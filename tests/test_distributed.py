@@ -275,4 +275,6 @@ def test_a_rank_that_dies_ends_the_group(sample_data, tmp_path):
     waited = ended[0] - ended[1]  # (60 s and the heartbeat's own lag; our default 120 would not fit)
     assert 55 <= waited <= 110, f"rank 0 ended {waited:.0f} s after rank 1 died\n" + outs[0][-2000:]
     assert "is timed out" in (run_dir / "scheduler.log").read_text()  # which rank, for a post-mortem
-    assert not (run_dir / "metrics.json").exists()
+    record = json.loads((run_dir / "metrics.json").read_text())  # the group's record says so too
+    assert record["status"] == "failed" and record["error"].startswith("rank 0: ended by SIGTERM"), record
+    assert "is timed out" in record["error"] and set(record["ranks"]) == {"0"}

@@ -48,15 +48,18 @@ def snapshot(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_rerunning_a_finished_run_with_a_typo_changes_nothing(finished_run, tmp_path):
+    """A typo in a key that does not define the run (data.dir) returns the finished result; one
+    in a key that does (lr) is refused (tests/test_run_folder.py)."""
     before = snapshot(finished_run)
     lr = json.loads((finished_run / "metrics.json").read_text())["hparams"]["lr"]
-    proc = run(["xray.train", *TINY, "data.dir=/nonexistent", f"lr={lr * 10}", f"hydra.run.dir={finished_run}"],
-               tmp_path)
+    proc = run(["xray.train", *TINY, "data.dir=/nonexistent", f"hydra.run.dir={finished_run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already finished (status ok); not training it again" in proc.stdout + proc.stderr
     assert snapshot(finished_run) == before  # metrics.json, config.yaml, events, checkpoints
-    # Hydra rewrote .hydra/config.yaml with the typo; the report still shows what the run trained with
-    [member] = collect(finished_run.parent)
+    proc = run(["xray.train", *TINY, f"lr={lr * 10}", f"hydra.run.dir={finished_run}"], tmp_path)
+    assert proc.returncode == 2 and f"lr: {lr} -> {lr * 10}" in one_line_error(proc)
+    assert snapshot(finished_run) == before
+    [member] = collect(finished_run.parent)  # the report shows what the run trained with
     assert member.hparams["lr"] == lr
 
 
