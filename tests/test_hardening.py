@@ -32,11 +32,13 @@ def one_line_error(proc) -> str:
     return errors[0]
 
 
+FINISHED = TINY + ["epochs=1", "train.max_steps_per_epoch=1", "train.eval_splits=[]"]  # the finished run's
+
+
 @pytest.fixture
 def finished_run(sample_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=1", "train.max_steps_per_epoch=1",
-                                     "train.eval_splits=[]"])
+    cfg = make_cfg("config", FINISHED + [f"data.dir={sample_data}"])
     assert train(cfg, run_dir)["status"] == "ok"
     return run_dir
 
@@ -52,11 +54,11 @@ def test_rerunning_a_finished_run_with_a_typo_changes_nothing(finished_run, tmp_
     in a key that does (lr) is refused (tests/test_run_folder.py)."""
     before = snapshot(finished_run)
     lr = json.loads((finished_run / "metrics.json").read_text())["hparams"]["lr"]
-    proc = run(["xray.train", *TINY, "data.dir=/nonexistent", f"hydra.run.dir={finished_run}"], tmp_path)
+    proc = run(["xray.train", *FINISHED, "data.dir=/nonexistent", f"hydra.run.dir={finished_run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already finished (status ok); not training it again" in proc.stdout + proc.stderr
     assert snapshot(finished_run) == before  # metrics.json, config.yaml, events, checkpoints
-    proc = run(["xray.train", *TINY, f"lr={lr * 10}", f"hydra.run.dir={finished_run}"], tmp_path)
+    proc = run(["xray.train", *FINISHED, f"lr={lr * 10}", f"hydra.run.dir={finished_run}"], tmp_path)
     assert proc.returncode == 2 and f"lr: {lr} -> {lr * 10}" in one_line_error(proc)
     assert snapshot(finished_run) == before
     [member] = collect(finished_run.parent)  # the report shows what the run trained with
