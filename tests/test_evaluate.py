@@ -260,9 +260,9 @@ def test_evaluate_refuses_a_split_that_shares_images_with_the_runs_train_split(t
     run = linked_run(trained_run, tmp_path / "run")
     ckpt = run / "checkpoints" / "best.ckpt"
     with pytest.raises(XrayError, match=rf"split=val of {other} shares {len(leaked)} of its \d+ images with the "
-                                        rf"train split {run} was trained on \(e\.g\. {re.escape(leaked[0])}\): the data "
-                                        r"set was re-converted with other splits since; evaluate on the data set the "
-                                        r"run trained on"):
+                                        rf"train split {run} was trained on \(e\.g\. {re.escape(leaked[0])}\): "
+                                        r"the data set was re-converted with other splits since; evaluate on the "
+                                        r"data set the run trained on"):
         evaluate([ckpt], "val", other, bootstrap=0, workers=1)
     assert not list(run.glob("eval_*"))
     # the test split of the re-conversion holds no training image: evaluated (its threshold given, as

@@ -235,8 +235,40 @@ def test_the_explain_grid_of_a_subtype_model_has_each_class_wrong_and_right_call
     shutil.copytree(task_run("subtype"), run)
     evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, explain=1)
     assert (run / "cam_errors_test.png").stat().st_size > 0
-    with pytest.raises(XrayError, match="calibrate=true works on two-class tasks, not task=subtype"):
-        evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, calibrate=True)
+
+
+def test_a_subtype_model_is_temperature_scaled_over_its_three_classes(task_run, tmp_path):
+    """calibrate=true on a K-class model (issue 28.4): one temperature fitted on val over the
+    three class probabilities (softmax(log p / T)), stored beside the checkpoint with the val
+    ECE before and after; evaluate reports the top-class ECE before and after on the split, and
+    predict applies it to every class's p."""
+    from xray.calibration import calibration_metrics, fit_temperature, scale_probs
+    from xray.evaluate import evaluate
+    run = tmp_path / "run"  # (a copy: the module's run stays uncalibrated)
+    shutil.copytree(task_run("subtype"), run)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    raw = predict_images([load_trained_model(ckpt)], images)
+    result = evaluate([ckpt], "test", bootstrap=0, workers=1, calibrate=True)
+    record = json.loads((run / "calibration.json").read_text())
+    t = record["temperature"]
+    # the fit of the val predictions the training's own evaluation wrote (before any temperature)
+    val = np.loadtxt(run / "predictions_val.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
+    assert t == pytest.approx(fit_temperature(val[:, 0].astype(int), val[:, 1:]), rel=1e-3)
+    assert record["val_before"] == pytest.approx(calibration_metrics(val[:, 0].astype(int), val[:, 1:]), rel=1e-3)
+    assert record["classes"] == 3 and record["val_after"]["nll"] <= record["val_before"]["nll"] + 1e-9
+    calibration = result["calibration"]
+    assert calibration["of"] == "top class" and calibration["temperature"] == t
+    test = np.loadtxt(run / "predictions_test.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
+    y, probs = test[:, 0].astype(int), test[:, 1:]
+    assert calibration["ece"] == pytest.approx(calibration_metrics(y, probs)["ece"], abs=1e-5)
+    assert calibration["uncalibrated"]["ece"] != calibration["ece"]
+    model = load_trained_model(ckpt)
+    assert model.temperature == t
+    now = predict_images([model], images)
+    for before, after in zip(raw, now):
+        expected = scale_probs(np.array([[before[f"p_{c}"] for c in ("normal", "bacterial", "viral")]]), t)[0]
+        assert [after[f"p_{c}"] for c in ("normal", "bacterial", "viral")] == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.unit

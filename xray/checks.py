@@ -87,7 +87,8 @@ TRAIN: dict[str, Rule] = {
 EVALUATE: dict[str, Rule] = {
     "batch_size": _int(1), "bootstrap": _int(0), "seed": _int(0), "workers": _int(1),
     "tta": TTA, "top_k": _int(1), "explain": _int(0), "device_target": DEVICE, "mode": MODE,
-    "calibrate": ("bool", lambda v: True, "true or false"),
+    "calibrate": ("bool", lambda v: True, "true or false"), "card": ("bool", lambda v: True, "true or false"),
+    "bootstrap_unit": _choice("patient", "image"),
     "threshold_rule": THRESHOLD_RULE, "target_sensitivity": SENSITIVITY,
 }
 PREDICT: dict[str, Rule] = {

@@ -53,7 +53,7 @@ def binary_read_offs(task: str, labels, probs) -> dict[str, tuple["np.ndarray", 
 
     if task != "subtype":
         return {}
-    pneumonia = labels > 0
+    pneumonia = decision_rows(task, labels)["bacterial_vs_viral"]
     bacterial, viral = probs[pneumonia, 1], probs[pneumonia, 2]
     either = bacterial + viral
     return {"pneumonia_vs_normal": (pneumonia.astype(np.int64), 1.0 - probs[:, 0]),
@@ -68,6 +68,20 @@ def binary_decisions(task: str, labels, probs) -> dict[str, tuple["np.ndarray", 
     if len(TASK_CLASSES[task]) == 2:
         return {task: (labels, probs[:, 1])}
     return binary_read_offs(task, labels, probs)
+
+
+def decision_rows(task: str, labels) -> dict[str, "np.ndarray"]:
+    """Which images each of binary_decisions' questions is asked of, {name: boolean mask over
+    the task's images}: all of them, but the pneumonia images only for a subtype model's
+    bacterial_vs_viral read-off."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    if len(TASK_CLASSES[task]) == 2:
+        return {task: np.ones(len(labels), bool)}
+    if task != "subtype":
+        return {}
+    return {"pneumonia_vs_normal": np.ones(len(labels), bool), "bacterial_vs_viral": labels > 0}
 
 
 def supported_tasks(subtype_counts: dict[str, int]) -> list[str]:
@@ -98,3 +112,17 @@ def parse_file_name(name: str, label: str) -> tuple[str, str]:
     if m:
         return m.group(2).lower(), m.group(1).lower()
     return "unknown", stem
+
+
+# The file-name families of the Kermany set, most specific first: they come from different
+# sources (NORMAL2-IM- normal images were added in a later release), so a model's errors can
+# differ between them. IM- and NORMAL2-IM- hold normal images only, person... pneumonia only.
+FAMILIES: tuple[tuple[str, str], ...] = (("NORMAL2-IM-", "NORMAL2-IM-"), ("IM-", "IM-"), ("person", "person"))
+OTHER_FAMILY = "other"
+
+
+def file_family(name: str) -> str:
+    """The family of an image's file name: IM-, NORMAL2-IM-, person (case-insensitive), or
+    other (names that follow none of the data set's conventions)."""
+    stem = Path(name).name.lower()
+    return next((family for prefix, family in FAMILIES if stem.startswith(prefix.lower())), OTHER_FAMILY)

@@ -4,7 +4,7 @@ Two classes (NORMAL vs PNEUMONIA, bacterial vs viral): p(positive class) read of
 (accuracy, balanced accuracy, AUC, sensitivity, specificity, PPV, NPV), the ROC curve, and the
 Youden and sensitivity-target thresholds. K classes (normal/bacterial/viral): the argmax's
 accuracy and balanced accuracy, per-class and macro one-vs-rest AUC. Percentile bootstrap
-confidence intervals of any of them.
+confidence intervals of any of them, resampling images or whole patients.
 
 Hand-written rather than scikit-learn's (which tests/test_metrics.py checks them against):
 the bootstrap calls them 1000 times per split, and scikit-learn's input validation makes that
@@ -13,7 +13,7 @@ the bootstrap calls them 1000 times per split, and scikit-learn's input validati
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -92,13 +92,19 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict
 
 
 def bootstrap_ci(y: np.ndarray, p: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], dict],
-                 n: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile bootstrap CI of every value `metric(y, p)` returns, resampling images."""
+                 n: int = 1000, seed: int = 0, level: float = 0.95,
+                 groups: Optional[Sequence] = None) -> dict[str, list[float]]:
+    """Percentile bootstrap CI of every value `metric(y, p)` returns, resampling images, or with
+    `groups` (one id per image, e.g. its patient) whole groups: each resample draws as many
+    groups as there are, with replacement, and takes every image of each one drawn, as often as
+    it was drawn. The images of one patient are not independent (the same lungs, often the same
+    day), so resampling them one by one makes the CI too narrow."""
     y, p = np.asarray(y), np.asarray(p)
     rng = np.random.default_rng(seed)
+    draw = resampler(len(y), groups)
     samples: dict[str, list[float]] = {}
     for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
+        idx = draw(rng)
         for key, value in metric(y[idx], p[idx]).items():
             samples.setdefault(key, []).append(value)
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
@@ -106,6 +112,23 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, metric: Callable[[np.ndarray, np.
         warnings.simplefilter("ignore", RuntimeWarning)
         return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))]
                 for k, v in samples.items()}
+
+
+def resampler(n: int, groups: Optional[Sequence] = None) -> Callable[[np.random.Generator], np.ndarray]:
+    """rng -> the image indices of one bootstrap resample: n images drawn with replacement, or
+    (groups) as many groups as there are, each drawn group's images all in."""
+    if groups is None:
+        return lambda rng: rng.integers(0, n, n)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group ids for {n} images")
+    _, codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    codes = codes.reshape(-1)
+    k, images = int(codes.max()) + 1 if n else 0, np.arange(n)
+
+    def draw(rng: np.random.Generator) -> np.ndarray:
+        times = np.bincount(rng.integers(0, k, k), minlength=k)  # how often each group was drawn
+        return np.repeat(images, times[codes])
+    return draw
 
 
 def task_metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, float]:

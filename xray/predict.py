@@ -4,12 +4,15 @@
     python -m xray.predict ckpt=outputs/best/<sweep> top_k=3 image=<folder>      # an ensemble
 
 Prints `file  label  p(<class>)...`: p of the positive class of a two-class task (p(pneumonia)),
-every class's p of a K-class one; plot=true saves <image name>.png (the X-ray titled with its
-prediction) into the run's output folder.
+every class's p of a K-class one, each model's through its temperature if it was calibrated
+(calibration.json beside its checkpoint); plot=true saves <image name>.png (the X-ray titled
+with its prediction) into out_dir, by default this command's output folder.
 """
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +24,7 @@ from omegaconf import DictConfig
 from tabulate import tabulate
 
 from xray import CONF_DIR
+from xray.calibration import class_probabilities
 from xray.checks import PREDICT, check
 from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoints
 from xray.device import setup_device
@@ -32,6 +36,23 @@ from xray.preprocess import MAX_PIXELS, load_image, model_input
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+def writable_folder(folder: Path, why: str = "", remedy: str = "pass out_dir=<a folder you can write>") -> Path:
+    """`folder`, created if need be, once a file could be made in it; else one line naming it
+    (a read-only mount, a published model's folder, no permission) and out_dir=. Checked before
+    any work, so a read-only place costs nothing but this line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".xray-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise XrayError(f"cannot write into {folder} ({reason})" + (f": {why}" if why else "")
+                        + f"; {remedy}") from None
+    return folder
 
 
 def list_images(path: Path) -> list[Path]:
@@ -84,11 +105,8 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
             continue
         batches = [np.stack([model_input(images[m.spec.short_side], m.spec, tta) for images in loaded])
                    for m in models]
-        if len(classes) == 2:
-            p1 = np.mean([m.probabilities(b) for m, b in zip(models, batches)], axis=0)
-            probs = np.stack([1 - p1, p1], axis=1)
-        else:
-            probs = np.mean([m.class_probabilities(b) for m, b in zip(models, batches)], axis=0)
+        # each member through its own temperature (any number of classes), then their mean
+        probs = np.mean([class_probabilities(m, b) for m, b in zip(models, batches)], axis=0)
         for path, images, q in zip(ok, loaded, probs):
             top = int(q[1] >= threshold) if len(classes) == 2 else int(q.argmax())
             results[path] = {"file": str(path), "label": classes[top],
@@ -140,7 +158,9 @@ def main(cfg: DictConfig) -> None:
     checkpoints = resolve_checkpoints(cfg.ckpt, cfg.top_k)
     setup_device(cfg.device_target, cfg.mode)
     models = [load_trained_model(c) for c in checkpoints]
-    out = Path(HydraConfig.get().runtime.output_dir)
+    out = Path(str(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir))
+    if cfg.plot or cfg.explain:
+        writable_folder(out, "plot=true and explain=true write their images there")
     results = predict_images(models, list_images(Path(cfg.image)), cfg.threshold,
                              out if cfg.plot else None, tta=cfg.tta, max_pixels=cfg.max_pixels,
                              explain_dir=out if cfg.explain else None)
