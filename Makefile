@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   := outputs/demo
 
-.PHONY: setup demo test test-unit slurm-up slurm-down clean
+.PHONY: setup demo test test-unit slurm-up slurm-down soak clean
 
 setup: $(VENV)/.installed
 
@@ -42,12 +42,23 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -m unit
 
+# a model card and a sweep page rendered in headless Chromium (Debian: apt-get install -y chromium);
+# the screenshots are kept in outputs/card-check/ to look at
+.PHONY: card-check
+card-check: setup
+	XRAY_SCREENSHOTS=outputs/card-check $(PY) -m pytest -m slow tests/test_card.py -k chromium
+
 # a real single-node Slurm on this machine (root, Debian): the `slurm` tests use it
 slurm-up:
 	bash jobs/slurm-up.sh
 
 slurm-down:
 	bash jobs/slurm-down.sh
+
+# a real sweep on the local Slurm under seeded faults, then checks and figures (docs/reliability.md);
+# about 7 minutes; e.g. make soak SOAK_ARGS="--seed 3 --out /tmp/soak"
+soak: setup
+	$(PY) -m jobs.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs/demo .pytest_cache

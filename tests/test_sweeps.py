@@ -18,7 +18,7 @@ from xray.predict import predict_images
 from xray.preprocess import preprocess_file
 from xray.report import collect, report
 
-pytestmark = pytest.mark.slow  # a real 8-member sweep (about 1.5 min)
+pytestmark = pytest.mark.slow  # a real 8-member sweep (about 1.5 min), and a 6-member one over seeds
 
 
 def hparams_of_run(run_dir) -> dict:
@@ -84,10 +84,19 @@ def test_report_ranks_and_exports_the_best(smoke_sweep, capsys):
     csv = (sweep_dir / "report.csv").read_text().splitlines()
     assert csv[0].startswith("rank,member,status") and len(csv) == 9
     best = best_root / "smoke"
-    assert {p.name for p in best.iterdir()} == {"best.ckpt", "config.yaml", "manifest.json",
-                                                "metrics.json", "model.mindir", "calibration.json"}
+    names = {p.name for p in best.iterdir()}
+    assert {"best.ckpt", "best.json", "config.yaml", "manifest.json", "metrics.json", "model.mindir",
+            "calibration.json", "train_images.txt", "model.onnx", "model_card.md", "model_card.html"} <= names
+    # the exported model evaluated on val and test (the card's numbers), through its temperature
+    assert {f"{kind}_{split}.{ext}" for kind, ext in (("eval", "json"), ("predictions", "csv"), ("roc", "png"))
+            for split in ("val", "test")} <= names
+    assert not [n for n in names if n.startswith(".") or "tmp" in n]
     assert json.loads((best / "calibration.json").read_text())["temperature"] > 0  # fitted on val
-    assert json.loads((best / "metrics.json").read_text())["source"] == str(ok[0].path)
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["source"] == str(ok[0].path)
+    assert metrics["selection"]["value"] == ok[0].best_val_auc and metrics["selection"]["seeds"] == 1
+    card = (best / "model_card.html").read_text()
+    assert 'id="subgroups"' in card and 'id="provenance"' in card and "data:image/png;base64," in card
 
     # a worse candidate does not replace it; --force does
     before = (best / "metrics.json").read_text()
@@ -271,3 +280,41 @@ def test_a_resumed_runs_loss_curve_has_each_step_once_and_no_tensorflow_warning(
     assert steps.tolist() == list(range(0, 150, 10))
     assert np.allclose(losses, [1.0 / (1 + s) for s in steps])  # the resumed part's values after 50
     assert not [r for r in caplog.records if "restart" in r.getMessage()], caplog.text
+
+
+def test_a_sweep_over_seeds_is_reported_per_configuration_and_exported_as_an_ensemble(sample_data, tmp_path):
+    """+sweep=seeds beside an lr axis: 2 configurations x 3 seeds, one member folder each; the
+    report ranks the configurations by their mean, and --ensemble exports the best one's seeds
+    as one model (members/1..3) that evaluate and predict take, with its card."""
+    sweep_dir = tmp_path / "multirun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "xray.train", "-m", "+sweep=seeds", "data=sample", f"data.dir={sample_data}",
+         "lr=0.01,0.02", "data.image_size=72", "epochs=1", "batch_size=8", "data.workers=1",
+         "train.max_steps_per_epoch=2", "train.eval_bootstrap=20", "train.cam_images=0",
+         f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(folders) == 6 and all("seed=" in f for f in folders), folders
+    members = collect(sweep_dir)
+    assert sorted(m.hparams["seed"] for m in members) == [1, 1, 7, 7, 42, 42]
+    assert {m.sweep_name for m in members} == {"seeds"}
+    from xray.report import configurations
+    configs = configurations(members)
+    assert [len(c.members) for c in configs] == [3, 3] and {c.levers["lr"] for c in configs} == {0.01, 0.02}
+    means = [c.stat("best_val_auc").mean for c in configs]
+    assert means == sorted(means, reverse=True)
+    proc = subprocess.run([sys.executable, "-m", "xray.report", str(sweep_dir), "--best-root",
+                           str(tmp_path / "best"), "--ensemble"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "configurations over seeds" in proc.stdout
+    best = tmp_path / "best" / "seeds"
+    sources = [json.loads((best / "members" / str(i) / "metrics.json").read_text())["source"] for i in (1, 2, 3)]
+    assert sorted(sources) == sorted(str(m.path) for m in configs[0].members)
+    assert all((best / "members" / str(i) / "calibration.json").is_file() for i in (1, 2, 3))
+    result = json.loads((best / "eval_test.json").read_text())
+    assert len(result["checkpoint"]) == 3  # the card's numbers are the ensemble's
+    assert "an ensemble of 3" in (best / "model_card.html").read_text()
+    assert (sweep_dir / "report_seeds.csv").is_file() and (sweep_dir / "seeds.png").is_file()
+    assert len(resolve_checkpoints(str(best), 3)) == 3

@@ -1,13 +1,20 @@
 """Rank a sweep's members, plot them and export the best checkpoint; or compare named runs.
 
-    python -m xray.report outputs/multirun/<sweep>            # table + report.{csv,md} + PNGs
+    python -m xray.report outputs/multirun/<sweep>            # table + report.{csv,md,html} + PNGs
     python -m xray.report outputs/multirun/<sweep> --force    # replace outputs/best/<name> even if not better
     python -m xray.report outputs/multirun/<sweep> --rank-by test_auc --top-k 3
+    python -m xray.report outputs/multirun/<sweep> --ensemble # export the best configuration's seeds together
     python -m xray.report --compare 'outputs/subtype_cpu/*' <run> --splits test,val \
         [--decisions bacterial_vs_viral,argmax] [--figure compare.png] [--markdown]
 
 Works on a sweep that is still running or partly failed: members without metrics.json are
-`unfinished`; a member whose training raised is `failed`. --compare reads each run folder's
+`unfinished`; a member whose training raised is `failed`; one whose files cannot be read (a
+metrics.json cut by a node failure) is `unreadable`, with the reason. Members that differ only
+by `seed` form one configuration: the report adds a table of configurations ranked by their
+mean over seeds (mean +- sd and a t-interval 95 % CI), and the export takes the best
+configuration by mean, then its best member (--ensemble: all its members). report.html is the
+sweep on one self-contained page, with links to each member's model card (cards/<member>.html).
+--compare reads each run folder's
 eval_<split>.json (an ensemble's: the folder `xray.evaluate` wrote) and prints every decision
 (a two-class task's own and a subtype model's read-offs at the val-chosen threshold and at 0.5,
 a K-class model's argmax) with its bootstrap CIs; --figure draws their ROC curves from the
@@ -51,11 +58,16 @@ LOWER_IS_BETTER = {"final_train_loss", "wall_time_s"}
 class Member:
     name: str
     path: Path
-    status: str  # ok | diverged | failed | unfinished
+    status: str  # ok | diverged | failed | unfinished | unreadable
     hparams: dict
     sweep_name: str
     metrics: dict = field(default_factory=dict)
     evals: dict = field(default_factory=dict)  # split -> eval_<split>.json of its best.ckpt
+    reason: Optional[str] = None  # why it is unreadable
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "best.ckpt"
 
     @property
     def best_val_auc(self) -> Optional[float]:
@@ -79,25 +91,54 @@ class Member:
 
 def collect(sweep_dir: Path, rank_by: str = "best_val_auc") -> list[Member]:
     """Every member folder (one with .hydra/config.yaml) of a sweep, ranked by `rank_by`
-    (best val AUC by default; e.g. test_auc when the members were evaluated on test)."""
+    (best val AUC by default; e.g. test_auc when the members were evaluated on test). A member
+    whose config, metrics.json or eval_<split>.json cannot be read is `unreadable` (its reason
+    recorded), never an error: the others are still ranked."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise XrayError(f"{sweep_dir} is not a folder; pass a sweep folder, e.g. outputs/multirun/<sweep>")
-    members = []
-    for config in sorted(sweep_dir.glob("*/.hydra/config.yaml")):
-        path = config.parent.parent
-        cfg = OmegaConf.load(config)
-        metrics_file = path / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        evals = {f.stem[len("eval_"):]: read_eval(f) for f in sorted(path.glob("eval_*.json")) if "_tta" not in f.stem}
-        # a finished run's own record first: a rerun of it (with a typo) rewrites .hydra/, not that
-        hparams = {**hparams_of(cfg), **metrics.get("hparams", {})}
-        members.append(Member(path.name, path, metrics.get("status", "unfinished"),
-                              hparams, str(cfg.get("sweep_name", "sweep")), metrics, evals))
+    members = [read_member(config.parent.parent) for config in sorted(sweep_dir.glob("*/.hydra/config.yaml"))]
     if not members:
         raise XrayError(f"{sweep_dir} has no sweep members (no */.hydra/config.yaml); "
                         "pass the folder a `python -m xray.train -m ...` wrote")
     return rank(members, rank_by)
+
+
+def read_member(path: Path) -> Member:
+    """A member folder as the report sees it; `unreadable` (with the reason) when one of its
+    files is cut or damaged (e.g. by a node failure mid-write)."""
+    problems, hparams, sweep_name = [], {}, "sweep"
+    try:
+        cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
+        hparams, sweep_name = hparams_of(cfg), str(cfg.get("sweep_name", "sweep"))
+    except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's errors: any is a damaged file
+        problems.append(f".hydra/config.yaml: {type(e).__name__}: {_first_line(e)}")
+    metrics = {}
+    if (path / "metrics.json").exists():
+        try:
+            metrics = json.loads((path / "metrics.json").read_text())
+            if not isinstance(metrics, dict):
+                raise ValueError(f"holds a {type(metrics).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            metrics = {}
+            problems.append(f"metrics.json: {type(e).__name__}: {_first_line(e)}")
+    evals = {}
+    for f in sorted(path.glob("eval_*.json")):
+        if "_tta" in f.stem:
+            continue
+        try:
+            evals[f.stem[len("eval_"):]] = read_eval(f)
+        except XrayError as e:
+            problems.append(f"{f.name}: {str(e).split(' cannot be read ', 1)[-1].split('; rerun')[0].strip('()')}")
+    # a finished run's own record first: a rerun of it (with a typo) rewrites .hydra/, not that
+    hparams = {**hparams, **(metrics.get("hparams") or {})}
+    if problems:
+        return Member(path.name, path, "unreadable", hparams, sweep_name, {}, {}, "; ".join(problems))
+    return Member(path.name, path, metrics.get("status", "unfinished"), hparams, sweep_name, metrics, evals)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def rank(members: list[Member], by: str = "best_val_auc") -> list[Member]:
@@ -117,8 +158,10 @@ def rank(members: list[Member], by: str = "best_val_auc") -> list[Member]:
 
 
 def varying_hparams(members: list[Member]) -> list[str]:
-    """The hyper-parameters that tell the members apart (the sweep's levers)."""
-    keys = [k for k in members[0].hparams if k != "status"]
+    """The hyper-parameters that tell the members apart (the sweep's levers); unreadable
+    members, whose record may be partial, do not count."""
+    members = [m for m in members if m.status != "unreadable"] or members
+    keys = list(dict.fromkeys(k for m in members for k in m.hparams if k != "status"))
     return [k for k in keys if len({repr(m.hparams.get(k)) for m in members}) > 1]
 
 
@@ -136,10 +179,9 @@ def rows(members: list[Member]) -> tuple[list[str], list[dict]]:
                 "best_epoch", "final_train_loss", "wall_time_s", "checkpoint"])
     out = []
     for i, m in enumerate(members):
-        ckpt = m.path / "checkpoints" / "best.ckpt"
         out.append({"rank": i + 1, "member": m.name, "status": m.status,
                     **{k: m.hparams.get(k) for k in levers}, **m.values(),
-                    "checkpoint": str(ckpt) if ckpt.exists() else None})
+                    "checkpoint": str(m.checkpoint) if m.checkpoint.exists() else None})
     return columns, out
 
 
@@ -164,14 +206,150 @@ def table(members: list[Member], markdown: bool = False) -> str:
     return render(columns if markdown else [c for c in columns if c != "checkpoint"], data, markdown)
 
 
+def unreadable_lines(members: list[Member]) -> list[str]:
+    """One line per member the report could not read, with the reason."""
+    return [f"unreadable: {m.name}: {m.reason}" for m in members if m.status == "unreadable"]
+
+
 def write_csv(members: list[Member], path: Path) -> None:
     columns, data = rows(members)
+    _write_csv(columns, data, path)
+
+
+def _write_csv(columns: list[str], data: list[dict], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(data)
     write_text(path, buf.getvalue())
 
+
+# -- configurations: the members that differ only by seed -----------------------------------------
+
+SEED = "seed"
+
+
+@dataclass
+class Stat:
+    """A column over a configuration's seeds: n values, their mean, sd (n - 1) and the
+    t-interval 95 % CI of the mean (None with one value)."""
+    n: int
+    mean: Optional[float] = None
+    sd: Optional[float] = None
+    ci95: Optional[tuple[float, float]] = None
+
+    def text(self) -> Optional[str]:
+        """0.912 ± 0.010 (0.887-0.937), or the value alone for one seed."""
+        if self.mean is None:
+            return None
+        if self.sd is None:
+            return f"{self.mean:.4g}"
+        return f"{self.mean:.3f} ± {self.sd:.3f} ({self.ci95[0]:.3f}-{self.ci95[1]:.3f})"
+
+
+def seed_stat(values: Sequence[Optional[float]]) -> Stat:
+    """mean, sd and the 95 % t-interval over the seeds' values (missing and NaN left out)."""
+    finite = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    n = len(finite)
+    if n == 0:
+        return Stat(0)
+    mean = float(np.mean(finite))
+    if n == 1:
+        return Stat(1, mean)
+    from scipy.stats import t
+
+    sd = float(np.std(finite, ddof=1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return Stat(n, mean, sd, (mean - half, mean + half))
+
+
+@dataclass
+class Configuration:
+    """Members whose hyper-parameters are the same but for the seed; `members` best first."""
+    levers: dict  # the sweep's varying hyper-parameters but the seed -> this configuration's values
+    members: list[Member]
+
+    @property
+    def finished(self) -> list[Member]:
+        return [m for m in self.members if m.status == "ok"]
+
+    def stat(self, column: str) -> Stat:
+        """The column over the configuration's finished (ok) members."""
+        return seed_stat([m.values().get(column) for m in self.finished])
+
+    @property
+    def best(self) -> Optional[Member]:
+        """Its finished member with the best val AUC."""
+        done = [m for m in self.finished if m.best_val_auc is not None and not math.isnan(m.best_val_auc)]
+        return max(done, key=lambda m: m.best_val_auc) if done else None
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.levers.items()) or "the recipe"
+
+
+def configurations(members: list[Member], by: str = "best_val_auc") -> list[Configuration]:
+    """The members grouped by their hyper-parameters but the seed (unreadable ones left out),
+    ranked by the mean of `by` over each configuration's finished members (best first; those
+    without a value last)."""
+    readable = [m for m in members if m.status != "unreadable"]
+    levers = [k for k in varying_hparams(readable) if k != SEED]
+    groups: dict[str, list[Member]] = {}
+    for m in readable:
+        key = repr(sorted((k, repr(v)) for k, v in m.hparams.items() if k not in (SEED, "status")))
+        groups.setdefault(key, []).append(m)
+    configs = [Configuration({k: ms[0].hparams.get(k) for k in levers}, rank(ms, "best_val_auc"))
+               for ms in groups.values()]
+    sign = 1.0 if by in LOWER_IS_BETTER else -1.0
+
+    def key(c: Configuration) -> tuple:
+        mean = c.stat(by).mean
+        return (mean is None, sign * (mean or 0.0), c.label)
+
+    return sorted(configs, key=key)
+
+
+def seeds_vary(members: list[Member]) -> bool:
+    """True when some configuration has more than one member (a sweep over seeds)."""
+    return any(len(c.members) > 1 for c in configurations(members))
+
+
+def aggregated_columns(members: list[Member]) -> list[str]:
+    """What the configuration table gives over seeds: best val AUC and the metrics at the
+    val-chosen threshold on every other evaluated split."""
+    return ["best_val_auc", *[f"{s}_{m}" for s in eval_splits(members) for m in EVAL_METRICS]]
+
+
+def config_rows(configs: list[Configuration], members: list[Member]) -> tuple[list[str], list[dict], list[str]]:
+    """(display columns, one dict per configuration in rank order, csv columns): each aggregated
+    column as "mean ± sd (CI)" for the terminal and markdown, and as numbers for the csv."""
+    levers = list(configs[0].levers) if configs else []
+    aggregated = aggregated_columns(members)
+    columns = ["rank", *levers, "seeds", "ok", *aggregated, "best_member"]
+    numeric = ["rank", *levers, "seeds", "ok", *[f"{c}_{s}" for c in aggregated
+                                                  for s in ("mean", "sd", "ci95_low", "ci95_high", "n")], "best_member"]
+    out = []
+    for i, c in enumerate(configs):
+        seeds = sorted((m.hparams.get(SEED) for m in c.members), key=lambda v: (not isinstance(v, (int, float)), str(v)
+                                                                              if not isinstance(v, (int, float)) else v))
+        row = {"rank": i + 1, **c.levers, "seeds": ",".join(str(v) for v in seeds),
+               "ok": f"{len(c.finished)}/{len(c.members)}", "best_member": c.best.name if c.best else None}
+        for column in aggregated:
+            stat = c.stat(column)
+            row[column] = stat.text()
+            row.update({f"{column}_mean": stat.mean, f"{column}_sd": stat.sd, f"{column}_n": stat.n,
+                        f"{column}_ci95_low": stat.ci95[0] if stat.ci95 else None,
+                        f"{column}_ci95_high": stat.ci95[1] if stat.ci95 else None})
+        out.append(row)
+    return columns, out, numeric
+
+
+def config_table(configs: list[Configuration], members: list[Member], markdown: bool = False) -> str:
+    columns, data, _ = config_rows(configs, members)
+    return render(columns, data, markdown)
+
+
+# -- figures --------------------------------------------------------------------------------------
 
 def train_loss_curve(member: Member) -> tuple[np.ndarray, np.ndarray]:
     """(step, loss) of a member: per-step losses from its TensorBoard file, else per epoch."""
@@ -196,13 +374,24 @@ def train_loss_curve(member: Member) -> tuple[np.ndarray, np.ndarray]:
 
 
 def setting_of(members: list[Member]):
-    """A member's levers other than lr and momentum as one label (e.g. "mse, image_size=72"):
-    the heat map's panels and the loss curves' colours, so members that differ in more than
-    lr and momentum never share a cell or a colour."""
-    levers = [k for k in varying_hparams(members) if k not in ("lr", "momentum")] or ["loss"]
-    if len(levers) > 2:  # too many to spell out: the member's own (readable) folder name
-        return lambda m: m.name
-    return lambda m: ", ".join(f"{m.hparams[k]}" if k == "loss" else f"{k}={m.hparams[k]}" for k in levers)
+    """A member's levers other than lr, momentum and the seed as one label (e.g. "mse,
+    image_size=72"): the heat map's panels and the loss curves' colours, so members that differ
+    in more than lr and momentum never share a cell or a colour (and the seeds of one
+    configuration always do)."""
+    levers = [k for k in varying_hparams(members) if k not in ("lr", "momentum", SEED)] or ["loss"]
+    if len(levers) > 2:  # too many to spell out: the member's own levers, seed left out
+        return lambda m: ", ".join(f"{k}={m.hparams.get(k)}" for k in levers)
+    return lambda m: ", ".join(f"{m.hparams.get(k)}" if k == "loss" else f"{k}={m.hparams.get(k)}" for k in levers)
+
+
+def _g(value) -> str:
+    """A lever's value on an axis: 0.01, or as written when it is not a number (a failed run's)."""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _levels(values) -> list:
+    """A lever's distinct values in order, numbers first (a failed run may hold one as text)."""
+    return sorted(set(values), key=lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
 
 
 MAX_GRID_VALUES = 8  # lr or momentum values beyond which the lr x momentum figures are unreadable
@@ -217,34 +406,39 @@ def is_grid(members: list[Member]) -> bool:
 
 def heatmap_figure(members: list[Member]):
     """Best val AUC over lr x momentum, one panel per setting of the other levers (per loss in
-    a loss x lr x momentum sweep); diverged/failed cells say so."""
+    a loss x lr x momentum sweep), the mean over a cell's seeds (± their sd, and how many);
+    diverged/failed cells say so."""
     import matplotlib.pyplot as plt
 
+    members = [m for m in members if m.status != "unreadable"]
     setting = setting_of(members)
     panels = sorted({setting(m) for m in members})
-    lrs = sorted({m.hparams["lr"] for m in members})
-    moms = sorted({m.hparams["momentum"] for m in members})
+    lrs = _levels(m.hparams["lr"] for m in members)
+    moms = _levels(m.hparams["momentum"] for m in members)
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 1.3 * len(lrs) * len(panels), 1.2 + 0.8 * len(moms)),
                              dpi=110, squeeze=False)
     for ax, panel in zip(axes[0], panels):
         grid = np.full((len(moms), len(lrs)), np.nan)
-        labels = [["" for _ in lrs] for _ in moms]
+        cells: dict[tuple[int, int], list[Member]] = {}
         for m in members:
-            if setting(m) != panel:
-                continue
-            i, j = moms.index(m.hparams["momentum"]), lrs.index(m.hparams["lr"])
-            auc = m.best_val_auc
-            if auc is not None and not math.isnan(auc):
-                grid[i, j] = auc
-            labels[i][j] = (f"{auc:.3f}" if auc is not None and not math.isnan(auc) else "") + (
-                "" if m.status == "ok" else f"\n{m.status}")
+            if setting(m) == panel:
+                cells.setdefault((moms.index(m.hparams["momentum"]), lrs.index(m.hparams["lr"])), []).append(m)
+        labels = [["" for _ in lrs] for _ in moms]
+        for (i, j), here in cells.items():
+            stat = seed_stat([m.best_val_auc for m in here])
+            if stat.mean is not None:
+                grid[i, j] = stat.mean
+            text = "" if stat.mean is None else f"{stat.mean:.3f}" + (
+                f"\n±{stat.sd:.3f} n={stat.n}" if stat.sd is not None else "")
+            statuses = sorted({m.status for m in here} - {"ok"})
+            labels[i][j] = text + ("\n" + ",".join(statuses) if statuses else "")
         image = ax.imshow(grid, cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto")
         for i in range(len(moms)):
             for j in range(len(lrs)):
                 ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8,
                         color="white" if np.isnan(grid[i, j]) or grid[i, j] < 0.8 else "black")
-        ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs])
-        ax.set_yticks(range(len(moms)), [f"{v:g}" for v in moms])
+        ax.set_xticks(range(len(lrs)), [_g(v) for v in lrs])
+        ax.set_yticks(range(len(moms)), [_g(v) for v in moms])
         ax.set_xlabel("lr")
         if ax is axes[0][0]:
             ax.set_ylabel("momentum")
@@ -256,24 +450,30 @@ def heatmap_figure(members: list[Member]):
 
 def curves_figure(members: list[Member]):
     """Training-loss curves, one panel per (lr, momentum), the members' other levers overlaid
-    (one colour per setting, e.g. per loss; see setting_of)."""
+    (one colour per setting, e.g. per loss; see setting_of): each member a line, its seeds in
+    the same colour."""
     import matplotlib.pyplot as plt
 
-    lrs = sorted({m.hparams["lr"] for m in members})
-    moms = sorted({m.hparams["momentum"] for m in members})
+    members = [m for m in members if m.status != "unreadable"]
+    lrs = _levels(m.hparams["lr"] for m in members)
+    moms = _levels(m.hparams["momentum"] for m in members)
     fig, axes = plt.subplots(len(moms), len(lrs), figsize=(4.0 * len(lrs), 3.0 * len(moms)),
                              dpi=100, squeeze=False, sharex=True)
     setting = setting_of(members)
     settings = sorted({setting(m) for m in members})
     limits: dict[int, tuple[float, float]] = {}  # per panel: a blow-up spike must not flatten the rest
+    labelled: set = set()
     for m in members:
         ax = axes[moms.index(m.hparams["momentum"])][lrs.index(m.hparams["lr"])]
         steps, loss = train_loss_curve(m)
         window = max(1, min(len(loss), len(loss) // 25))  # light smoothing: a moving average
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid") if len(loss) else loss
         label = setting(m) + ("" if m.status == "ok" else f" ({m.status})")
-        # one colour per setting in every panel; a member without a curve still gets its legend entry
-        ax.plot(steps[window - 1:] if len(loss) else [], smooth, lw=1.5, label=label,
+        # one colour per setting in every panel; a member without a curve still gets its legend entry;
+        # a setting's other seeds add no second entry
+        shown = label if (id(ax), label) not in labelled else "_nolegend_"
+        labelled.add((id(ax), label))
+        ax.plot(steps[window - 1:] if len(loss) else [], smooth, lw=1.5, label=shown,
                 color=f"C{settings.index(setting(m)) % 10}")
         if len(smooth):
             lo, hi = limits.get(id(ax), (np.inf, -np.inf))
@@ -282,7 +482,7 @@ def curves_figure(members: list[Member]):
     for i, mom in enumerate(moms):
         for j, lr in enumerate(lrs):
             ax = axes[i][j]
-            ax.set_title(f"lr={lr:g}, momentum={mom:g}", fontsize=9)
+            ax.set_title(f"lr={_g(lr)}, momentum={_g(mom)}", fontsize=9)
             if id(ax) in limits:
                 ax.set_ylim(*limits[id(ax)])
             ax.grid(alpha=0.3)
@@ -298,22 +498,34 @@ def curves_figure(members: list[Member]):
 
 def val_vs_split_figure(members: list[Member], split: str):
     """Best val AUC against the split's AUC and specificity (at the val-chosen threshold), one
-    point per member: how much validation says about new patients."""
+    point per member: how much validation says about new patients. With seeds, a configuration's
+    members share a colour and its mean (± sd) is a cross."""
     import matplotlib.pyplot as plt
 
     done = [(i + 1, m) for i, m in enumerate(members)
             if m.values().get(f"{split}_auc") is not None and m.best_val_auc is not None]
+    configs = configurations([m for _, m in done]) if done else []
+    grouped = any(len(c.members) > 1 for c in configs)
+    colour = {id(m): f"C{k % 10}" if grouped else "C0" for k, c in enumerate(configs) for m in c.members}
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=110)
     x = [m.best_val_auc for _, m in done]
     for ax, metric in zip(axes, ("auc", "specificity")):
         y = [m.values().get(f"{split}_{metric}") for _, m in done]
         y = [np.nan if v is None else v for v in y]  # (no overall specificity with more classes)
-        ax.scatter(x, y, s=30, color="C0")
+        ax.scatter(x, y, s=30, color=[colour[id(m)] for _, m in done])
         for (number, _), xi, yi in zip(done, x, y):
             ax.annotate(str(number), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if grouped:
+            for k, c in enumerate(configs):
+                sx, sy = c.stat("best_val_auc"), c.stat(f"{split}_{metric}")
+                if sx.mean is not None and sy.mean is not None:
+                    ax.errorbar(sx.mean, sy.mean, xerr=sx.sd or 0, yerr=sy.sd or 0, fmt="x", ms=9, lw=1,
+                                color=f"C{k % 10}", label=f"#{k + 1} {c.label}"[:40] if k < 10 else "_nolegend_")
         ax.set_xlabel("best val AUC (chooses the checkpoint)")
         ax.set_ylabel(f"{split} {metric}" + (" at the val-chosen threshold" if metric != "auc" else ""))
         ax.grid(alpha=0.3)
+    if grouped:
+        axes[0].legend(fontsize=6, title="configuration: mean ± sd", title_fontsize=6)
     axes[0].set_title(f"val vs {split}: AUC", fontsize=10)
     axes[1].set_title(f"val AUC vs {split} specificity", fontsize=10)
     fig.suptitle("numbers = rank in report.md", fontsize=8)
@@ -321,52 +533,222 @@ def val_vs_split_figure(members: list[Member], split: str):
     return fig
 
 
-def export_best(members: list[Member], best_root: Path, force: bool = False,
-                top_k: int = 1) -> Optional[Path]:
-    """Copy the member with the best val AUC into <best_root>/<sweep name>/ with a MindIR
-    export, and the top_k members by val AUC into its members/1..top_k/ (for ensembles:
-    `xray.evaluate ckpt=<folder> top_k=K`); an existing folder is only replaced by a better
-    member, or with force. Returns the folder if written."""
-    ranked = [m for m in rank(members, "best_val_auc") if m.status == "ok" and m.best_val_auc is not None
-              and not math.isnan(m.best_val_auc) and (m.path / "checkpoints" / "best.ckpt").exists()]
-    if not ranked:
-        log.info("best: no finished member with a checkpoint yet")
+def seeds_figure(configs: list[Configuration], columns: Sequence[str]):
+    """One panel per column: the configurations in rank order, each member a point, the mean and
+    its t-interval 95 % CI as a bar."""
+    import matplotlib.pyplot as plt
+
+    shown = configs[:30]  # (a longer sweep: the 30 best)
+    fig, axes = plt.subplots(1, len(columns), figsize=(max(4.0, 0.45 * len(shown) + 1.5) * len(columns) / 1.6, 3.8),
+                             dpi=100, squeeze=False)
+    rng = np.random.default_rng(0)  # a fixed jitter: the same figure every time
+    for ax, column in zip(axes[0], columns):
+        for k, c in enumerate(shown):
+            values = [m.values().get(column) for m in c.finished]
+            values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            ax.scatter(k + 0.85 + rng.uniform(-0.1, 0.1, len(values)), values, s=18, color="C0", alpha=0.8, zorder=3)
+            stat = c.stat(column)
+            if stat.mean is not None:
+                err = [[stat.mean - stat.ci95[0]], [stat.ci95[1] - stat.mean]] if stat.ci95 else None
+                ax.errorbar(k + 1.15, stat.mean, yerr=err, fmt="_", ms=12, color="C3", lw=1.5, capsize=3, zorder=2)
+        ax.set_xticks(range(1, len(shown) + 1), [str(k) for k in range(1, len(shown) + 1)])
+        ax.set_xlim(0.5, len(shown) + 0.5)
+        ax.set_xlabel("configuration (rank)")
+        ax.set_title(column, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("members (blue), mean and 95 % CI (red)")
+    fig.tight_layout()
+    return fig
+
+
+# -- the best model: export with its card ---------------------------------------------------------
+
+@dataclass
+class Choice:
+    """What the export takes: the best configuration by its mean best val AUC over seeds, its
+    best member, and the members exported (the winner, or with ensemble all of its seeds)."""
+    eligible: list[Member]
+    configuration: Configuration
+    winner: Member
+    exported: list[Member]
+
+    @property
+    def value(self) -> float:
+        return self.configuration.stat("best_val_auc").mean
+
+    def record(self, ensemble: bool) -> dict:
+        stat = self.configuration.stat("best_val_auc")
+        return {"by": "mean best val AUC over the configuration's seeds", "value": stat.mean, "sd": stat.sd,
+                "ci95": list(stat.ci95) if stat.ci95 else None, "seeds": stat.n,
+                "configuration": self.configuration.levers, "ensemble": ensemble,
+                "members": [str(m.path) for m in self.exported]}
+
+
+def choose(members: list[Member], ensemble: bool = False) -> Optional[Choice]:
+    """The export's choice among the finished members with a checkpoint (None: none yet);
+    refuses (one line) a sweep of several tasks and an ensemble of one."""
+    eligible = [m for m in rank(members, "best_val_auc") if m.status == "ok" and m.best_val_auc is not None
+                and not math.isnan(m.best_val_auc) and m.checkpoint.exists()]
+    if not eligible:
         return None
-    tasks = sorted({m.hparams.get("task", "binary") for m in ranked})
+    tasks = sorted({m.hparams.get("task", "binary") for m in eligible})
     if len(tasks) > 1:  # a 3-class macro AUC and a two-class AUC do not rank one another
         raise XrayError(f"best: the members train different tasks ({', '.join(tasks)}), whose val AUCs do "
                         "not compare; sweep one task at a time, or report with --no-best")
-    winner = ranked[0]
-    if top_k > len(ranked):
-        raise XrayError(f"--top-k {top_k}: only {len(ranked)} members finished with a checkpoint")
+    best = configurations(eligible, "best_val_auc")[0]
+    if ensemble and len(best.finished) < 2:
+        raise XrayError(f"--ensemble: the best configuration ({best.label}) has {len(best.finished)} finished "
+                        "member; an ensemble needs its seeds (sweep seed=1,2,3 or +sweep=seeds), or drop --ensemble")
+    return Choice(eligible, best, best.best, best.finished if ensemble else [best.best])
+
+
+def export_best(members: list[Member], best_root: Path, force: bool = False,
+                top_k: int = 1, ensemble: bool = False) -> Optional[Path]:
+    """Copy the best member of the best configuration (by mean best val AUC over its seeds; with
+    one member per configuration, the member with the best val AUC) into
+    <best_root>/<sweep name>/ with a MindIR export; with `ensemble`, all of that configuration's
+    members too, as members/1..K (`xray.evaluate ckpt=<folder> top_k=K`). Then calibrate it on
+    val, evaluate it on val and the other eval splits, and write its model card and ONNX file
+    (export_deliverables). top_k copies the top_k members by val AUC into members/1..top_k/
+    (not with ensemble). An existing folder is only replaced by a better choice (or with force).
+    Returns the folder if written."""
+    if ensemble and top_k > 1:
+        raise XrayError("--ensemble exports the best configuration's seeds as members/1..K; it does not "
+                        "combine with --top-k")
+    choice = choose(members, ensemble)
+    if choice is None:
+        log.info("best: no finished member with a checkpoint yet")
+        return None
+    winner, task = choice.winner, choice.winner.hparams.get("task", "binary")
+    if top_k > len(choice.eligible):
+        raise XrayError(f"--top-k {top_k}: only {len(choice.eligible)} members finished with a checkpoint")
     target = Path(best_root) / winner.sweep_name
-    current_auc = -1.0
+    current_value = -1.0
     if (target / "metrics.json").exists() and not force:
         current = json.loads((target / "metrics.json").read_text())
-        current_auc = (current.get("best_val") or {}).get("auc") or -1.0
+        current_value = ((current.get("selection") or {}).get("value")
+                         or (current.get("best_val") or {}).get("auc") or -1.0)
         current_task = (current.get("hparams") or {}).get("task", "binary")
-        if current_task != tasks[0]:
+        if current_task != task:
             raise XrayError(f"best: {target} holds a task={current_task} model, this sweep trains "
-                            f"task={tasks[0]}; give the sweep its own sweep_name, or --force to replace it")
-    if winner.best_val_auc > current_auc:
+                            f"task={task}; give the sweep its own sweep_name, or --force to replace it")
+    written = False
+    if choice.value > current_value:
         with atomic_dir(target) as tmp:
-            copy_member(winner, tmp)
+            copy_member(winner, tmp, choice.record(ensemble))
             cfg = OmegaConf.load(tmp / "config.yaml")
             manifest = Path(cfg.data.dir) / "manifest.json"
             if manifest.exists():
                 shutil.copy2(manifest, tmp / "manifest.json")
             export_mindir(tmp / "best.ckpt", tmp / "model.mindir")  # (an older members/ goes with it)
             calibrate_export(tmp / "best.ckpt")
-        log.info("best: %s (val AUC %.4f) -> %s", winner.name, winner.best_val_auc, target)
+            checkpoints = [tmp / "best.ckpt"]
+            if ensemble:
+                checkpoints = []
+                for i, member in enumerate(choice.exported, start=1):
+                    copy_member(member, tmp / "members" / str(i))
+                    calibrate_export(tmp / "members" / str(i) / "best.ckpt")
+                    checkpoints.append(tmp / "members" / str(i) / "best.ckpt")
+            export_deliverables(tmp, target, checkpoints, cfg, winner)
+        written = True
+        what = (f"{len(choice.exported)} seeds of {choice.configuration.label}" if ensemble else winner.name)
+        log.info("best: %s (mean val AUC %.4f over %d seed(s); member val AUC %.4f) -> %s", what, choice.value,
+                 choice.configuration.stat("best_val_auc").n, winner.best_val_auc, target)
     else:
         log.info("best: %s keeps its model (val AUC %.4f >= %.4f of %s); --force replaces it",
-                 target, current_auc, winner.best_val_auc, winner.name)
+                 target, current_value, choice.value, choice.configuration.label)
     if top_k > 1:  # (re)written whenever asked for: the sweep's top_k by val AUC
         with atomic_dir(target / "members") as tmp:
-            for i, member in enumerate(ranked[:top_k], start=1):
+            for i, member in enumerate(choice.eligible[:top_k], start=1):
                 copy_member(member, tmp / str(i))
         log.info("best: top %d members by val AUC -> %s/members/1..%d", top_k, target, top_k)
-    return target if winner.best_val_auc > current_auc or top_k > 1 else None
+    return target if written or top_k > 1 else None
+
+
+CARD_EXPLAIN = 3  # Grad-CAM images per row of the exported model's gallery (evaluate explain=N)
+
+
+def export_deliverables(folder: Path, target: Path, checkpoints: list[Path], cfg, winner: Member) -> None:
+    """The exported model (one checkpoint, or an ensemble's members) evaluated on val and on the
+    other eval splits of its run (through its temperature: calibrate first), its model card
+    and its ONNX file(s), all in `folder` (the temp folder that becomes `target`). A data set
+    that is gone costs the evaluation (the card then shows the member's own results), a missing
+    onnx package the ONNX file: each a warning."""
+    from xray.card import write_model_card
+
+    results, source = evaluate_export(folder, checkpoints, cfg), folder
+    if not results:
+        results, source = dict(winner.evals), winner.path
+        log.warning("best: the card shows %s's own evaluation (as trained, no temperature)", winner.name)
+    if results:
+        write_model_card(source, [Path(c) for c in checkpoints] if source == folder else [winner.checkpoint],
+                         results, out_dir=folder)
+    else:
+        log.warning("best: no evaluation of %s at all: no model card", winner.name)
+    onnx_targets = [folder / "best.ckpt"] + ([Path(c) for c in checkpoints] if len(checkpoints) > 1 else [])
+    for checkpoint in onnx_targets:
+        export_onnx_beside(checkpoint, target)
+    retarget(folder, target)
+
+
+def evaluate_export(folder: Path, checkpoints: list[Path], cfg) -> dict:
+    """{split: eval result} of the exported model on val and then on each other split of its
+    run's train.eval_splits that its data set has (thresholds chosen on val); {} with a warning
+    when it cannot be evaluated (e.g. its data set is gone)."""
+    from xray.evaluate import chosen_thresholds, evaluate
+
+    wanted = list(OmegaConf.select(cfg, "train.eval_splits", default=None) or ["val", "test"])
+    splits = ["val"] + [s for s in wanted if s != "val"]
+    options = dict(batch_size=int(OmegaConf.select(cfg, "batch_size", default=64)),
+                   bootstrap=int(OmegaConf.select(cfg, "train.eval_bootstrap", default=1000)),
+                   workers=int(OmegaConf.select(cfg, "data.workers", default=2)), out_dir=folder)
+    results: dict = {}
+    try:
+        manifest = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
+        present = [s for s in splits if (manifest.get("splits", {}).get(s) or {}).get("file")]
+        if "val" not in present:
+            raise XrayError(f"{cfg.data.dir} has no val split to choose the threshold on")
+        thresholds = None
+        for split in present:
+            explain = CARD_EXPLAIN if split != "val" and len(checkpoints) == 1 else 0
+            results[split] = evaluate(checkpoints, split, val_thresholds=thresholds, explain=explain, **options)
+            if split == "val":
+                thresholds = chosen_thresholds(results[split])
+    except (XrayError, OSError, ValueError) as e:
+        log.warning("best: the exported model was not evaluated (%s)", _first_line(e))
+        return {}
+    return results
+
+
+def export_onnx_beside(checkpoint: Path, target: Path) -> None:
+    """model.onnx beside the checkpoint (xray.export, after its calibration: the temperature is
+    in its metadata); without the onnx packages a warning, not a failure."""
+    from xray.export import export_onnx
+
+    try:
+        export_onnx(checkpoint, checkpoint.parent / "model.onnx")
+    except XrayError as e:
+        log.warning("best: no ONNX export of %s (%s)", checkpoint.name, e)
+
+
+def retarget(folder: Path, target: Path) -> None:
+    """The results written in the temp folder name it: name the folder it becomes instead (JSON,
+    markdown, HTML, and the ONNX files' `checkpoint` metadata)."""
+    old, new = str(folder), str(target)
+    for path in [*folder.glob("*"), *folder.glob("members/*/*")]:
+        if path.suffix in (".json", ".md", ".html") and path.is_file():
+            text = path.read_text()
+            if old in text or folder.name in text:
+                write_text(path, text.replace(old, new).replace(folder.name, target.name))
+        elif path.suffix == ".onnx":
+            try:
+                import onnx
+            except ImportError:
+                continue
+            proto = onnx.load(str(path))
+            for entry in proto.metadata_props:
+                entry.value = entry.value.replace(old, new)
+            onnx.save(proto, str(path))
 
 
 def calibrate_export(checkpoint: Path) -> None:
@@ -380,13 +762,19 @@ def calibrate_export(checkpoint: Path) -> None:
         log.warning("best: not calibrated (%s)", e)
 
 
-def copy_member(member: Member, folder: Path) -> None:
-    """best.ckpt (a hard link where the file system allows: no second copy of 230 MB),
-    config.yaml and metrics.json (with the member it came from) into folder."""
+def copy_member(member: Member, folder: Path, selection: Optional[dict] = None) -> None:
+    """best.ckpt (a hard link where the file system allows: no second copy of 230 MB) with its
+    best.json, config.yaml and metrics.json (with the member it came from, and how it was
+    chosen) into folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    link_or_copy(member.path / "checkpoints" / "best.ckpt", folder / "best.ckpt")
+    link_or_copy(member.checkpoint, folder / "best.ckpt")
+    for source, name in ((member.checkpoint.with_suffix(".json"), "best.json"),  # its sha256 and identity
+                         (member.path / "train_images.txt", "train_images.txt")):  # what evaluate checks leaks against
+        if source.is_file():
+            shutil.copy2(source, folder / name)
     shutil.copy2(member.path / "config.yaml", folder / "config.yaml")
-    write_json(folder / "metrics.json", {**member.metrics, "source": str(member.path)})
+    write_json(folder / "metrics.json", {**member.metrics, "source": str(member.path),
+                                         **({"selection": selection} if selection else {})})
 
 
 def link_or_copy(source, target) -> None:
@@ -409,38 +797,149 @@ def export_mindir(checkpoint: Path, path: Path) -> None:
     ms.export(model.net, example, file_name=str(path.with_suffix("")), file_format="MINDIR")
 
 
+# -- the sweep's page and its members' cards ------------------------------------------------------
+
+CARDS = "cards"  # <sweep>/cards/<member>.html: the members' model cards
+
+
+def write_member_cards(members: list[Member], sweep_dir: Path) -> dict[str, str]:
+    """A model card of each finished, evaluated member into <sweep>/cards/<member>.{html,md}
+    (its own folder is left as training wrote it); an existing card newer than the member's
+    results is kept. No MindSpore: a member's Grad-CAM gallery is its own cam_errors_<split>.png.
+    Returns {member name: the card's link relative to the sweep folder}."""
+    from urllib.parse import quote
+
+    from xray.card import write_model_card
+
+    out = Path(sweep_dir) / CARDS
+    links = {}
+    for m in members:
+        if m.status != "ok" or not m.evals:
+            continue
+        page = out / f"{m.name}.html"
+        inputs = [p for pattern in ("metrics.json", "config.yaml", "calibration.json", "eval_*.json",
+                                    "predictions_*.csv", "cam_errors_*.png") for p in m.path.glob(pattern)]
+        newest = max((p.stat().st_mtime for p in inputs), default=0.0)
+        if not (page.is_file() and page.stat().st_mtime >= newest and page.with_suffix(".md").is_file()):
+            try:
+                write_model_card(m.path, [m.checkpoint], m.evals, out_dir=out, name=m.name, gallery=False)
+            except Exception as e:  # noqa: BLE001 - one member's odd files must not cost the report
+                log.warning("report: no model card for %s (%s: %s)", m.name, type(e).__name__, _first_line(e))
+                continue
+        links[m.name] = f"{CARDS}/{quote(m.name)}.html"
+    return links
+
+
+def sweep_page(sweep_dir: Path, members: list[Member], rank_by: str, card_links: dict[str, str],
+               best: Optional[Path] = None) -> Path:
+    """report.html: the sweep on one self-contained page (figures embedded): the configurations
+    ranked over seeds, the members with links to their cards, the unreadable ones and why, the
+    heat map, loss curves and val vs test figures the report drew."""
+    from xray.card import Figure, Link, Section, Table, to_html
+
+    sweep_dir = Path(sweep_dir)
+    counts = status_counts(members)
+    summary = [f"{len(members)} members: {counts} (ranked by {rank_by}). Folder: {sweep_dir}."]
+    if best is not None:
+        card = best / "model_card.html"
+        if card.is_file():
+            summary.append(Link(f"The exported best model's card ({best})", os.path.relpath(card, sweep_dir)))
+        else:
+            summary.append(f"The best model is exported to {best}.")
+    sections = [Section("summary", summary, "Summary")]
+    if seeds_vary(members):
+        configs = configurations(members, rank_by)
+        columns, data, _ = config_rows(configs, members)
+        blocks: list = [Table(columns, [[_fmt(r.get(c)) for c in columns] for r in data],
+                              f"members that differ only by seed, ranked by the mean of {rank_by}; "
+                              "mean ± sd (95 % t-interval CI) over the finished seeds")]
+        if (sweep_dir / "seeds.png").is_file():
+            blocks.append(Figure("each member a point; the mean and its CI in red", (sweep_dir / "seeds.png").read_bytes()))
+        sections.append(Section("configurations", blocks, "Configurations over seeds"))
+    columns, data = rows(members)
+    columns = [c for c in columns if c != "checkpoint"]
+    columns.insert(columns.index("member") + 1, "card")
+    table_rows = [[(Link("card", card_links[r["member"]]) if r["member"] in card_links else None) if c == "card"
+                   else _fmt(r.get(c)) for c in columns] for r in data]
+    sections.append(Section("members", [Table(columns, table_rows, "every member, ranked by " + rank_by)], "Members"))
+    unreadable = [(m.name, m.reason) for m in members if m.status == "unreadable"]
+    if unreadable:
+        sections.append(Section("unreadable", [Table(["member", "reason"], [list(u) for u in unreadable],
+                                                     "members whose files cannot be read: not ranked, not exported")],
+                                "Unreadable members"))
+    figures = [Figure(title, (sweep_dir / name).read_bytes()) for name, title in (
+        ("heatmap_auc.png", "best val AUC over lr x momentum"), ("loss_curves.png", "training loss"),
+        *[(p.name, p.stem.replace("_", " ")) for p in sorted(sweep_dir.glob("val_vs_*.png"))]) if (sweep_dir / name).is_file()]
+    sections.append(Section("figures", figures or ["No figures (no member finished with a grid of lr x momentum)."],
+                            "Figures"))
+    page = sweep_dir / "report.html"
+    write_text(page, to_html(f"Sweep {sweep_dir.name}", sections))
+    return page
+
+
+def status_counts(members: list[Member]) -> str:
+    counts = {s: sum(m.status == s for m in members) for s in ("ok", "diverged", "failed", "unfinished", "unreadable")}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+
+
 def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), force: bool = False,
-           out=None, rank_by: str = "best_val_auc", top_k: int = 1) -> list[Member]:
-    """Print the ranking (by `rank_by`), write report.{csv,md}, the plots into the sweep folder,
-    and export the best member by val AUC, whatever the ranking shown (unless best_root is
-    None): the product chooses on validation only."""
+           out=None, rank_by: str = "best_val_auc", top_k: int = 1, ensemble: bool = False,
+           cards: bool = True) -> list[Member]:
+    """Print the ranking (by `rank_by`; with seeds, the configurations ranked by their mean too),
+    write report.{csv,md,html} (and report_seeds.csv), the plots and the members' model cards
+    into the sweep folder, and export the best configuration by mean val AUC (its best member,
+    or with `ensemble` all its seeds), whatever the ranking shown (unless best_root is None):
+    the product chooses on validation only."""
     from xray.plots import save_figure
 
+    if ensemble and top_k > 1:
+        raise XrayError("--ensemble exports the best configuration's seeds as members/1..K; it does not "
+                        "combine with --top-k")
     out = out or sys.stdout
     sweep_dir = Path(sweep_dir)
     members = collect(sweep_dir, rank_by)
     text = table(members)
     out.write(text)
-    counts = {s: sum(m.status == s for m in members) for s in ("ok", "diverged", "failed", "unfinished")}
-    out.write(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" (ranked by {rank_by})\n")
+    for line in unreadable_lines(members):
+        out.write(line + "\n")
+    out.write(f"{status_counts(members)} (ranked by {rank_by})\n")
+    markdown = f"# Sweep {sweep_dir.name}\n\nRanked by {rank_by}.\n\n" + table(members, markdown=True)
+    if unreadable_lines(members):
+        markdown += "\n" + "".join(f"- {line}\n" for line in unreadable_lines(members))
     write_csv(members, sweep_dir / "report.csv")
-    write_text(sweep_dir / "report.md", f"# Sweep {sweep_dir.name}\n\nRanked by {rank_by}.\n\n"
-               + table(members, markdown=True))
-    if is_grid(members):
-        if {"lr", "momentum"} & set(varying_hparams(members)):
-            save_figure(heatmap_figure(members), sweep_dir / "heatmap_auc.png")
-        save_figure(curves_figure(members), sweep_dir / "loss_curves.png")
-    else:
+    readable = [m for m in members if m.status != "unreadable"]
+    if seeds_vary(members):
+        configs = configurations(members, rank_by)
+        out.write(f"\nconfigurations over seeds, ranked by the mean of {rank_by} (mean ± sd (95 % CI)):\n")
+        out.write(config_table(configs, members))
+        markdown += (f"\n## Configurations over seeds\n\nRanked by the mean of {rank_by}; mean ± sd (95 % t-interval "
+                     "CI) over each configuration's finished seeds.\n\n" + config_table(configs, members, markdown=True))
+        _, data, numeric = config_rows(configs, members)
+        _write_csv(numeric, data, sweep_dir / "report_seeds.csv")
+        save_figure(seeds_figure(configs, aggregated_columns(members)), sweep_dir / "seeds.png")
+    write_text(sweep_dir / "report.md", markdown)
+    if readable and is_grid(readable):
+        if {"lr", "momentum"} & set(varying_hparams(readable)):
+            save_figure(heatmap_figure(readable), sweep_dir / "heatmap_auc.png")
+        save_figure(curves_figure(readable), sweep_dir / "loss_curves.png")
+    elif readable:
         log.info("report: lr and momentum take more than %d values (a search, not a grid): no "
                  "heat map or loss-curve grid; read the table and TensorBoard", MAX_GRID_VALUES)
     for split in eval_splits(members):
         if split != "val":
             save_figure(val_vs_split_figure(members, split), sweep_dir / f"val_vs_{split}.png")
+    links = write_member_cards(members, sweep_dir) if cards else {}
+    sweep_page(sweep_dir, members, rank_by, links)
     if best_root is not None:
+        choice = choose(members, ensemble)  # (an ensemble of one is refused before MindSpore starts)
         from xray.device import setup_device
 
         setup_device("CPU")
-        export_best(members, best_root, force, top_k)
+        best = export_best(members, best_root, force, top_k, ensemble)
+        target = best or (Path(best_root) / choice.winner.sweep_name if choice else None)
+        if target is not None and target.is_dir():
+            sweep_page(sweep_dir, members, rank_by, links, target)
+    log.info("report: %s", sweep_dir / "report.html")
     return members
 
 
@@ -639,9 +1138,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--force", action="store_true", help="replace the best folder even if not better")
     parser.add_argument("--rank-by", default="best_val_auc",
                         help="column to rank by, e.g. test_auc (default best_val_auc); the export "
-                             "always takes the best by val AUC")
+                             "always takes the best configuration by mean val AUC over its seeds")
     parser.add_argument("--top-k", type=int, default=1,
                         help="also copy the K best members by val AUC into <best>/members/1..K")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="export the best configuration's seeds together (<best>/members/1..K, evaluated "
+                             "and carded as one ensemble) instead of its best member")
+    parser.add_argument("--no-cards", action="store_true",
+                        help="write no model card per member (<sweep>/cards/); report.html then links none")
     compare_options = parser.add_argument_group("compare runs (instead of a sweep)")
     compare_options.add_argument("--compare", nargs="+", metavar="RUN_OR_GLOB",
                                  help="run folders or quoted globs of them, e.g. 'outputs/subtype_cpu/*'")
@@ -662,7 +1166,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 args.figure, args.markdown)
         return
     report(args.sweep_dir, None if args.no_best else args.best_root, args.force, rank_by=args.rank_by,
-           top_k=args.top_k)
+           top_k=args.top_k, ensemble=args.ensemble, cards=not args.no_cards)
 
 
 if __name__ == "__main__":
