@@ -56,7 +56,7 @@ slurm-down:
 	bash jobs/slurm-down.sh
 
 # a real sweep on the local Slurm under seeded faults, then checks and figures (docs/reliability.md);
-# about 7 minutes; e.g. make soak SOAK_ARGS="--seed 3 --out /tmp/soak"
+# 3-6 minutes here; e.g. make soak SOAK_ARGS="--seed 3 --out /tmp/soak"
 soak: setup
 	$(PY) -m jobs.soak $(SOAK_ARGS)
 

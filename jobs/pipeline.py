@@ -61,7 +61,6 @@ class TrainMember(submitit.helpers.Checkpointable):
 
     def __call__(self, overrides: list[str], run_dir: str) -> dict:
         from xray.distributed import launched_rank
-        from xray.run_folder import RunFolder
         from xray.train import train
 
         cfg = compose_train(overrides)
@@ -71,7 +70,6 @@ class TrainMember(submitit.helpers.Checkpointable):
             (run / ".hydra").mkdir(parents=True, exist_ok=True)
             OmegaConf.save(task, run / ".hydra" / "config.yaml")
             OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
-            RunFolder(run).link_job_logs()
         return train(task, run)
 
 

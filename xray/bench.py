@@ -117,9 +117,9 @@ def naive_decode(path: Path) -> tuple[int, int]:
 def convert_one(path: Path, short_side: int) -> int:
     """Exactly xray.convert's per-image work (its pool workers' function): decode in draft
     mode, upright grayscale, resize to short_side, its stored CLAHE, pixel statistics."""
-    from xray.convert import _decode
+    from xray.convert import MAX_ASPECT_RATIO, _decode
 
-    _, columns, error, _ = _decode((0, str(path), short_side, MAX_PIXELS))
+    _, columns, error, _ = _decode((0, str(path), short_side, MAX_PIXELS, MAX_ASPECT_RATIO))
     if columns is None:
         raise XrayError(f"{path}: {error}; the conversion benchmark needs readable images")
     return len(columns["image"])

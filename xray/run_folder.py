@@ -86,6 +86,15 @@ class RunFolder:
             elif path.exists():
                 path.unlink()
 
+    def remove_temp_files(self) -> None:
+        """Temp files of a writer that was killed mid-write (e.g. SIGKILL while last.ckpt was
+        being replaced); call only while holding the folder's lock."""
+        for folder in (self.path, self.checkpoints):
+            for leftover in folder.glob(".*.tmp*"):
+                if leftover.is_file() and not leftover.name.startswith(".xray.lock"):
+                    log.warning("removing %s, left by a writer that was killed", leftover)
+                    leftover.unlink(missing_ok=True)
+
     def changed_settings(self, cfg: DictConfig) -> list[str]:
         """The keys that define the model and its data whose requested value differs from the
         run's config.yaml, as "key: recorded -> requested" (keys one side lacks, e.g. added

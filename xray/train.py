@@ -73,6 +73,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             return finished
         if launched_rank() == 0:
             run.keep_hydra_record()
+            run.link_job_logs()  # (only a start that trains: a refused or no-op one keeps the run's links)
+            run.remove_temp_files()  # a writer killed mid-write (we hold the lock: nobody else writes)
         opened: list[TensorBoard] = []  # the run's event file, once fit has opened it
         # a Slurm job of several tasks: one rank each (task 0 also starts the scheduler)
         scheduler = join_slurm_job(run.path / "scheduler.log")
@@ -271,9 +273,11 @@ def resumed_pipeline(saved: SavedState, run: RunFolder) -> str:
 def prepare_folder(run: RunFolder, cfg: DictConfig, state: TrainingState, data: TrainingData) -> None:
     """Room for the checkpoints before the first step, and the run's config beside them."""
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    # best.ckpt + last.ckpt (weights and momenta) + a temp copy while one is replaced
+    # best.ckpt (weights) + last.ckpt (the whole state: weights and momenta) + a temp copy of the
+    # larger while it is replaced
     existing = sum(f.stat().st_size for f in run.checkpoints.glob("*.ckpt"))
-    ensure_space(run.checkpoints, 4 * checkpoint_bytes(state.net) - existing, "this run's checkpoints")
+    needed = checkpoint_bytes(state.net) + 2 * checkpoint_bytes(state.parameters())
+    ensure_space(run.checkpoints, needed - existing, "this run's checkpoints")
     run.write_config(cfg, data.spec.to_dict())
     run.write_train_images(data.train_images)
 
@@ -379,8 +383,6 @@ def main(cfg: DictConfig) -> Optional[float]:
     if launched_rank() > 0:  # only rank 0 writes into the run folder (its train.log included)
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
             logging.getLogger().removeHandler(handler)
-    else:
-        run.link_job_logs()
     result = train(cfg, run.path)
     return (result["best_val"] or {}).get("auc")  # for Hydra sweepers that optimize the return value
 
