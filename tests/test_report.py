@@ -290,3 +290,21 @@ def test_a_sweep_with_a_failed_and_a_cut_member_exports_the_best_with_its_card(t
     assert float(meta["temperature"]) == pytest.approx(temperature) and meta["checkpoint"] == str(best / "best.ckpt")
     page = (sweep / "report.html").read_text()
     assert "JSONDecodeError" in page and 'href="../best/sweep/model_card.html"' in page
+
+
+@pytest.mark.unit
+def test_a_member_whose_writer_was_killed_is_failed_not_unfinished(tmp_path):
+    """kill -9 leaves no metrics.json and the run folder's lock of a dead pid: the report says
+    the member failed and how to go on, instead of showing it as still running."""
+    import subprocess
+    import sys
+    killed = old_member(tmp_path, "0_lr=0.1", 0.1, 42, 0.7)
+    (killed / "metrics.json").unlink()
+    running = old_member(tmp_path, "1_lr=0.2", 0.2, 42, 0.7)
+    (running / "metrics.json").unlink()
+    subprocess.run([sys.executable, "-c", "import os, sys; from xray.run_lock import FolderLock; "
+                    "FolderLock(sys.argv[1], rank=0).acquire(); os._exit(9)", str(killed)], check=False)
+    assert (killed / ".xray.lock").exists()
+    statuses = {m.name: (m.status, m.reason) for m in collect(tmp_path)}
+    assert statuses["0_lr=0.1"][0] == "failed" and "rerunning it resumes" in statuses["0_lr=0.1"][1]
+    assert statuses["1_lr=0.2"] == ("unfinished", None)

@@ -63,7 +63,7 @@ class Member:
     sweep_name: str
     metrics: dict = field(default_factory=dict)
     evals: dict = field(default_factory=dict)  # split -> eval_<split>.json of its best.ckpt
-    reason: Optional[str] = None  # why it is unreadable
+    reason: Optional[str] = None  # why it is unreadable, or why a member without a result ended
 
     @property
     def checkpoint(self) -> Path:
@@ -134,7 +134,24 @@ def read_member(path: Path) -> Member:
     hparams = {**hparams, **(metrics.get("hparams") or {})}
     if problems:
         return Member(path.name, path, "unreadable", hparams, sweep_name, {}, {}, "; ".join(problems))
+    if "status" not in metrics:
+        killed = killed_writer(path)
+        if killed:
+            return Member(path.name, path, "failed", hparams, sweep_name, {"status": "failed", "error": killed},
+                          evals, killed)
     return Member(path.name, path, metrics.get("status", "unfinished"), hparams, sweep_name, metrics, evals)
+
+
+def killed_writer(path: Path) -> Optional[str]:
+    """Why a member without a result is not running any more: its run folder's lock names a
+    writer that is gone (e.g. kill -9), or None (still running, or never started)."""
+    from xray.run_lock import FolderLock, read_holder
+
+    holder = read_holder(path)
+    if holder is None:
+        return None
+    verdict, why = FolderLock(path, rank=0).judge(holder)
+    return f"killed ({why}); rerunning it resumes from its last.ckpt" if verdict == "stale" else None
 
 
 def _first_line(error: Exception) -> str:
