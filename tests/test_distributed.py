@@ -150,7 +150,7 @@ def test_two_ranks_train_exactly_like_one(sample_data, one_rank, tmp_path):
     # only rank 0 wrote: one event file, one metrics.json, rank 0's log lines only
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert len(list(run_dir.rglob("metrics.json"))) == 1
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "best.json"]
     assert (run_dir / "train.log").read_text().count("2 rank(s)") == 1
 
 
