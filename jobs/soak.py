@@ -61,6 +61,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from xray.run_lock import pid_alive
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
 DOC_JSON = REPO / "docs" / "reliability" / "soak.json"
@@ -177,19 +179,6 @@ def sacct_history(array: str) -> dict[str, list[str]]:
     return rows
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def read_lock(folder: Path) -> Optional[dict]:
     try:
         record = json.loads((folder / ".xray.lock").read_text())
@@ -201,7 +190,7 @@ def read_lock(folder: Path) -> Optional[dict]:
 def live_holder(folder: Path) -> Optional[dict]:
     """The lock record of the process training in `folder`, if it runs (on this host)."""
     record = read_lock(folder)
-    if record and record.get("pid") and pid_alive(int(record["pid"])):
+    if record and record.get("pid") and pid_alive(int(record["pid"]), None):
         cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
             if Path(f"/proc/{record['pid']}/cmdline").exists() else ""
         if "submitit" in cmdline or "xray" in cmdline:
@@ -427,7 +416,7 @@ class Soak:
     def poll_faults(self) -> None:
         for m in self.members:
             lines = self.new_log_lines(m)
-            if m.pending and not pid_alive(m.pending["pid"]):
+            if m.pending and not pid_alive(m.pending["pid"], None):
                 self.cut_last_ckpt(m)
             if not m.fault or m.injected or m.pending:
                 continue

@@ -33,7 +33,8 @@ import numpy as np
 from tabulate import tabulate
 
 from xray.files import write_text
-from xray.hparams import ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, binary_results, with_current_keys
+from xray.hparams import (ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, binary_results, read_predictions_csv,
+                          with_current_keys)
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +257,7 @@ def read_predictions(path: Path, classes: Sequence[str]) -> Optional[tuple[np.nd
     """(class ids, NxK probabilities as evaluate wrote them: through the temperature) of a
     predictions csv (a two-class one holds p of class 1 only); None if unreadable."""
     try:
-        with open(path, newline="") as f:
-            records = list(csv.DictReader(f))
-        labels = np.array([int(r["label"]) for r in records])
-        if len(classes) == 2:
-            p = np.array([float(r[f"p_{classes[1].lower()}"]) for r in records])
-            return labels, np.stack([1 - p, p], axis=1)
-        return labels, np.array([[float(r[f"p_{c.lower()}"]) for c in classes] for r in records])
+        return read_predictions_csv(path, classes)
     except (OSError, KeyError, ValueError) as e:
         log.warning("card: %s cannot be read (%s); its figures are left out", path, e)
         return None

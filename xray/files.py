@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from xray.run_lock import pid_alive
+
 
 def write_text(path: Path, text: str) -> None:
     """Durably: a crash or a node failure leaves the old file or the new one, never a cut one."""
@@ -122,23 +124,14 @@ def _owner() -> str:
 def remove_stale_temps(target: Path) -> list[Path]:
     """Remove .<name>.tmp-<host>-<pid> / .old- folders beside target whose process, on this
     host, is gone; returns them. Another host's folders are left alone: their process may live."""
+
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
     removed = []
     if not target.parent.is_dir():
         return removed
     for path in target.parent.iterdir():
         m = pattern.match(path.name)
-        if m and m["host"] == socket.gethostname() and not _alive(int(m["pid"])):
+        if m and m["host"] == socket.gethostname() and not pid_alive(int(m["pid"]), None):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, someone else's
-        return True
-    return True

@@ -94,6 +94,22 @@ def rule_of_chosen_on(chosen_on: Optional[str]) -> Optional[str]:
     return chosen_on
 
 
+def read_predictions_csv(path: Path, classes) -> tuple:
+    """(class ids, NxK class probabilities) of a predictions_<split>.csv written by evaluate (a
+    two-class one holds p of class 1 only). Raises OSError, KeyError or ValueError."""
+    import csv
+
+    import numpy as np
+
+    with open(path, newline="") as f:
+        records = list(csv.DictReader(f))
+    labels = np.array([int(r["label"]) for r in records])
+    if len(classes) == 2:
+        p = np.array([float(r[f"p_{classes[1].lower()}"]) for r in records])
+        return labels, np.stack([1 - p, p], axis=1)
+    return labels, np.array([[float(r[f"p_{c.lower()}"]) for c in classes] for r in records])
+
+
 def read_eval(path: Path) -> dict:
     """An eval_<split>.json with today's keys (with_current_keys); an unreadable one is one line."""
     try:

@@ -43,7 +43,8 @@ from tabulate import tabulate
 
 from xray.errors import XrayError, one_line_errors
 from xray.files import atomic_dir, write_json, write_text
-from xray.hparams import ARGMAX, AT_HALF, AT_VAL_THRESHOLD, binary_results, decision_metrics, hparams_of, read_eval
+from xray.hparams import (ARGMAX, AT_HALF, AT_VAL_THRESHOLD, binary_results, decision_metrics, hparams_of, read_eval,
+                          read_predictions_csv)
 from xray.hparams import TEST_METRICS  # the same keys TensorBoard's HParams tab shows
 from xray.labels import binary_decisions
 from xray.metrics import roc_auc, roc_curve
@@ -1057,13 +1058,7 @@ def read_predictions(folder: Path, split: str, classes: Sequence[str]) -> Option
         log.warning("compare: %s has no predictions_%s.csv; its ROC curve is left out", folder, split)
         return None
     try:
-        with open(path, newline="") as f:
-            records = list(csv.DictReader(f))
-        labels = np.array([int(r["label"]) for r in records])
-        if len(classes) == 2:
-            p = np.array([float(r[f"p_{classes[1].lower()}"]) for r in records])
-            return labels, np.stack([1 - p, p], axis=1)
-        return labels, np.array([[float(r[f"p_{c.lower()}"]) for c in classes] for r in records])
+        return read_predictions_csv(path, classes)
     except (KeyError, ValueError) as e:
         raise XrayError(f"{path} cannot be read ({type(e).__name__}: {e}); rerun `python -m xray.evaluate` "
                         "on that run's checkpoint, or delete the file") from None
