@@ -169,19 +169,26 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
                                      cfg.data.workers, group.rank, group.size) if steps > 0 else []
         net.set_train(True)
         loss = 0.0
-        for x, y in iterate(batches, steps):
-            if guard.stop_requested():
-                break
-            loss = float(step_fn(x, y, global_step).asnumpy())
-            state.run.step_in_epoch += 1
-            state.run.epoch_loss_sum += loss
-            train_images += cfg.batch_size
-            if not math.isfinite(loss):
-                break
-            tensorboard.step(global_step, loss, float(lr[min(global_step, len(lr) - 1)]))
-            global_step += 1
-            if state.run.step_in_epoch % cfg.train.log_every == 0:
-                log.info("epoch %d step %d/%d  loss %.4f", epoch, state.run.step_in_epoch, data.steps_per_epoch, loss)
+        try:
+            for x, y in iterate(batches, steps):
+                if guard.stop_requested():
+                    break
+                loss = float(step_fn(x, y, global_step).asnumpy())
+                state.run.step_in_epoch += 1
+                state.run.epoch_loss_sum += loss
+                train_images += cfg.batch_size
+                if not math.isfinite(loss):
+                    break
+                tensorboard.step(global_step, loss, float(lr[min(global_step, len(lr) - 1)]))
+                global_step += 1
+                if state.run.step_in_epoch % cfg.train.log_every == 0:
+                    log.info("epoch %d step %d/%d  loss %.4f", epoch, state.run.step_in_epoch, data.steps_per_epoch, loss)
+        except RuntimeError:
+            # the time-limit signal can interrupt MindSpore's data workers (msgrcv fails with EINTR):
+            # then stop for requeue after the last whole step (one rank: a group must stop together)
+            if not (guard.time_is_up() and group.size == 1):
+                raise
+            log.warning("epoch %d: the data pipeline was interrupted by the time-limit signal", epoch)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
         if not math.isfinite(loss):
