@@ -10,7 +10,7 @@ import pytest
 from helpers import TINY, make_cfg
 from xray.losses import SoftmaxCrossEntropy
 from xray.registry import create_model, create_schedule
-from xray.step import build_optimizer, loss_scaler, make_step, mixed_precision
+from xray.step import build_optimizer, build_training, loss_scaler, make_step, mixed_precision, release_compiled
 
 
 def _batch():
@@ -108,3 +108,34 @@ def test_a_mixed_precision_run_saves_its_loss_scale_and_evaluates_in_fp32(sample
     model = load_trained_model(run_dir / "checkpoints" / "best.ckpt")
     params = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
     assert {params[p.name].dtype for p in model.net.get_parameters()} == {ms.float32}
+
+
+def _alive(name: str) -> int:
+    """How many Parameter objects named `name` this process still holds."""
+    import gc
+
+    count = 0
+    for obj in gc.get_objects():
+        try:
+            count += isinstance(obj, ms.Parameter) and obj.name == name
+        except ReferenceError:  # (a weak proxy whose object is gone)
+            pass
+    return count
+
+
+@pytest.mark.unit
+def test_a_finished_training_lets_its_network_go():
+    """Each training in one process (a multirun's members, the tests) builds a network of 0.2 GB
+    and an optimizer as large; MindSpore keeps both of a compiled step alive until
+    release_compiled (xray.train calls it when a run ends)."""
+    cfg = make_cfg("config", TINY)
+    x, y = _batch()
+    release_compiled()
+    before = _alive("fc1.weight")  # (networks other tests of this process still hold)
+    for _ in range(2):
+        net, _, _, _, step = build_training(cfg, 72, [5, 5], np.full(4, 0.01, np.float32))
+        step(x, y, 0)
+        assert _alive("fc1.weight") == before + 1
+        del net, step
+        release_compiled()
+        assert _alive("fc1.weight") == before

@@ -43,7 +43,7 @@ from xray.provenance import provenance
 from xray.registry import create_schedule
 from xray.run_folder import RunFolder
 from xray.run_lock import FolderLock
-from xray.step import build_training
+from xray.step import build_training, release_compiled
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         finally:
             for tensorboard in opened:
                 tensorboard.close()
+            release_compiled()  # (else each training in this process keeps its network)
             # the scheduler (task 0's child) ends by itself once every rank has finalized, which is
             # at their exit; after a failure the group is broken and it would wait in vain
             if scheduler is not None and sys.exc_info()[0] is not None:
