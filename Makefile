@@ -1,5 +1,5 @@
 # The two commands a new user needs:
-#   make demo   set up, then convert -> train -> evaluate -> predict on the shipped sample
+#   make demo   set up, then convert -> train -> evaluate -> predict on the shipped demo set
 #   make test   set up, then run the tests but the long ones (make test SUITE=all: every one;
 #               make test-unit: only the unit tier, no training, well under a minute)
 PYTHON ?= python3
@@ -21,10 +21,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: setup
 	rm -rf $(DEMO)
-	$(PY) -m xray.convert data=sample data.dir=$(DEMO)/data hydra.run.dir=$(DEMO)/convert
+	$(PY) -m xray.convert data=demo data.dir=$(DEMO)/data hydra.run.dir=$(DEMO)/convert
 	$(PY) -m xray.train +experiment=demo data.dir=$(DEMO)/data hydra.run.dir=$(DEMO)/train
 	$(PY) -m xray.evaluate ckpt=$(DEMO)/train/checkpoints/best.ckpt split=test hydra.run.dir=$(DEMO)/evaluate
-	$(PY) -m xray.predict ckpt=$(DEMO)/train/checkpoints/best.ckpt image=xray/sample/chest_xray/test/PNEUMONIA plot=true hydra.run.dir=$(DEMO)/predict
+	$(PY) -m xray.predict ckpt=$(DEMO)/train/checkpoints/best.ckpt image=xray/sample/demo/test/PNEUMONIA plot=true hydra.run.dir=$(DEMO)/predict
 	@echo "demo done: $(DEMO)/  (tensorboard --logdir $(DEMO))"
 
 # `make test`: every test but the longer ones that train, sweep, install or submit Slurm jobs

@@ -135,11 +135,12 @@ def test_torch_alexnet_is_the_same_network():
     torch = pytest.importorskip("torch")
     from xray.model import AlexNet
 
-    for lrn in (True, False):
-        ms_shapes = [tuple(p.shape) for p in AlexNet(2, 1, lrn).trainable_params()]
-        torch_net = torch_alexnet(torch, 2, 1, lrn, 0.5)
+    for norm in ("lrn", "batch", "none"):
+        ms_shapes = [tuple(p.shape) for p in AlexNet(2, 1, norm).trainable_params()]
+        torch_net = torch_alexnet(torch, 2, 1, norm, 0.5)
         assert [tuple(p.shape) for p in torch_net.parameters()] == ms_shapes
-        assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in torch_net) == (2 if lrn else 0)
+        assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in torch_net) == (2 if norm == "lrn" else 0)
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in torch_net) == (5 if norm == "batch" else 0)
     assert torch_net(torch.zeros(2, 1, 72, 72)).shape == (2, 2)
 
 

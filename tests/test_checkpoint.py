@@ -102,6 +102,11 @@ def test_a_checkpoint_serves_only_the_identity_it_records(tmp_path):
                        tmp_path / "last.ckpt")
     with pytest.raises(RunRefused, match="trained on other images: the val split"):
         check_identity(identity, dict(identity, data={"train": "ab12", "val": "ef56"}), tmp_path / "last.ckpt")
+    # a checkpoint of before model.norm records model.lrn: compared as model.norm
+    old = dict(identity, model={"name": "alexnet", "lrn": True})
+    check_identity(old, dict(identity, model={"name": "alexnet", "norm": "lrn", "init": "mindspore"}), tmp_path)
+    with pytest.raises(RunRefused, match="model.norm: 'lrn' there, 'none' asked"):
+        check_identity(old, dict(identity, model={"name": "alexnet", "norm": "none", "init": "mindspore"}), tmp_path)
 
 
 def interrupted(run, dest, epochs: int):

@@ -155,6 +155,24 @@ def test_two_ranks_train_exactly_like_one(sample_data, one_rank, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ranks_with_batch_norm_train_together(sample_data, tmp_path):
+    """model.norm=batch: each rank normalises with its half of the batch; at every epoch's end
+    all ranks replace the moving statistics by their mean over the ranks. That is a collective:
+    a rank that skipped it would leave the other waiting (this test's timeout). The checkpoint
+    holds the statistics (the values of the mean are not checked here)."""
+    import mindspore as ms
+
+    run_dir = tmp_path / "run"
+    proc = launch(2, RUN + ["model.norm=batch", f"data.dir={sample_data}", f"hydra.run.dir={run_dir}"],
+                  tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(history(run_dir)) == 2
+    stats = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(run_dir / "checkpoints" / "best.ckpt")).items()
+             if k.endswith(("moving_mean", "moving_variance"))}
+    assert len(stats) == 10 and not np.allclose(stats["features.1.moving_mean"], 0)
+
+
+@pytest.mark.slow
 def test_without_gradient_averaging_the_ranks_do_not_match(sample_data, one_rank, tmp_path):
     """The guard of the test above: skip the averaging and the losses are no longer those of
     one rank (each rank then steps on its own half-batch gradient)."""

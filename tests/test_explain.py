@@ -42,7 +42,7 @@ def square_model():
     """AlexNet trained for 90 steps of 16 to tell images with a square from images without."""
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_seed(0)
-    net, loss_fn = AlexNet(lrn=False), SoftmaxCrossEntropy()
+    net, loss_fn = AlexNet(norm="none"), SoftmaxCrossEntropy()
     optimizer = nn.Momentum(net.trainable_params(), 0.01, 0.9)
 
     def forward(x, y, m1, m2):
@@ -98,7 +98,7 @@ def test_maps_of_reinitialised_weights_are_different(square_model):
     so Grad-CAM is partly input-driven -- read the maps as where the evidence can be.)"""
     x, y, _ = squares(40, seed=2)
     ms.set_seed(123)
-    random_net = AlexNet(lrn=False)
+    random_net = AlexNet(norm="none")
     random_net.set_train(False)
     trained_neg, random_neg = grad_cam(square_model, x[y == 0]), grad_cam(random_net, x[y == 0])
     assert np.mean([c.max() == 0 for c in trained_neg]) >= 0.9

@@ -41,34 +41,37 @@ SNIPPET_IMPORTS = {"json", "sys", "numpy", "onnxruntime", "PIL"}
 
 # Two fake runs that differ in everything the export depends on: the default-like 72 px binary
 # model with LRN and CLAHE, calibrated (1x1 last map: the pool replicates); and a 3-class model
-# without LRN, 3 channels, histogram equalisation, at 180 px (a 4x4 last map: overlapping bins,
+# with batch norm, 3 channels, histogram equalisation, at 180 px (a 4x4 last map: overlapping bins,
 # the float64 path of the rewritten pool).
 RUNS = {
     "binary72": dict(task="binary", image_size=72, short_side=128, equalize="clahe", channels=1,
-                     lrn=True, temperature=1.7),
+                     norm="lrn", temperature=1.7),
     "subtype180": dict(task="subtype", image_size=180, short_side=256, equalize="hist", channels=3,
-                       lrn=False, temperature=None),
+                       norm="batch", temperature=None),
 }
 
 
 def he_normal(net: nn.Cell, seed: int) -> None:
-    """Fixed random weights with He scaling (and biases that matter): logits of order 1-10."""
+    """Fixed random weights with He scaling (and biases and batch-norm statistics that matter):
+    logits of order 1-10."""
     rng = np.random.default_rng(seed)
     for p in net.get_parameters():
         shape = p.shape
         if p.name.endswith("weight"):
             data = rng.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape)
+        elif p.name.endswith(("moving_variance", "gamma")):
+            data = rng.uniform(0.5, 2.0, shape)
         else:
             data = rng.normal(0, 0.1, shape)
         p.set_data(ms.Tensor(data.astype(np.float32)))
 
 
 def make_run(folder: Path, task: str, image_size: int, short_side: int, equalize: str, channels: int,
-             lrn: bool, temperature=None, seed: int = 0) -> Path:
+             norm: str, temperature=None, seed: int = 0) -> Path:
     """A run folder as xray.train leaves it; returns its checkpoints/best.ckpt."""
     cfg = make_cfg("config", ["data=sample", f"task={task}", f"data.image_size={image_size}",
                               f"data.short_side={short_side}", f"data.equalize={equalize}",
-                              f"model.in_channels={channels}", f"model.lrn={str(lrn).lower()}"])
+                              f"model.in_channels={channels}", f"model.norm={norm}"])
     spec = Preprocess(short_side, image_size, mean=0.4821, std=0.2317, channels=channels,
                       equalize=equalize, pipeline="mindspore")
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -122,7 +125,7 @@ def snippet() -> str:
 
 def test_adaptive_avg_pool_is_what_blocks_the_plain_export(tmp_path):
     """If a MindSpore upgrade exports AdaptiveAvgPool2D itself, this fails: the rewrite may go."""
-    net = AlexNet(2, 1, lrn=False)
+    net = AlexNet(2, 1, norm="none")
     net.set_train(False)
     with pytest.raises(RuntimeError, match="AdaptiveAvgPool2D in convert map"):
         ms.onnx.export(net, ms.Tensor(np.zeros((1, 1, 72, 72), np.float32)), file_name=str(tmp_path / "plain"))
@@ -138,10 +141,10 @@ def test_rewritten_pool_is_bit_identical(height, width):
     assert got.shape == expected.shape and np.array_equal(got, expected)
 
 
-@pytest.mark.parametrize("size,lrn", [(72, True), (72, False), (180, True)])
-def test_exportable_net_is_the_trained_net(size, lrn):
+@pytest.mark.parametrize("size,norm", [(72, "lrn"), (72, "none"), (72, "batch"), (180, "lrn")])
+def test_exportable_net_is_the_trained_net(size, norm):
     """Same probabilities bit for bit, same Parameter objects, names untouched."""
-    net = AlexNet(3, 1, lrn=lrn)
+    net = AlexNet(3, 1, norm=norm)
     he_normal(net, seed=size)
     net.set_train(False)
     names = [p.name for p in net.get_parameters()]

@@ -1,8 +1,11 @@
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn
+from omegaconf import OmegaConf
 
 from helpers import make_cfg
+from xray.checks import TRAIN, check
 from xray.errors import XrayError
 from xray.model import AlexNet, LocalResponseNorm, dropout_masks
 from xray.registry import create_model
@@ -24,13 +27,6 @@ def test_227_px_gives_the_papers_6x6_map_and_smaller_inputs_are_pooled_to_it(in_
 
 
 @pytest.mark.unit
-def test_switches_change_the_layers():
-    layers = lambda net: [type(c).__name__ for _, c in net.cells_and_names()]  # noqa: E731
-    assert layers(AlexNet(lrn=True)).count("LocalResponseNorm") == 2
-    assert "LocalResponseNorm" not in layers(AlexNet(lrn=False))
-
-
-@pytest.mark.unit
 def test_dropout_masks_come_from_seed_and_step():
     a1, a2 = dropout_masks(0.5, 8, seed=1, step=3)
     b1, _ = dropout_masks(0.5, 8, seed=1, step=3)
@@ -43,7 +39,7 @@ def test_dropout_masks_come_from_seed_and_step():
 
 
 def test_dropout_masks_drop_units_in_training_only():
-    net = AlexNet(lrn=False)
+    net = AlexNet(norm="none")
     x = ms.Tensor(np.random.rand(2, 1, 96, 96).astype(np.float32))
     m1, m2 = dropout_masks(0.5, 2, seed=0, step=0)
     zeros = np.zeros_like(m1)
@@ -55,7 +51,7 @@ def test_dropout_masks_drop_units_in_training_only():
 
 @pytest.mark.unit
 def test_inference_is_deterministic():
-    net = AlexNet(lrn=False)
+    net = AlexNet(norm="none")
     x = ms.Tensor(np.random.rand(2, 1, 96, 96).astype(np.float32))
     net.set_train(False)
     assert np.array_equal(net(x).asnumpy(), net(x).asnumpy())
@@ -105,3 +101,48 @@ def test_training_steps_apply_dropout_and_inference_does_not():
         step = make_step(cfg, net, SoftmaxCrossEntropy(), build_optimizer(net, cfg, create_schedule(1e-9, cfg.optim, 1, 1)))
         losses[p] = float(step(x, y, 0).asnumpy())
     assert losses[0.0] != pytest.approx(losses[0.5], abs=1e-6)
+
+
+@pytest.mark.unit
+def test_norm_switch_changes_the_layers():
+    layers = lambda net: [type(c).__name__ for c in net.features.cells()]  # noqa: E731
+    conv_relu = ["Conv2d", "ReLU"]
+    assert layers(AlexNet(norm="lrn")) == [*conv_relu, "LocalResponseNorm", "MaxPool2d", *conv_relu,
+                                           "LocalResponseNorm", "MaxPool2d", *conv_relu * 3]
+    assert layers(AlexNet(norm="none")) == [*conv_relu, "MaxPool2d", *conv_relu, "MaxPool2d", *conv_relu * 3]
+    batch = AlexNet(norm="batch")
+    assert layers(batch).count("BatchNorm2d") == 5 and layers(batch)[:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert all(cell.bias is None for cell in batch.features.cells() if isinstance(cell, nn.Conv2d))
+
+
+@pytest.mark.unit
+def test_a_model_config_of_before_model_norm_builds_what_it_trained():
+    """Checkpoints and config.yaml files of older runs record model.lrn (true | false)."""
+    cfg = make_cfg("config", ["data=sample"]).model
+    old = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("norm", "init")})
+    for lrn, norm in ((True, "lrn"), (False, "none")):
+        old.lrn = lrn
+        net = create_model(old, 72, 2)
+        assert [type(c).__name__ for c in net.features.cells()] == \
+            [type(c).__name__ for c in AlexNet(norm=norm).features.cells()]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key,value", [("model.norm", "layer"), ("model.init", "xavier")])
+def test_an_unknown_norm_or_init_is_one_line(key, value):
+    with pytest.raises(XrayError, match=f"{key}={value} must be one of"):
+        check(make_cfg("config", ["data=sample", f"{key}={value}"]), TRAIN)
+
+
+@pytest.mark.unit
+def test_he_init_gives_relu_layers_the_he_variance_and_zero_biases():
+    ms.set_seed(0)
+    net = AlexNet(norm="none", init="he")
+    for cell in (net.features[3], net.fc1, net.fc2):  # conv2 (256 x 96 x 5 x 5), the hidden dense layers
+        weight = cell.weight.asnumpy()
+        fan_in = np.prod(weight.shape[1:])
+        assert weight.std() == pytest.approx(np.sqrt(2 / fan_in), rel=0.02)
+        assert np.all(cell.bias.asnumpy() == 0)
+    default = AlexNet(norm="none").fc1.weight.asnumpy()  # HeUniform(sqrt(5)): std 1/sqrt(3 fan_in)
+    assert default.std() == pytest.approx(1 / np.sqrt(3 * 256 * 36), rel=0.02)
+    assert net.fc3.weight.asnumpy().std() == pytest.approx(1 / np.sqrt(3 * 4096), rel=0.05)  # fc3: default

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import TINY, make_cfg
 from xray.run_folder import RunFolder
@@ -34,6 +35,19 @@ def test_changed_settings_names_defining_keys_only(tmp_path):
     other = make_cfg("config", TINY + ["data.dir=/data/a", "loss=mse", "epochs=5"])
     assert sorted(run.changed_settings(other)) == ["epochs: 2 -> 5", "loss.name: 'softmax_ce' -> 'mse'"]
     assert RunFolder(tmp_path / "new").changed_settings(other) == []  # nothing recorded yet
+
+
+@pytest.mark.unit
+def test_a_config_of_before_model_norm_is_compared_with_todays_keys(tmp_path):
+    """config.yaml of an older xray records model.lrn: true and no model.init."""
+    run = RunFolder(tmp_path)
+    run.write_config(make_cfg("config", TINY), {"mean": 0.5})
+    old = OmegaConf.load(run.config)
+    old.model = {"name": "alexnet", "in_channels": 1, "lrn": True, "dropout": 0.5}
+    OmegaConf.save(old, run.config)
+    assert run.changed_settings(make_cfg("config", TINY)) == []
+    assert run.changed_settings(make_cfg("config", TINY + ["model.norm=batch", "model.init=he"])) == [
+        "model.norm: 'lrn' -> 'batch'", "model.init: 'mindspore' -> 'he'"]
 
 
 @pytest.mark.slow

@@ -15,10 +15,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # copy an installed package carries as xray/conf
 CONF_DIR = str(next(d for d in (PACKAGE_DIR.parent / "conf", PACKAGE_DIR / "conf")
                     if (d / "config.yaml").is_file()))
-SAMPLE_DIR = PACKAGE_DIR / "sample" / "chest_xray"  # the small real sample shipped for the demo
+SAMPLE_DIR = PACKAGE_DIR / "sample" / "chest_xray"  # the tiny real sample the tests use
+DEMO_DIR = PACKAGE_DIR / "sample" / "demo"  # the few hundred real images `make demo` learns on
 
-# ${xray_sample:} in conf/data/sample.yaml -> the sample folder, wherever xray is installed
-OmegaConf.register_new_resolver("xray_sample", lambda: str(SAMPLE_DIR), replace=True)
+# ${xray_sample:} in conf/data/sample.yaml -> the sample folder, ${xray_sample:demo} the demo set,
+# wherever xray is installed
+OmegaConf.register_new_resolver("xray_sample", lambda which="chest_xray": str(PACKAGE_DIR / "sample" / which),
+                                replace=True)
 # ${xray_dirname:...} in conf/config.yaml: a sweep over a config group (data/augment=intensity)
 # must not put a "/" into a member's folder name
 def folder_name(name: str) -> str:

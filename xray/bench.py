@@ -56,6 +56,7 @@ from xray import CONF_DIR, SAMPLE_DIR
 from xray.checks import TRAIN, check
 from xray.errors import XrayError, one_line_errors
 from xray.files import to_json, write_json
+from xray.hparams import model_keys
 from xray.preprocess import MAX_PIXELS, MIN_IMAGE_SIZE
 from xray.progress import Progress
 
@@ -291,21 +292,24 @@ def import_torch():
     return torch, None
 
 
-def torch_alexnet(torch, num_classes: int, in_channels: int, lrn: bool, dropout: float):
-    """xray.model.AlexNet in PyTorch: the same layers and sizes, LRN and dropout."""
+def torch_alexnet(torch, num_classes: int, in_channels: int, norm: str, dropout: float):
+    """xray.model.AlexNet in PyTorch: the same layers and sizes, normalisation and dropout."""
     tnn = torch.nn
 
-    def norm() -> list:
+    def block(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, lrn: bool = False) -> list:
+        layers = [tnn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=norm != "batch")]
+        layers += [tnn.BatchNorm2d(out_ch)] if norm == "batch" else []
+        layers.append(tnn.ReLU())
         # torch's LRN divides alpha by the window size; xray's uses alpha as the paper does
-        return [tnn.LocalResponseNorm(5, alpha=1e-4 * 5, beta=0.75, k=2.0)] if lrn else []
+        return layers + ([tnn.LocalResponseNorm(5, alpha=1e-4 * 5, beta=0.75, k=2.0)] if lrn and norm == "lrn" else [])
 
     pool = lambda: tnn.MaxPool2d(3, 2)  # noqa: E731
     return tnn.Sequential(
-        tnn.Conv2d(in_channels, 96, 11, stride=4), tnn.ReLU(), *norm(), pool(),
-        tnn.Conv2d(96, 256, 5, padding=2), tnn.ReLU(), *norm(), pool(),
-        tnn.Conv2d(256, 384, 3, padding=1), tnn.ReLU(),
-        tnn.Conv2d(384, 384, 3, padding=1), tnn.ReLU(),
-        tnn.Conv2d(384, 256, 3, padding=1), tnn.ReLU(), pool(),
+        *block(in_channels, 96, 11, stride=4, lrn=True), pool(),
+        *block(96, 256, 5, padding=2, lrn=True), pool(),
+        *block(256, 384, 3, padding=1),
+        *block(384, 384, 3, padding=1),
+        *block(384, 256, 3, padding=1), pool(),
         tnn.AdaptiveAvgPool2d((6, 6)), tnn.Flatten(),
         tnn.Linear(256 * 6 * 6, 4096), tnn.ReLU(), tnn.Dropout(dropout),
         tnn.Linear(4096, 4096), tnn.ReLU(), tnn.Dropout(dropout),
@@ -329,7 +333,7 @@ def bench_torch(torch, cfg: DictConfig, size: int, num_classes: int, threads: Op
 def torch_step_body(torch, cfg: DictConfig, size: int, num_classes: int) -> Callable[[int, object], None]:
     """body(i, _): one PyTorch train step of the same AlexNet on a fixed random batch."""
     torch.manual_seed(cfg.seed)
-    net = torch_alexnet(torch, num_classes, cfg.model.in_channels, cfg.model.lrn,
+    net = torch_alexnet(torch, num_classes, cfg.model.in_channels, model_keys(cfg)["norm"],
                         float(cfg.model.dropout))
     net.train()
     params = list(net.named_parameters())
@@ -498,7 +502,7 @@ def measure_all(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
         "settings": {"sizes": list(cfg.sizes), "batch_size": cfg.batch_size, "steps": cfg.steps,
                      "warmup": cfg.warmup, "workers": cfg.data.workers,
                      "data_dir": str(cfg.data.dir) if cfg.data.dir is not None else "the shipped sample",
-                     "augment": OmegaConf.to_container(cfg.data.augment), "lrn": cfg.model.lrn,
+                     "augment": OmegaConf.to_container(cfg.data.augment), **model_keys(cfg),
                      "dropout": cfg.model.dropout, "in_channels": cfg.model.in_channels,
                      "loss": cfg.loss.name, "task": cfg.task.name, "device_target": cfg.device_target,
                      "mode": cfg.mode, "amp": cfg.train.get("amp", "O0")},

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xray.calibration import load_temperature, scale
 from xray.errors import RunRefused, XrayError
+from xray.hparams import with_current_model_keys
 from xray.files import flatten, fsync_file, replace_durably, to_json, write_json
 from xray.labels import CLASSES, task_classes
 from xray.registry import create_model
@@ -167,6 +168,8 @@ def check_identity(saved: dict, wanted: dict, where: Path) -> None:
     """A checkpoint continues or serves only the run it was made for: name the first keys that
     differ (task, classes, model, input, the images of its train and val splits) and what to
     do. Keys the checkpoint does not record (added by a later xray) are not compared."""
+    if "model" in saved:  # (recorded by an xray of before model.norm / model.init?)
+        saved = {**saved, "model": with_current_model_keys(saved["model"])}
     saved, wanted = flatten(saved), flatten(wanted)
     differ = [key for key in wanted if key in saved and saved[key] != wanted[key]]
     if any(key.startswith("data.") for key in differ):

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Union
 from omegaconf import DictConfig, OmegaConf
 
 from xray.errors import XrayError
+from xray.hparams import INITS, NORMS
 from xray.labels import TASKS
 from xray.registry import LOSSES, MODELS, SCHEDULES, Registry
 
@@ -58,11 +59,16 @@ TRAIN: dict[str, Rule] = {
     "optim.warmup_epochs": _int(0),
     "optim.step_epochs": _int(1),
     "optim.gamma": _number(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.pct_start": _number(lambda v: 0 < v < 1, "in (0, 1)"),
+    "optim.div_factor": _number(lambda v: v >= 1, ">= 1"),
+    "optim.final_div_factor": _number(lambda v: v >= 1, ">= 1"),
     "task.name": _choice(*TASKS),
     "model.name": _registered(MODELS),
     "loss.name": _registered(LOSSES),
     "loss.label_smoothing": FRACTION,
     "model.dropout": FRACTION,
+    "model.norm": _choice(*NORMS),
+    "model.init": _choice(*INITS),
     "model.in_channels": ("int", lambda v: v in (1, 3), "1 or 3"),
     "data.image_size": ("int", lambda v: v >= 67, "an integer >= 67 (AlexNet's pooling needs it)"),
     "data.workers": _int(1),

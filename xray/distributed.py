@@ -126,6 +126,18 @@ def mean_over_ranks(group: Group):
     return mean
 
 
+def average_batch_statistics(net, group: Group) -> None:
+    """Batch norm's moving mean and variance, which each rank keeps from its own part of every
+    batch, replaced by their mean over the ranks (every rank calls it at the same point: a
+    collective), so that all ranks, and the checkpoints rank 0 writes, hold the same model."""
+    if group.size == 1:
+        return
+    mean = mean_over_ranks(group)
+    for param in net.get_parameters():
+        if param.name.endswith(("moving_mean", "moving_variance")):
+            param.set_data(mean(param.value()))
+
+
 def any_rank(flag: bool, group: Group) -> bool:
     """True on every rank when `flag` is true on at least one (every rank must call it at the
     same point: it is a collective)."""

@@ -15,6 +15,9 @@ from xray.errors import XrayError
 
 INTENSITY = ("brightness", "contrast", "gamma", "blur", "noise")  # data.augment strengths
 TEST_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+NORMS = ("lrn", "batch", "none")  # model.norm: the paper's LRN after conv1 and conv2 | batch norm
+#                                   after every conv | none (torchvision's AlexNet)
+INITS = ("mindspore", "he")  # model.init: MindSpore's default HeUniform(sqrt(5)) | He normal, ReLU gain
 
 
 def hparams_of(cfg: DictConfig) -> dict:
@@ -32,11 +35,29 @@ def hparams_of(cfg: DictConfig) -> dict:
         "batch_size": get("batch_size", int), "epochs": get("epochs", int), "seed": get("seed", int),
         "schedule": get("optim.schedule", str), "warmup_epochs": get("optim.warmup_epochs", int),
         "weight_decay": get("optim.weight_decay", float), "image_size": get("data.image_size", int),
-        "lrn": get("model.lrn", bool), "dropout": get("model.dropout", float), "augment": augment,
+        **model_keys(cfg),
+        "dropout": get("model.dropout", float), "augment": augment,
         **{f"augment_{k}": get(f"data.augment.{k}", float, 0.0) if augment else 0.0 for k in INTENSITY},
         "equalize": get("data.equalize", str, "none"), "data": get("data.name", str),
         "amp": get("train.amp", str, "O0"),
     }
+
+
+def with_current_model_keys(model: dict) -> dict:
+    """A model config (or a checkpoint identity's `model`) with today's keys: before model.norm
+    (lrn | batch | none) there was the boolean model.lrn; before model.init, MindSpore's."""
+    out = {k: v for k, v in model.items() if k != "lrn"}
+    if "lrn" in model:
+        out.setdefault("norm", "lrn" if _as(bool, model["lrn"]) else "none")
+    out.setdefault("init", "mindspore")
+    return out
+
+
+def model_keys(cfg: DictConfig) -> dict:
+    """norm and init of a run's config, whichever xray wrote it."""
+    model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.select(cfg, "model") else {}
+    model = with_current_model_keys(model)
+    return {"norm": str(model.get("norm", "lrn")), "init": str(model["init"])}
 
 
 def _as(kind: Callable, value: Any) -> Any:

@@ -1,19 +1,23 @@
-"""AlexNet as nn.Cell: the seed's layers plus the paper's LRN and dropout as switches."""
+"""AlexNet as nn.Cell: the seed's layers, with the normalisation after conv layers (the paper's
+LRN, batch norm or none), the weight initialisation and dropout as switches."""
 from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
+from mindspore.common.initializer import HeNormal, initializer
 
 from xray.errors import XrayError
+from xray.hparams import INITS, NORMS, with_current_model_keys
 from xray.preprocess import MIN_IMAGE_SIZE
 from xray.registry import MODELS
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0,
+          has_bias: bool = True) -> nn.Conv2d:
     mode = "pad" if padding else "valid"
     return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode=mode, padding=padding,
-                     has_bias=True)
+                     has_bias=has_bias)
 
 
 class LocalResponseNorm(nn.Cell):
@@ -49,19 +53,30 @@ class AlexNet(nn.Cell):
     the masks an uninterrupted one would, which a stateful random op cannot restore.
     `net(x)` is the network at inference."""
 
-    def __init__(self, num_classes: int = 2, in_channels: int = 1, lrn: bool = True) -> None:
+    def __init__(self, num_classes: int = 2, in_channels: int = 1, norm: str = "lrn",
+                 init: str = "mindspore") -> None:
         super().__init__()
+        if norm not in NORMS or init not in INITS:
+            raise ValueError(f"norm={norm!r} (one of {NORMS}), init={init!r} (one of {INITS})")
 
-        def norm(channels: int) -> list[nn.Cell]:
-            return [LocalResponseNorm(channels, size=5, k=2.0, alpha=1e-4, beta=0.75)] if lrn else []
+        def block(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0,
+                  lrn: bool = False) -> list[nn.Cell]:
+            """conv, [batch norm], ReLU, [LRN]: batch norm makes the conv's bias redundant."""
+            layers = [_conv(in_ch, out_ch, kernel, stride, padding, has_bias=norm != "batch")]
+            if norm == "batch":
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.ReLU())
+            if norm == "lrn" and lrn:
+                layers.append(LocalResponseNorm(out_ch, size=5, k=2.0, alpha=1e-4, beta=0.75))
+            return layers
 
         pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2)  # noqa: E731
         self.features = nn.SequentialCell(
-            [_conv(in_channels, 96, 11, stride=4), nn.ReLU(), *norm(96), pool(),
-             _conv(96, 256, 5, padding=2), nn.ReLU(), *norm(256), pool(),
-             _conv(256, 384, 3, padding=1), nn.ReLU(),
-             _conv(384, 384, 3, padding=1), nn.ReLU(),
-             _conv(384, 256, 3, padding=1), nn.ReLU()]
+            [*block(in_channels, 96, 11, stride=4, lrn=True), pool(),
+             *block(96, 256, 5, padding=2, lrn=True), pool(),
+             *block(256, 384, 3, padding=1),
+             *block(384, 384, 3, padding=1),
+             *block(384, 256, 3, padding=1)]
         )  # ends with the last conv block's activations: what Grad-CAM explains
         self.pool = pool()
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
@@ -70,6 +85,18 @@ class AlexNet(nn.Cell):
         self.fc2 = nn.Dense(4096, 4096)
         self.fc3 = nn.Dense(4096, num_classes)
         self.relu = nn.ReLU()
+        if init == "he":
+            self._he_init()
+
+    def _he_init(self) -> None:
+        """He normal with the ReLU gain (std sqrt(2 / fan_in)) for the layers ReLU follows, zero
+        biases; fc3, which feeds the softmax, keeps the default."""
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, (nn.Conv2d, nn.Dense)) and cell is not self.fc3:
+                cell.weight.set_data(initializer(HeNormal(mode="fan_in", nonlinearity="relu"),
+                                                 cell.weight.shape, cell.weight.dtype))
+                if cell.bias is not None:
+                    cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
 
     def construct(self, x, mask1=None, mask2=None):
         return self.classify(self.features(x), mask1, mask2)
@@ -107,4 +134,10 @@ def alexnet(cfg, image_size: int, num_classes: int) -> AlexNet:
         raise XrayError(f"model.in_channels={cfg.in_channels} must be 1 or 3")
     if not 0 <= cfg.dropout < 1:
         raise XrayError(f"model.dropout={cfg.dropout} must be in [0, 1)")
-    return AlexNet(num_classes, cfg.in_channels, cfg.lrn)
+    model = with_current_model_keys(dict(cfg))  # (a checkpoint of before model.norm records model.lrn)
+    norm, init = model.get("norm", "lrn"), model.get("init", "mindspore")
+    if norm not in NORMS:
+        raise XrayError(f"model.norm={norm} is not one of {', '.join(NORMS)}")
+    if init not in INITS:
+        raise XrayError(f"model.init={init} is not one of {', '.join(INITS)}")
+    return AlexNet(num_classes, cfg.in_channels, norm, init)

@@ -74,8 +74,9 @@ def create_schedule(base_lr: float, optim_cfg, epochs: int, steps_per_epoch: int
     """The learning rate of every step of a run (float32): the optim group's schedule
     (optim.schedule), with a linear warm-up from base_lr/10 over optim.warmup_epochs."""
     step = np.arange(epochs * steps_per_epoch, dtype=np.float64)
-    lr = SCHEDULES.get(optim_cfg.schedule)(base_lr, optim_cfg, step, steps_per_epoch)
-    warmup = optim_cfg.warmup_epochs * steps_per_epoch
+    schedule = SCHEDULES.get(optim_cfg.schedule)
+    lr = schedule(base_lr, optim_cfg, step, steps_per_epoch)
+    warmup = 0 if getattr(schedule, "warms_up", False) else optim_cfg.warmup_epochs * steps_per_epoch
     if warmup > 0:
         lr = np.where(step < warmup, base_lr * (0.1 + 0.9 * step / warmup), lr)
     return lr.astype(np.float32)

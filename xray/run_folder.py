@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from xray.calibration import FILE as CALIBRATION
 from xray.errors import in_batch_job
 from xray.files import flatten, to_json, write_json, write_text
-from xray.hparams import hparams_of, write_hparams
+from xray.hparams import hparams_of, with_current_model_keys, write_hparams
 from xray.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,10 @@ class RunFolder:
         by a later xray, are not compared)."""
         if not self.config.is_file():
             return []
-        recorded = flatten(OmegaConf.to_container(OmegaConf.load(self.config), resolve=False))
+        recorded = OmegaConf.to_container(OmegaConf.load(self.config), resolve=False)
+        if isinstance(recorded.get("model"), dict):  # (written by an xray of before model.norm?)
+            recorded["model"] = with_current_model_keys(recorded["model"])
+        recorded = flatten(recorded)
         requested = flatten(OmegaConf.to_container(cfg, resolve=True))
         return [f"{key}: {recorded[key]!r} -> {value!r}" for key, value in requested.items()
                 if key in recorded and recorded[key] != value and not _operational(key)]

@@ -33,8 +33,9 @@ from xray.checks import TRAIN, check
 from xray.data import (check_task, images_digest, make_eval_dataset, make_train_dataset, preprocess_spec,
                        read_manifest, split_file, split_images, task_records)
 from xray.device import setup_device
-from xray.distributed import (Group, barrier, check_batch_split, die_on_sigterm, init_group, join_slurm_job,
-                              launched_rank, leave_together, local_device, release_group, timed_out_ranks)
+from xray.distributed import (Group, average_batch_statistics, barrier, check_batch_split, die_on_sigterm,
+                              init_group, join_slurm_job, launched_rank, leave_together, local_device,
+                              release_group, timed_out_ranks)
 from xray.errors import RunRefused, XrayError, one_line_errors
 from xray.evaluate import evaluate_splits
 from xray.hparams import hparams_of
@@ -202,6 +203,7 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
             log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch,
                         state.run.step_in_epoch, run.last_ckpt)
             guard.hand_over()
+        average_batch_statistics(net, group)  # (model.norm=batch on several ranks)
         state.history.append(end_epoch(epoch, state, loss_fn, data, tensorboard, writer, global_step, lr,
                                        epoch_time, cfg))
         cams.epoch(net, tensorboard, global_step - 1)
