@@ -67,7 +67,7 @@ def test_every_registered_name_builds():
     for name in SCHEDULES.names():
         optim = make_cfg("config", [f"optim.schedule={name}", "optim.warmup_epochs=0"]).optim
         lr = create_schedule(0.1, optim, 3, 4)
-        assert lr.dtype == np.float32 and len(lr) == 12 and lr[0] == pytest.approx(0.1)
+        assert lr.dtype == np.float32 and len(lr) == 12 and lr.max() == pytest.approx(0.1, rel=0.01)  # (onecycle: its peak, between steps)
 
 
 @pytest.mark.unit
