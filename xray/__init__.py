@@ -16,7 +16,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = str(next(d for d in (PACKAGE_DIR.parent / "conf", PACKAGE_DIR / "conf")
                     if (d / "config.yaml").is_file()))
 SAMPLE_DIR = PACKAGE_DIR / "sample" / "chest_xray"  # the tiny real sample the tests use
-DEMO_DIR = PACKAGE_DIR / "sample" / "demo"  # the few hundred real images `make demo` learns on
 
 # ${xray_sample:} in conf/data/sample.yaml -> the sample folder, ${xray_sample:demo} the demo set,
 # wherever xray is installed

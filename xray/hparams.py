@@ -47,8 +47,7 @@ def with_current_model_keys(model: dict) -> dict:
     """A model config (or a checkpoint identity's `model`) with today's keys: before model.norm
     (lrn | batch | none) there was the boolean model.lrn; before model.init, MindSpore's."""
     out = {k: v for k, v in model.items() if k != "lrn"}
-    if "lrn" in model:
-        out.setdefault("norm", "lrn" if _as(bool, model["lrn"]) else "none")
+    out.setdefault("norm", "lrn" if _as(bool, model.get("lrn", True)) else "none")
     out.setdefault("init", "mindspore")
     return out
 
@@ -57,7 +56,7 @@ def model_keys(cfg: DictConfig) -> dict:
     """norm and init of a run's config, whichever xray wrote it."""
     model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.select(cfg, "model") else {}
     model = with_current_model_keys(model)
-    return {"norm": str(model.get("norm", "lrn")), "init": str(model["init"])}
+    return {"norm": str(model["norm"]), "init": str(model["init"])}
 
 
 def _as(kind: Callable, value: Any) -> Any:

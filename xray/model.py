@@ -135,7 +135,7 @@ def alexnet(cfg, image_size: int, num_classes: int) -> AlexNet:
     if not 0 <= cfg.dropout < 1:
         raise XrayError(f"model.dropout={cfg.dropout} must be in [0, 1)")
     model = with_current_model_keys(dict(cfg))  # (a checkpoint of before model.norm records model.lrn)
-    norm, init = model.get("norm", "lrn"), model.get("init", "mindspore")
+    norm, init = model["norm"], model["init"]
     if norm not in NORMS:
         raise XrayError(f"model.norm={norm} is not one of {', '.join(NORMS)}")
     if init not in INITS:
