@@ -91,9 +91,10 @@ class RunWriter:
     def __init__(self, run, enabled: bool) -> None:
         self.run, self.enabled = run, enabled
 
-    def best(self, state, epoch: int) -> None:
+    def best(self, model, state, epoch: int) -> None:
+        """best.ckpt: `model`, the network the run keeps (state.model())."""
         if self.enabled:
-            save_model(state.net, self.run.best_ckpt, state.identity, epoch, state.run.best_auc)
+            save_model(model, self.run.best_ckpt, state.identity, epoch, state.run.best_auc)
 
     def state(self, state) -> None:
         """last.ckpt (to resume), then history.jsonl (for people and plots)."""

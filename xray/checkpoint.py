@@ -2,10 +2,12 @@
 model of best.ckpt (to evaluate, predict, export), with a format version; and loading a trained
 model with everything needed to feed it.
 
-Format 2 (this one): last.ckpt = every network parameter (trainable or not) + the optimizer's
-(momenta, step) + `RunState` + the history + the run's identity (task, classes, model, input
-preprocessing) + `format_version`; best.ckpt = the network's parameters + identity + epoch and
-val AUC. Format 1 (before it): last.ckpt held the optimizer's parameters and `RunState` only;
+Format 3 (this one): last.ckpt = every network parameter (trainable or not) + the optimizer's
+(momenta, step) + the weight average's parameters (`ema.<name>`, with train.ema_decay > 0) +
+`RunState` + the history + the run's identity (task, classes, model, input preprocessing) +
+`format_version`; best.ckpt = the kept network's parameters (the weight average's, with
+train.ema_decay > 0) + identity + epoch and val AUC. Format 2 was the same without a weight
+average. Format 1 (before it): last.ckpt held the optimizer's parameters and `RunState` only;
 the history lived in history.jsonl, the input pipeline in config.yaml. Format 1 runs still
 resume (`read_state` upgrades them) and evaluate."""
 from __future__ import annotations
@@ -61,7 +63,7 @@ def read_checkpoint(path: Path) -> dict:
     return ms.load_checkpoint(str(path))
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPACE_MARGIN = 20_000_000  # bytes kept free beyond a checkpoint (logs, TensorBoard, JSON)
 
 
@@ -81,7 +83,8 @@ class RunState:
 class TrainingState:
     """Exactly what last.ckpt holds, and all a resumed run needs to continue where this one
     stopped: the network (all its parameters), the optimizer, the loss scaler (None in fp32),
-    the loop's `RunState`, the history (one entry per finished epoch) and the run's identity."""
+    the loop's `RunState`, the history (one entry per finished epoch), the run's identity
+    and the weight average (xray.averaging; None unless train.ema_decay > 0)."""
 
     net: nn.Cell
     optimizer: nn.Cell
@@ -89,13 +92,21 @@ class TrainingState:
     identity: dict
     run: RunState = field(default_factory=RunState)
     history: list = field(default_factory=list)
+    average: Optional[object] = None
 
     def parameters(self) -> dict:
         """name -> Parameter: the network's (non-trainable ones too, e.g. batch-norm
-        statistics) and the optimizer's (the network's trainable ones, momenta, step)."""
+        statistics), the optimizer's (the network's trainable ones, momenta, step) and the
+        weight average's."""
         params = {p.name: p for p in self.net.get_parameters()}
         params.update(self.optimizer.parameters_dict())
+        if self.average is not None:
+            params.update(self.average.parameters())
         return params
+
+    def model(self) -> nn.Cell:
+        """The network the run validates and keeps: the weight average, or the trained network."""
+        return self.average.network() if self.average is not None else self.net
 
     def save(self, path: Path) -> None:
         if self.scaler is not None:
@@ -112,6 +123,8 @@ class TrainingState:
         try:
             missing = [name for cell in (self.optimizer, self.net)
                        for name in ms.load_param_into_net(cell, params)[0] if name != "learning_rate"]
+            if self.average is not None:
+                missing += self.average.restore(params)
         except (RuntimeError, ValueError) as e:  # e.g. a parameter of another shape
             missing = [str(e).splitlines()[0][:160]]
         if missing:
@@ -135,7 +148,7 @@ class SavedState:
 
 
 def read_state(path: Path) -> SavedState:
-    """Read last.ckpt (format 1 or 2) without a network; a damaged file or one of a newer
+    """Read last.ckpt (format 1, 2 or 3) without a network; a damaged file or one of a newer
     format is one line."""
     try:
         params = read_checkpoint(path)

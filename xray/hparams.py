@@ -39,7 +39,7 @@ def hparams_of(cfg: DictConfig) -> dict:
         "dropout": get("model.dropout", float), "augment": augment,
         **{f"augment_{k}": get(f"data.augment.{k}", float, 0.0) if augment else 0.0 for k in INTENSITY},
         "equalize": get("data.equalize", str, "none"), "data": get("data.name", str),
-        "amp": get("train.amp", str, "O0"),
+        "amp": get("train.amp", str, "O0"), "ema_decay": get("train.ema_decay", float, 0.0),
     }
 
 

@@ -27,6 +27,7 @@ from mindspore import nn, ops
 from omegaconf import DictConfig, OmegaConf
 
 from xray import CONF_DIR
+from xray.averaging import WeightAverage
 from xray.callbacks import GradCamImages, PreemptionGuard, RunWriter, TensorBoard
 from xray.checkpoint import SavedState, TrainingState, check_identity, checkpoint_bytes, ensure_space, read_state
 from xray.checks import TRAIN, check
@@ -41,7 +42,7 @@ from xray.evaluate import evaluate_splits
 from xray.hparams import hparams_of
 from xray.metrics import task_metrics
 from xray.provenance import provenance
-from xray.registry import create_schedule
+from xray.registry import create_model, create_schedule
 from xray.run_folder import RunFolder
 from xray.run_lock import FolderLock
 from xray.step import build_training, release_compiled
@@ -143,7 +144,9 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
     data = load_data(cfg, run, saved)
     lr = create_schedule(float(cfg.lr), cfg.optim, cfg.epochs, data.steps_per_epoch)
     net, loss_fn, optimizer, scaler, step_fn = build_training(cfg, cfg.data.image_size, data.train_counts, lr, group)
-    state = TrainingState(net, optimizer, scaler, data.identity)
+    average = (WeightAverage(net, create_model(cfg.model, cfg.data.image_size, len(data.classes)), cfg.train.ema_decay)
+               if cfg.train.get("ema_decay") else None)  # (made after net: the same seed gives the same net)
+    state = TrainingState(net, optimizer, scaler, data.identity, average=average)
     if saved is not None:
         state.restore(saved)
         log.info("resume: %s after epoch %d step %d (best val AUC %.4f at epoch %d)", run.last_ckpt,
@@ -176,6 +179,8 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
                 if guard.stop_requested():
                     break
                 loss = float(step_fn(x, y, global_step).asnumpy())
+                if average is not None:
+                    average.update(global_step)
                 state.run.step_in_epoch += 1
                 state.run.epoch_loss_sum += loss
                 train_images += cfg.batch_size
@@ -204,9 +209,10 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
                         state.run.step_in_epoch, run.last_ckpt)
             guard.hand_over()
         average_batch_statistics(net, group)  # (model.norm=batch on several ranks)
-        state.history.append(end_epoch(epoch, state, loss_fn, data, tensorboard, writer, global_step, lr,
+        model = state.model()  # what is validated and kept: the network, or its weight average
+        state.history.append(end_epoch(epoch, state, model, loss_fn, data, tensorboard, writer, global_step, lr,
                                        epoch_time, cfg))
-        cams.epoch(net, tensorboard, global_step - 1)
+        cams.epoch(model, tensorboard, global_step - 1)
         writer.state(state)
 
     return finish(cfg, run, group, state, data, tensorboard, guard, status, global_step,
@@ -313,13 +319,14 @@ def validate(net: nn.Cell, loss_fn: nn.Cell, dataset) -> tuple[np.ndarray, np.nd
     return y, p, loss_sum / max(len(y), 1)
 
 
-def end_epoch(epoch: int, state: TrainingState, loss_fn: nn.Cell, data: TrainingData, tensorboard: TensorBoard,
-              writer: RunWriter, global_step: int, lr: np.ndarray, epoch_time: float, cfg: DictConfig) -> dict:
-    """Validate, keep best.ckpt (by val AUC), log; advances the state to the next epoch.
-    Returns the epoch's history entry."""
+def end_epoch(epoch: int, state: TrainingState, model: nn.Cell, loss_fn: nn.Cell, data: TrainingData,
+              tensorboard: TensorBoard, writer: RunWriter, global_step: int, lr: np.ndarray, epoch_time: float,
+              cfg: DictConfig) -> dict:
+    """Validate `model`, keep it as best.ckpt (by val AUC), log; advances the state to the next
+    epoch. Returns the epoch's history entry."""
     run = state.run
     train_loss = run.epoch_loss_sum / max(run.step_in_epoch, 1)
-    y, p, val_loss = validate(state.net, loss_fn, data.val_batches)
+    y, p, val_loss = validate(model, loss_fn, data.val_batches)
     val = task_metrics(y, p, data.classes)
     tensorboard.epoch(global_step - 1, epoch, train_loss, val_loss, val, y, p, data.classes)
     entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
@@ -328,7 +335,7 @@ def end_epoch(epoch: int, state: TrainingState, loss_fn: nn.Cell, data: Training
     improved = not math.isnan(val["auc"]) and val["auc"] > run.best_auc
     if improved:
         run.best_auc, run.best_epoch = val["auc"], epoch
-        writer.best(state, epoch)
+        writer.best(model, state, epoch)
     rates = (f"sens {val['sensitivity']:.3f}  spec {val['specificity']:.3f}" if len(data.classes) == 2
              else f"bal_acc {val['balanced_accuracy']:.3f}")
     log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  acc %.3f  %s  lr %.2e  "
