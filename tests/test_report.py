@@ -308,3 +308,19 @@ def test_a_member_whose_writer_was_killed_is_failed_not_unfinished(tmp_path):
     statuses = {m.name: (m.status, m.reason) for m in collect(tmp_path)}
     assert statuses["0_lr=0.1"][0] == "failed" and "rerunning it resumes" in statuses["0_lr=0.1"][1]
     assert statuses["1_lr=0.2"] == ("unfinished", None)
+
+
+@pytest.mark.unit
+def test_the_cost_to_a_val_target_counts_training_images_and_minutes(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("batch_size: 32\ntrain:\n  max_steps_per_epoch: null\n")
+    (run / "train_images.txt").write_text("".join(f"NORMAL/x{i}.jpeg\n" for i in range(100)))  # 3 steps of 32
+    (run / "history.jsonl").write_text("".join(json.dumps({"epoch": e, "val_auc": auc, "time_s": 60.0}) + "\n"
+                                               for e, auc in [(1, 0.8), (2, 0.95), (3, 0.97)]))
+    main(["--compare", str(run), "--val-target", "0.9"])
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["run", "val_target", "epoch", "images", "train_min", "best_val_auc"]
+    assert row.split() == ["run", "0.9", "2", "192", "2", "0.97"]
+    main(["--compare", str(run), "--val-target", "0.99"])
+    assert capsys.readouterr().out.splitlines()[1].split() == ["run", "0.99", "-", "-", "-", "0.97"]

@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,11 +49,12 @@ from xray.hparams import (ARGMAX, AT_HALF, AT_VAL_THRESHOLD, binary_results, dec
 from xray.hparams import TEST_METRICS  # the same keys TensorBoard's HParams tab shows
 from xray.labels import binary_decisions
 from xray.metrics import roc_auc, roc_curve
+from xray.signals import RunPoint, held_out, study, study_figure, val_signals
 
 log = logging.getLogger(__name__)
 
 EVAL_METRICS = TEST_METRICS  # per evaluated split, at the val-chosen threshold
-LOWER_IS_BETTER = {"final_train_loss", "wall_time_s"}
+LOWER_IS_BETTER = {"final_train_loss", "wall_time_s", "val_log_loss", "val_ece"}
 
 
 @dataclass
@@ -74,6 +76,11 @@ class Member:
     def best_val_auc(self) -> Optional[float]:
         return (self.metrics.get("best_val") or {}).get("auc")
 
+    @cached_property
+    def val_signals(self) -> dict:
+        """What else val says of the screening decision (xray.signals): val_log_loss, ...; read once."""
+        return val_signals(self.path, self.evals["val"]) if "val" in self.evals else {}
+
     def values(self) -> dict:
         """Every number the report can show or rank by."""
         best = self.metrics.get("best_val") or {}
@@ -84,6 +91,7 @@ class Member:
                 continue
             for metric in EVAL_METRICS:
                 out[f"{split}_{metric}"] = (decision.get(metric) or {}).get("value")
+        out.update({k: v for k, v in self.val_signals.items() if k != "val_auc"})
         out.update({"best_epoch": self.metrics.get("best_epoch"),
                     "final_train_loss": self.metrics.get("final_train_loss"),
                     "wall_time_s": self.metrics.get("wall_time_s")})
@@ -1140,6 +1148,77 @@ def compare(patterns: Sequence[str], splits: Sequence[str] = ("test",), names: O
         log.info("compare: -> %s", figure)
     return decisions
 
+# -- cost: what a run spent to reach a val target -------------------------------------------------
+
+def cost_to_target(folder: Path, target: float) -> dict:
+    """The first epoch whose val AUC reached `target` (history.jsonl), the training images seen
+    and the training minutes (the epochs' time_s: validation and evaluation left out) until then;
+    epoch None when the run never reached it."""
+    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
+    cfg = OmegaConf.load(folder / "config.yaml")
+    images = sum(1 for line in (folder / "train_images.txt").read_text().splitlines() if line.strip())
+    steps = images // int(cfg.batch_size)
+    cap = OmegaConf.select(cfg, "train.max_steps_per_epoch")
+    per_epoch = (min(steps, int(cap)) if cap else steps) * int(cfg.batch_size)
+    reached = next((h for h in history if (h.get("val_auc") or 0) >= target), None)
+    epoch = reached["epoch"] if reached else None
+    minutes = sum(h.get("time_s") or 0 for h in history if epoch and h["epoch"] <= epoch) / 60
+    return {"run": str(folder), "val_target": target, "epoch": epoch, "images": epoch * per_epoch if epoch else None,
+            "train_min": round(minutes, 1) if epoch else None,
+            "best_val_auc": max((h.get("val_auc") or 0 for h in history), default=None)}
+
+
+def costs(patterns: Sequence[str], target: float, markdown: bool = False, out=None) -> list[dict]:
+    """Print cost_to_target of every run named or globbed by `patterns`."""
+    folders = [f for f in run_folders(patterns) if (f / "history.jsonl").is_file() and (f / "config.yaml").is_file()]
+    if not folders:
+        raise XrayError("--val-target: no run folder with history.jsonl and config.yaml among those given")
+    rows = [cost_to_target(f, target) for f in folders]
+    names = short_names([Path(r["run"]) for r in rows])
+    for r in rows:
+        r["run"] = names[Path(r["run"])]
+    (out or sys.stdout).write(render(list(rows[0]), rows, markdown))
+    return rows
+
+
+# -- signals: which val signal tracks the held-out figures ---------------------------------------
+
+def signal_points(folders: Sequence[Path]) -> list[RunPoint]:
+    """The study's runs: every folder with a screening decision evaluated on val and test."""
+    members = [read_member(f) for f in folders if (f / ".hydra" / "config.yaml").is_file()]
+    members = [m for m in members if m.status == "ok" and {"val", "test"} <= set(m.evals)]
+    levers = [k for k in varying_hparams(members) if k != SEED]
+    points = []
+    for m in members:
+        signals, targets = val_signals(m.path, m.evals["val"]), held_out(m.evals["test"])
+        if signals and targets["auc"] is not None:
+            label = ", ".join(f"{k}={m.hparams.get(k)}" for k in levers) or "one configuration"
+            points.append(RunPoint(m.name, label, signals, targets))
+    return points
+
+
+def signals(patterns: Sequence[str], figure: Optional[Path] = None, markdown: bool = False, out=None) -> list[dict]:
+    """Print Spearman's rho (95 % bootstrap CI) of every val signal against every held-out
+    figure, across the runs named or globbed by `patterns` and across their configurations'
+    seed means; draw one panel per pair into `figure`."""
+    from xray.plots import save_figure
+
+    points = signal_points(run_folders(patterns))
+    if len(points) < 3:
+        raise XrayError(f"--signals: {len(points)} finished runs with eval_val.json and eval_test.json of a "
+                        "screening decision in the folders given; the study needs at least 3")
+    rows = study(points)
+    fmt = lambda v: "-" if v is None else f"{v:+.2f}"  # noqa: E731
+    cells = [{"level": r["level"], "signal": r["signal"], "held-out": r["target"], "n": r["n"],
+              "rho (better by signal)": fmt(r["rho"]),
+              "95 % CI": "-" if r["ci95"][0] is None else f"{fmt(r['ci95'][0])} to {fmt(r['ci95'][1])}"} for r in rows]
+    (out or sys.stdout).write(render(list(cells[0]), cells, markdown))
+    if figure is not None:
+        save_figure(study_figure(points), figure)
+        log.info("signals: -> %s", figure)
+    return rows
+
+
 @one_line_errors
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m xray.report", description=__doc__.split("\n")[0])
@@ -1167,12 +1246,24 @@ def main(argv: Optional[list[str]] = None) -> None:
                                  "bacterial_vs_viral,argmax (default all)")
     compare_options.add_argument("--figure", type=Path, help="also draw ROC curves and per-class sensitivities here")
     compare_options.add_argument("--markdown", action="store_true", help="print a markdown table")
+    compare_options.add_argument("--val-target", type=float, metavar="AUC",
+                                 help="with --compare: instead, the epochs, training images and minutes each run "
+                                      "took until its val AUC first reached AUC (history.jsonl)")
+    compare_options.add_argument("--signals", nargs="+", metavar="RUN_OR_GLOB",
+                                 help="which val signal tracks the test figures across these runs "
+                                      "(Spearman's rho with CIs; --figure draws them)")
     args = parser.parse_args(argv)
-    if (args.sweep_dir is None) == (args.compare is None):
-        parser.error("pass a sweep folder, or --compare RUN_OR_GLOB [...]")
+    if sum(x is not None for x in (args.sweep_dir, args.compare, args.signals)) != 1:
+        parser.error("pass a sweep folder, or --compare RUN_OR_GLOB [...], or --signals RUN_OR_GLOB [...]")
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.signals:
+        signals(args.signals, args.figure, args.markdown)
+        return
+    if args.compare and args.val_target is not None:
+        costs(args.compare, args.val_target, args.markdown)
+        return
     if args.compare:
         compare(args.compare, args.splits.split(","), args.decisions.split(",") if args.decisions else None,
                 args.figure, args.markdown)
