@@ -20,9 +20,11 @@ def _blend_one(factor, average, weight):
 class WeightAverage:
     """average <- d * average + (1 - d) * weights after every optimizer step, over every
     parameter of the network (batch-norm statistics too, as timm's ModelEmaV2 does), with
-    d = min(decay, (1 + n) / (10 + n)) after n updates, so that the first epochs' average is
-    not held back by the initial weights. `network()` is a second network of the same
-    architecture holding the average, to validate, save and explain like any model."""
+    d = min(decay, n / (n + 1)) at the n-th update (from 0): the plain mean of every step's
+    weights until 1 / (1 - decay) steps, an exponential average after, so the initial weights
+    never linger and a short run averages as long a window as a long one. `network()` is a
+    second network of the same architecture holding the average, to validate, save and
+    explain like any model."""
 
     def __init__(self, net: nn.Cell, twin: nn.Cell, decay: float) -> None:
         self.decay = float(decay)
@@ -38,7 +40,7 @@ class WeightAverage:
         self._update = update
 
     def factor(self, updates: int) -> float:
-        return min(self.decay, (1 + updates) / (10 + updates))
+        return min(self.decay, updates / (updates + 1))
 
     def update(self, updates: int) -> None:
         """Fold in the weights after the optimizer's `updates`-th step (counted from 0)."""
