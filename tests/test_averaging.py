@@ -56,6 +56,21 @@ def test_the_average_follows_the_weights_and_the_twin_network_holds_it():
 
 
 @pytest.mark.unit
+def test_an_average_every_few_steps_keeps_the_window():
+    net = TinyNet()
+    set_weights(net, 3.0)
+    average = WeightAverage(net, TinyNet(), 0.9, every=4)
+    assert average.factor(100) == pytest.approx(0.9 ** 4)  # the same window in steps
+    for p in average.average:
+        p.set_data(ms.Tensor(np.zeros(p.shape, np.float32)))
+    for step in (1, 2, 4, 5, 6):  # not folded in
+        average.update(step)
+    np.testing.assert_array_equal(average.average[0].asnumpy(), 0.0)
+    average.update(0)  # the first step always is (a run shorter than `every` has an average)
+    np.testing.assert_array_equal(average.average[0].asnumpy(), 3.0)
+
+
+@pytest.mark.unit
 def test_last_ckpt_holds_the_average_and_a_resume_restores_it(tmp_path):
     state = averaged_state()
     set_weights(state.net, 2.0)
@@ -80,7 +95,7 @@ def test_best_ckpt_is_the_average_and_a_resumed_run_continues_it(sample_data, tm
     """One epoch: best.ckpt holds last.ckpt's ema.* weights, not its raw ones. Two epochs with an
     interruption after the first end with the same average as two without one."""
     from xray.train import train
-    args = TINY + [f"data.dir={sample_data}", "train.ema_decay=0.9", "train.keep_last=true",
+    args = TINY + [f"data.dir={sample_data}", "train.ema_decay=0.9", "train.ema_every=1", "train.keep_last=true",
                    "train.eval_splits=[]", "train.cam_images=0"]
     one = tmp_path / "one"
     assert train(make_cfg("config", args + ["epochs=1"]), one)["status"] == "ok"

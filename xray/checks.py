@@ -88,6 +88,7 @@ TRAIN: dict[str, Rule] = {
     "train.cam_images": _int(0),
     "train.amp": _choice("O0", "O1", "O2", "O3"),
     "train.ema_decay": FRACTION,
+    "train.ema_every": _int(1),
     "train.threshold_rule": THRESHOLD_RULE,
     "train.target_sensitivity": SENSITIVITY,
 }

@@ -144,7 +144,8 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
     data = load_data(cfg, run, saved)
     lr = create_schedule(float(cfg.lr), cfg.optim, cfg.epochs, data.steps_per_epoch)
     net, loss_fn, optimizer, scaler, step_fn = build_training(cfg, cfg.data.image_size, data.train_counts, lr, group)
-    average = (WeightAverage(net, create_model(cfg.model, cfg.data.image_size, len(data.classes)), cfg.train.ema_decay)
+    average = (WeightAverage(net, create_model(cfg.model, cfg.data.image_size, len(data.classes)), cfg.train.ema_decay,
+                             cfg.train.get("ema_every", 1))
                if cfg.train.get("ema_decay") else None)  # (made after net: the same seed gives the same net)
     state = TrainingState(net, optimizer, scaler, data.identity, average=average)
     if saved is not None:
