@@ -167,6 +167,7 @@ def test_the_report_of_a_seed_sweep(seed_sweep, capsys):
     report(seed_sweep, best_root=None)
     printed = capsys.readouterr().out
     assert "configurations over seeds, ranked by the mean of best_val_auc" in printed
+    assert "One seed per configuration" not in printed
     row = next(line for line in printed.splitlines() if line.startswith("1 ") and "1,7,42" in line)
     assert "0.720 ± 0.020 (0.670-0.770)" in row and "2_lr=0.01,seed=1" in row and "3/3" in row
     assert "## Configurations over seeds" in (seed_sweep / "report.md").read_text()
@@ -213,6 +214,9 @@ def test_an_unreadable_member_is_listed_with_its_reason(tmp_path, capsys):
     assert members[2].reason.startswith("metrics.json: JSONDecodeError: ")
     printed = capsys.readouterr().out
     assert "unreadable: 2_lr=0.03: metrics.json: JSONDecodeError: " in printed
+    # one seed per configuration: the report says what such a ranking is worth, and what to do
+    assert "One seed per configuration" in printed and "+sweep=seeds" in (sweep / "report.md").read_text()
+    assert "One seed per configuration" in (sweep / "report.html").read_text()
     assert "1 ok, 1 failed, 1 unreadable" in printed
     assert "unreadable: 2_lr=0.03" in (sweep / "report.md").read_text()
     assert "JSONDecodeError" in (sweep / "report.html").read_text()

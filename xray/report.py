@@ -872,6 +872,8 @@ def sweep_page(sweep_dir: Path, members: list[Member], rank_by: str, card_links:
             summary.append(Link(f"The exported best model's card ({best})", os.path.relpath(card, sweep_dir)))
         else:
             summary.append(f"The best model is exported to {best}.")
+    if not seeds_vary(members) and len(members) > 1:
+        summary.append(ONE_SEED_NOTE)
     sections = [Section("summary", summary, "Summary")]
     if seeds_vary(members):
         configs = configurations(members, rank_by)
@@ -901,6 +903,13 @@ def sweep_page(sweep_dir: Path, members: list[Member], rank_by: str, card_links:
     page = sweep_dir / "report.html"
     write_text(page, to_html(f"Sweep {sweep_dir.name}", sections))
     return page
+
+
+# what docs/results/ranking.md found: no val signal measurably tracks the test half across runs
+ONE_SEED_NOTE = ("One seed per configuration: across this project's runs no validation signal tracked the "
+                 "test half measurably (docs/results/ranking.md), so this order is close to a random pick "
+                 "for new patients; sweep seeds too (+sweep=seeds or seed=1,2,3) and rank configurations "
+                 "by their mean.")
 
 
 def status_counts(members: list[Member]) -> str:
@@ -943,6 +952,9 @@ def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), fo
         _, data, numeric = config_rows(configs, members)
         _write_csv(numeric, data, sweep_dir / "report_seeds.csv")
         save_figure(seeds_figure(configs, aggregated_columns(members)), sweep_dir / "seeds.png")
+    elif len(readable) > 1:
+        out.write(ONE_SEED_NOTE + "\n")
+        markdown += f"\n{ONE_SEED_NOTE}\n"
     write_text(sweep_dir / "report.md", markdown)
     if readable and is_grid(readable):
         if {"lr", "momentum"} & set(varying_hparams(readable)):
