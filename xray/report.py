@@ -1222,7 +1222,7 @@ def signals(patterns: Sequence[str], figure: Optional[Path] = None, markdown: bo
     rows = study(points)
     fmt = lambda v: "-" if v is None else f"{v:+.2f}"  # noqa: E731
     cells = [{"level": r["level"], "signal": r["signal"], "held-out": r["target"], "n": r["n"],
-              "rho (better by signal)": fmt(r["rho"]),
+              "rho (better by signal)": fmt(r["rho"]), "p": "-" if r["p"] is None else f"{r['p']:.3f}",
               "95 % CI": "-" if r["ci95"][0] is None else f"{fmt(r['ci95'][0])} to {fmt(r['ci95'][1])}"} for r in rows]
     (out or sys.stdout).write(render(list(cells[0]), cells, markdown))
     if figure is not None:

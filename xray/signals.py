@@ -2,7 +2,8 @@
 binary model's own, a subtype model's read-off) of every run, read from its eval_val.json /
 predictions_val.csv (validation only: what the product may rank by) and its eval_test.json
 (the held-out figures a ranking should predict), and Spearman's rho between each signal and
-each held-out figure across runs, with a 95 % CI; also over configurations,
+each held-out figure across runs, with a permutation p-value (and a 95 % CI from 10 runs on);
+also over configurations,
 each signal's mean over the seeds against the held-out figures' mean.
 
     python -m xray.report --signals 'outputs/multirun/seeds_*/*' 'outputs/fast/*' --figure signals.png
@@ -72,21 +73,34 @@ def _value(metric) -> Optional[float]:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
-    """Spearman's rho of paired values with its 95 % CI by Fisher's z and Bonett and Wright's
-    (2000) standard error, sqrt((1 + rho^2 / 2) / (n - 3)); no rho below 3 pairs or when one
-    side is all tied, no CI below 4 pairs (a bootstrap of so few runs is degenerate)."""
-    from scipy.stats import spearmanr
+MIN_CI = 10  # pairs below which Fisher's z is no guide (at rho = +-1 its interval collapses)
+EXACT = 8  # pairs up to which the permutation test enumerates every order (8! = 40,320)
+
+
+def spearman(x: Sequence[float], y: Sequence[float], seed: int = 0) -> dict:
+    """Spearman's rho of paired values; a two-sided permutation p-value (every order of y up to
+    8 pairs, 20,000 random ones above); and from 10 pairs on, a 95 % CI by Fisher's z with
+    Bonett and Wright's (2000) standard error sqrt((1 + rho^2 / 2) / (n - 3)). No rho below 3
+    pairs or when one side is all tied."""
+    from itertools import permutations
+
+    from scipy.stats import rankdata
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return {"n": n, "rho": None, "ci95": [None, None]}
-    rho = float(spearmanr(x, y)[0])
-    if n < 4:
-        return {"n": n, "rho": rho, "ci95": [None, None]}
-    z, se = math.atanh(min(max(rho, -0.9999), 0.9999)), math.sqrt((1 + rho ** 2 / 2) / (n - 3))
-    return {"n": n, "rho": rho, "ci95": [math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)]}
+        return {"n": n, "rho": None, "p": None, "ci95": [None, None]}
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = (rx - rx.mean()) / np.linalg.norm(rx - rx.mean()), (ry - ry.mean()) / np.linalg.norm(ry - ry.mean())
+    rho = float(rx @ ry)  # (Pearson's r of the ranks, ties averaged: scipy's spearmanr)
+    orders = (np.array(list(permutations(range(n)))) if n <= EXACT
+              else np.random.default_rng(seed).permuted(np.tile(np.arange(n), (20000, 1)), axis=1))
+    p = float(np.mean(np.abs(ry[orders] @ rx) >= abs(rho) - 1e-12))
+    ci: list = [None, None]
+    if n >= MIN_CI:
+        z, se = math.atanh(min(max(rho, -0.9999), 0.9999)), math.sqrt((1 + rho ** 2 / 2) / (n - 3))
+        ci = [math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)]
+    return {"n": n, "rho": rho, "p": p, "ci95": ci}
 
 
 @dataclass
@@ -115,7 +129,7 @@ def study(points: list[RunPoint]) -> list[dict]:
                          if all(p.signals.get(signal) is not None and p.targets.get(target) is not None for p in unit)]
                 stat = spearman([a for a, _ in pairs], [b for _, b in pairs])
                 # rho of "better by the signal" with the figure: a loss or an ECE counts reversed
-                if stat["rho"] is not None and not SIGNALS[signal][1]:
+                if stat["rho"] is not None and not SIGNALS[signal][1]:  # (p stays: it is two-sided)
                     stat = {**stat, "rho": -stat["rho"], "ci95": [-stat["ci95"][1], -stat["ci95"][0]]
                             if stat["ci95"][0] is not None else stat["ci95"]}
                 rows.append({"level": level, "signal": signal, "target": f"test_{target}", **stat})
