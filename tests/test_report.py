@@ -328,3 +328,8 @@ def test_the_cost_to_a_val_target_counts_training_images_and_minutes(tmp_path, c
     assert row.split() == ["run", "0.9", "2", "192", "2", "0.97"]
     main(["--compare", str(run), "--val-target", "0.99"])
     assert capsys.readouterr().out.splitlines()[1].split() == ["run", "0.99", "-", "-", "-", "0.97"]
+    (run / "train_images.txt").unlink()
+    with pytest.raises(SystemExit):
+        main(["--compare", str(run), "--val-target", "0.9"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --val-target: ") and "train_images.txt" in err and "Traceback" not in err

@@ -1,6 +1,6 @@
 """xray.signals and `xray.report --signals`: which val signal tracks the held-out figures, as
-Spearman's rho with a bootstrap CI across runs and across seed means; a loss counts reversed
-(lower is better), and the report ranks by the same val signals."""
+Spearman's rho with a permutation p-value (and a CI from 10 runs on) across runs and across seed
+means; a loss counts reversed (lower is better), and the report ranks by the same val signals."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from xray.report import collect, main, signals
+from xray.calibration import ece, nll
+from xray.report import collect, main, signals, table
 from xray.signals import spearman
 
 
@@ -27,7 +28,9 @@ def fake_run(folder, lr: float, seed: int, val: tuple, test: tuple, p_val: np.nd
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text(f"lr: {lr}\nseed: {seed}\ntask:\n  name: binary\n")
     (folder / "metrics.json").write_text(json.dumps({"status": "ok", "best_val": {"auc": val[0]}}))
-    (folder / "eval_val.json").write_text(json.dumps({"split": "val", "task": "binary", **block(val[0], val[1], 0.9)}))
+    as_trained = {"nll": nll(y_val, p_val), "ece": ece(y_val, p_val)}  # (evaluate's calibration.uncalibrated)
+    (folder / "eval_val.json").write_text(json.dumps({"split": "val", "task": "binary", **block(val[0], val[1], 0.9),
+                                                      "calibration": {"temperature": None, "uncalibrated": as_trained}}))
     (folder / "eval_test.json").write_text(json.dumps({"split": "test", "task": "binary", **block(*test)}))
     rows = "".join(f"x{i}.jpeg,{int(t)},{p:.6f}\n" for i, (t, p) in enumerate(zip(y_val, p_val)))
     (folder / "predictions_val.csv").write_text("file_name,label,p_pneumonia\n" + rows)
@@ -77,8 +80,9 @@ def test_the_signal_that_tracks_the_test_half_is_found_across_runs_and_seed_mean
 
     main(["--signals", str(six_runs / "*_run"), "--figure", str(tmp_path / "signals.png"), "--markdown"])
     assert (tmp_path / "signals.png").stat().st_size > 0
-    ranked = collect(six_runs, "val_log_loss")  # the report ranks by it: lowest loss first
+    ranked = collect(six_runs, "val_log_loss")  # the report ranks by it: lowest loss first, and shows it
     assert [m.name for m in ranked][:2] == ["5_run", "4_run"]
+    assert "val_log_loss" in table(ranked, rank_by="val_log_loss").splitlines()[0].split()
 
 
 @pytest.mark.unit

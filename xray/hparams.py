@@ -40,6 +40,7 @@ def hparams_of(cfg: DictConfig) -> dict:
         **{f"augment_{k}": get(f"data.augment.{k}", float, 0.0) if augment else 0.0 for k in INTENSITY},
         "equalize": get("data.equalize", str, "none"), "data": get("data.name", str),
         "amp": get("train.amp", str, "O0"), "ema_decay": get("train.ema_decay", float, 0.0),
+        "ema_every": get("train.ema_every", int, 16),
     }
 
 

@@ -197,12 +197,13 @@ def eval_splits(members: list[Member]) -> list[str]:
     return sorted(found, key=lambda s: (s != "test", s))
 
 
-def rows(members: list[Member]) -> tuple[list[str], list[dict]]:
-    """(columns, one dict per member in rank order)."""
+def rows(members: list[Member], rank_by: str = "best_val_auc") -> tuple[list[str], list[dict]]:
+    """(columns, one dict per member in rank order); the column ranked by is shown too."""
     levers = varying_hparams(members)
     split_cols = [f"{s}_{m}" for s in eval_splits(members) for m in EVAL_METRICS]
-    columns = (["rank", "member", "status", *levers, "best_val_auc", "best_val_accuracy", *split_cols,
-                "best_epoch", "final_train_loss", "wall_time_s", "checkpoint"])
+    shown = ["best_val_auc", "best_val_accuracy", *split_cols, "best_epoch", "final_train_loss", "wall_time_s"]
+    columns = (["rank", "member", "status", *levers, *([rank_by] if rank_by not in shown else []), *shown,
+                "checkpoint"])
     out = []
     for i, m in enumerate(members):
         out.append({"rank": i + 1, "member": m.name, "status": m.status,
@@ -227,8 +228,8 @@ def render(columns: list[str], data: list[dict], markdown: bool = False) -> str:
                     disable_numparse=True) + "\n"
 
 
-def table(members: list[Member], markdown: bool = False) -> str:
-    columns, data = rows(members)
+def table(members: list[Member], markdown: bool = False, rank_by: str = "best_val_auc") -> str:
+    columns, data = rows(members, rank_by)
     return render(columns if markdown else [c for c in columns if c != "checkpoint"], data, markdown)
 
 
@@ -237,8 +238,8 @@ def unreadable_lines(members: list[Member]) -> list[str]:
     return [f"unreadable: {m.name}: {m.reason}" for m in members if m.status == "unreadable"]
 
 
-def write_csv(members: list[Member], path: Path) -> None:
-    columns, data = rows(members)
+def write_csv(members: list[Member], path: Path, rank_by: str = "best_val_auc") -> None:
+    columns, data = rows(members, rank_by)
     _write_csv(columns, data, path)
 
 
@@ -872,7 +873,7 @@ def sweep_page(sweep_dir: Path, members: list[Member], rank_by: str, card_links:
             summary.append(Link(f"The exported best model's card ({best})", os.path.relpath(card, sweep_dir)))
         else:
             summary.append(f"The best model is exported to {best}.")
-    if not seeds_vary(members) and len(members) > 1:
+    if not seeds_vary(members) and sum(m.status != "unreadable" for m in members) > 1:
         summary.append(ONE_SEED_NOTE)
     sections = [Section("summary", summary, "Summary")]
     if seeds_vary(members):
@@ -884,7 +885,7 @@ def sweep_page(sweep_dir: Path, members: list[Member], rank_by: str, card_links:
         if (sweep_dir / "seeds.png").is_file():
             blocks.append(Figure("each member a point; the mean and its CI in red", (sweep_dir / "seeds.png").read_bytes()))
         sections.append(Section("configurations", blocks, "Configurations over seeds"))
-    columns, data = rows(members)
+    columns, data = rows(members, rank_by)
     columns = [c for c in columns if c != "checkpoint"]
     columns.insert(columns.index("member") + 1, "card")
     table_rows = [[(Link("card", card_links[r["member"]]) if r["member"] in card_links else None) if c == "card"
@@ -933,15 +934,15 @@ def report(sweep_dir: Path, best_root: Optional[Path] = Path("outputs/best"), fo
     out = out or sys.stdout
     sweep_dir = Path(sweep_dir)
     members = collect(sweep_dir, rank_by)
-    text = table(members)
+    text = table(members, rank_by=rank_by)
     out.write(text)
     for line in unreadable_lines(members):
         out.write(line + "\n")
     out.write(f"{status_counts(members)} (ranked by {rank_by})\n")
-    markdown = f"# Sweep {sweep_dir.name}\n\nRanked by {rank_by}.\n\n" + table(members, markdown=True)
+    markdown = f"# Sweep {sweep_dir.name}\n\nRanked by {rank_by}.\n\n" + table(members, markdown=True, rank_by=rank_by)
     if unreadable_lines(members):
         markdown += "\n" + "".join(f"- {line}\n" for line in unreadable_lines(members))
-    write_csv(members, sweep_dir / "report.csv")
+    write_csv(members, sweep_dir / "report.csv", rank_by)
     readable = [m for m in members if m.status != "unreadable"]
     if seeds_vary(members):
         configs = configurations(members, rank_by)
@@ -1166,9 +1167,13 @@ def cost_to_target(folder: Path, target: float) -> dict:
     """The first epoch whose val AUC reached `target` (history.jsonl), the training images seen
     and the training minutes (the epochs' time_s: validation and evaluation left out) until then;
     epoch None when the run never reached it."""
-    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
-    cfg = OmegaConf.load(folder / "config.yaml")
-    images = sum(1 for line in (folder / "train_images.txt").read_text().splitlines() if line.strip())
+    try:
+        history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
+        cfg = OmegaConf.load(folder / "config.yaml")
+        images = sum(1 for line in (folder / "train_images.txt").read_text().splitlines() if line.strip())
+    except (OSError, ValueError) as e:
+        raise XrayError(f"--val-target: {folder} cannot be read ({type(e).__name__}: {_first_line(e)}); "
+                        "pass training run folders (history.jsonl, config.yaml, train_images.txt)") from None
     steps = images // int(cfg.batch_size)
     cap = OmegaConf.select(cfg, "train.max_steps_per_epoch")
     per_epoch = (min(steps, int(cap)) if cap else steps) * int(cfg.batch_size)
@@ -1210,9 +1215,9 @@ def signal_points(folders: Sequence[Path]) -> list[RunPoint]:
 
 
 def signals(patterns: Sequence[str], figure: Optional[Path] = None, markdown: bool = False, out=None) -> list[dict]:
-    """Print Spearman's rho (95 % bootstrap CI) of every val signal against every held-out
-    figure, across the runs named or globbed by `patterns` and across their configurations'
-    seed means; draw one panel per pair into `figure`."""
+    """Print Spearman's rho (permutation p-value; a 95 % CI from 10 runs on) of every val signal
+    against every held-out figure, across the runs named or globbed by `patterns` and across
+    their configurations' seed means; draw one panel per pair into `figure`."""
     from xray.plots import save_figure
 
     points = signal_points(run_folders(patterns))
@@ -1269,6 +1274,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("pass a sweep folder, or --compare RUN_OR_GLOB [...], or --signals RUN_OR_GLOB [...]")
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
+    if args.val_target is not None and not args.compare:
+        parser.error("--val-target goes with --compare RUN_OR_GLOB [...]")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.signals:
         signals(args.signals, args.figure, args.markdown)

@@ -43,20 +43,26 @@ def screening_decision(result: dict) -> Optional[dict]:
 def val_signals(run_dir: Path, eval_val: dict) -> dict:
     """The screening decision's val signals of a run folder ({} when it has none): AUC and the
     specificity at the val-chosen threshold from eval_val.json; log-loss and ECE of
-    p(pneumonia) from predictions_val.csv (a subtype model's: 1 - p(normal))."""
+    p(pneumonia) as trained: a binary model's from eval_val.json (`calibration.uncalibrated`), a
+    subtype model's (1 - p(normal)) from predictions_val.csv, unless those went through a
+    temperature (fitted on this same val: it would flatter them), then None."""
     block = screening_decision(eval_val)
     if block is None:
         return {}
     at = block.get(AT_VAL_THRESHOLD) or {}
-    out = {"val_auc": _value(at.get("auc")), "val_specificity": _value(at.get("specificity"))}
-    csv = Path(run_dir) / "predictions_val.csv"
-    try:
-        task = eval_val.get("task", "binary")
-        labels, probs = read_predictions_csv(csv, task_classes(task))
-        y, p = binary_decisions(task, labels, probs)[SCREENING[task]]
-        out.update({"val_log_loss": nll(y, p), "val_ece": ece(y, p)})
-    except (OSError, KeyError, ValueError):
-        out.update({"val_log_loss": None, "val_ece": None})
+    out = {"val_auc": _value(at.get("auc")), "val_specificity": _value(at.get("specificity")),
+           "val_log_loss": None, "val_ece": None}
+    task, calibration = eval_val.get("task", "binary"), eval_val.get("calibration") or {}
+    if task == "binary":
+        raw = calibration.get("uncalibrated") or {}
+        out.update({"val_log_loss": _value(raw.get("nll")), "val_ece": _value(raw.get("ece"))})
+    elif calibration.get("temperature") is None:
+        try:
+            labels, probs = read_predictions_csv(Path(run_dir) / "predictions_val.csv", task_classes(task))
+            y, p = binary_decisions(task, labels, probs)[SCREENING[task]]
+            out.update({"val_log_loss": nll(y, p), "val_ece": ece(y, p)})
+        except (OSError, KeyError, ValueError):
+            pass
     return out
 
 
@@ -95,7 +101,8 @@ def spearman(x: Sequence[float], y: Sequence[float], seed: int = 0) -> dict:
     rho = float(rx @ ry)  # (Pearson's r of the ranks, ties averaged: scipy's spearmanr)
     orders = (np.array(list(permutations(range(n)))) if n <= EXACT
               else np.random.default_rng(seed).permuted(np.tile(np.arange(n), (20000, 1)), axis=1))
-    p = float(np.mean(np.abs(ry[orders] @ rx) >= abs(rho) - 1e-12))
+    hits = int(np.sum(np.abs(ry[orders] @ rx) >= abs(rho) - 1e-12))
+    p = hits / len(orders) if n <= EXACT else (hits + 1) / (len(orders) + 1)  # (a sampled p is never 0)
     ci: list = [None, None]
     if n >= MIN_CI:
         z, se = math.atanh(min(max(rho, -0.9999), 0.9999)), math.sqrt((1 + rho ** 2 / 2) / (n - 3))

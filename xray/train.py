@@ -145,7 +145,7 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
     lr = create_schedule(float(cfg.lr), cfg.optim, cfg.epochs, data.steps_per_epoch)
     net, loss_fn, optimizer, scaler, step_fn = build_training(cfg, cfg.data.image_size, data.train_counts, lr, group)
     average = (WeightAverage(net, create_model(cfg.model, cfg.data.image_size, len(data.classes)), cfg.train.ema_decay,
-                             cfg.train.get("ema_every", 1))
+                             cfg.train.ema_every)
                if cfg.train.get("ema_decay") else None)  # (made after net: the same seed gives the same net)
     state = TrainingState(net, optimizer, scaler, data.identity, average=average)
     if saved is not None:
@@ -211,6 +211,8 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
             guard.hand_over()
         average_batch_statistics(net, group)  # (model.norm=batch on several ranks)
         model = state.model()  # what is validated and kept: the network, or its weight average
+        if model is not net:  # (the average's own ema.* statistics stay each rank's: rank 0's are saved)
+            average_batch_statistics(model, group)
         state.history.append(end_epoch(epoch, state, model, loss_fn, data, tensorboard, writer, global_step, lr,
                                        epoch_time, cfg))
         cams.epoch(model, tensorboard, global_step - 1)
