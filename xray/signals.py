@@ -13,6 +13,7 @@ the docs say so. The report (`--rank-by val_log_loss`, ...) ranks by these same 
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -166,8 +167,10 @@ def study_figure(points: list[RunPoint], split: str = "test"):
             ax.set_ylabel(f"{split} {target}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-    if configs:
-        fig.legend(loc="lower center", ncol=min(3, len(configs)), fontsize=7, frameon=False)
+    if configs:  # one line per configuration: they can be long (every lever that differs)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        labels = [textwrap.shorten(label, 170, placeholder=" ...") for label in labels]
+        fig.legend(handles, labels, loc="lower left", ncol=1, fontsize=6.5, frameon=False)
     fig.suptitle("val signals against the held-out figures (one point per run)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(configs) / 3), 1, 0.97))
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * len(configs), 1, 0.97))
     return fig
