@@ -1207,7 +1207,7 @@ def signal_points(folders: Sequence[Path]) -> list[RunPoint]:
     levers = [k for k in varying_hparams(members) if k != SEED]
     points = []
     for m in members:
-        signals, targets = val_signals(m.path, m.evals["val"]), held_out(m.evals["test"])
+        signals, targets = m.val_signals, held_out(m.evals["test"])
         if signals and targets["auc"] is not None:
             label = ", ".join(f"{k}={m.hparams.get(k)}" for k in levers) or "one configuration"
             points.append(RunPoint(m.name, label, signals, targets))
