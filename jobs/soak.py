@@ -241,13 +241,14 @@ def is_log(path: Path) -> bool:
 
 
 def hashes(folder: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file of a member but its logs (and log links)."""
+    """{relative path: sha256} of every file of a member but its logs (and log links) and its
+    lock's files (the "no locks left" check covers those)."""
     out = {}
     for root, _, files in os.walk(folder):
         for name in files:
             path = Path(root) / name
-            if is_log(path) or path.is_symlink():
-                continue
+            if is_log(path) or path.is_symlink() or LOCK.search(name):
+                continue  # lock files come and go while a process releases: checked as leftovers
             digest = hashlib.sha256()
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -24,6 +24,7 @@ def test_the_defaults_pass(config):
     ("train.amp=fp16", "train.amp=fp16 must be one of O0, O1, O2, O3"),
     ("train.threshold_rule=median", "train.threshold_rule=median must be one of youden, sensitivity"),
     ("train.target_sensitivity=0", r"train.target_sensitivity=0 must be a number in \(0, 1\]"),
+    ("train.bacterial_vs_viral_rule=half", "train.bacterial_vs_viral_rule=half must be one of youden, prior"),
     # the recipe's switches (tests/test_recipe.py)
     ("data.equalize=sharpen", "data.equalize=sharpen must be one of none, hist, clahe"),
     ("data.sampling=stratified", "data.sampling=stratified must be one of shuffle, balanced"),
@@ -42,6 +43,7 @@ def test_bad_training_values_are_named_with_their_range(override, message):
     ("evaluate", "batch_size=0", "batch_size=0 must be an integer >= 1"),
     ("evaluate", "threshold_rule=Youden", "threshold_rule=Youden must be one of youden, sensitivity"),
     ("evaluate", "target_sensitivity=95", r"target_sensitivity=95 must be a number in \(0, 1\]"),
+    ("evaluate", "bacterial_vs_viral_rule=Prior", "bacterial_vs_viral_rule=Prior must be one of youden, prior"),
     ("convert", "data.val_fraction=1.5", r"data.val_fraction=1.5 must be a number in \(0, 1\)"),
 ])
 def test_bad_values_of_the_other_entrypoints(config, override, message):

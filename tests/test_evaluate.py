@@ -14,8 +14,9 @@ import pytest
 
 from xray.data import fingerprint, read_manifest
 from xray.errors import XrayError
-from xray.evaluate import ThresholdRule, binary_result, chosen_thresholds, origin, summary, threshold_on_val
-from xray.hparams import NO_RULE, binary_results, metrics_of, read_eval, rule_of_chosen_on, with_current_keys
+from xray.evaluate import (ThresholdRule, binary_result, chosen_thresholds, origin, summary, threshold_on_val,
+                           training_prior)
+from xray.hparams import NO_RULE, PRIOR, binary_results, metrics_of, read_eval, rule_of_chosen_on, with_current_keys
 from xray.metrics import binary_metrics, sensitivity_threshold
 
 OLD_RUN = Path(__file__).parent / "data" / "old_run"  # real files of commit b93b4ef (see its README.md)
@@ -87,6 +88,48 @@ def test_an_unreadable_eval_file_is_one_line(tmp_path):
     with pytest.raises(XrayError, match=r"eval_test.json cannot be read \(JSONDecodeError: .*\); rerun "
                                         r"`python -m xray.evaluate` on that run's checkpoint, or delete the file"):
         read_eval(tmp_path / "eval_test.json")
+
+
+@pytest.mark.unit
+def test_the_prior_rule_sets_bacterial_vs_viral_at_the_training_prior_without_val():
+    """bacterial_vs_viral_rule=prior (issue 27): the bacterial-vs-viral threshold is the training
+    prior, whatever val holds (even one class); pneumonia vs normal keeps its own rule; the file
+    tag names the rule only where the task has the decision."""
+    rule = ThresholdRule.of({"threshold_rule": "sensitivity", "target_sensitivity": 0.93,
+                             "bacterial_vs_viral_rule": "prior"})
+    assert rule.for_decision("bacterial_vs_viral") == ThresholdRule("prior")
+    assert rule.for_decision("pneumonia_vs_normal") == rule
+    y, p = np.array([1, 1, 0, 0]), np.array([0.9, 0.2, 0.8, 0.1])  # val's Youden would be 0.8
+    assert threshold_on_val(y, p, "bacterial_vs_viral", rule.for_decision("bacterial_vs_viral"), 0.643) == (0.643, PRIOR)
+    assert threshold_on_val(np.ones(4), p, "bacterial_vs_viral", ThresholdRule("prior"), 0.5) == (0.5, PRIOR)
+    assert threshold_on_val(y, p, "bacterial_vs_viral", ThresholdRule("youden"), 0.5)[1] == "youden"
+    assert origin(PRIOR) == "the training prior"
+    assert [rule.tag(task) for task in ("binary", "subtype", "bacterial_vs_viral")] == [
+        "sensitivity0.93", "sensitivity0.93_bvprior", "bvprior"]
+    old = ThresholdRule.of({"threshold_rule": "sensitivity", "target_sensitivity": 0.93})  # a run from before
+    assert old.bacterial_vs_viral == "youden" and old.tag("subtype") == "sensitivity0.93"
+
+
+@pytest.mark.unit
+def test_the_training_prior_is_half_after_balanced_sampling_else_the_train_splits_share(tmp_path):
+    from types import SimpleNamespace
+    from omegaconf import OmegaConf
+    from xray.data import FORMAT
+    (tmp_path / "manifest.json").write_text(json.dumps(  # (the keys read_manifest checks, and the counts)
+        {"format": FORMAT, "short_side": 64, "mean": 0.5, "std": 0.2,
+         "splits": {"train": {"subtypes": {"normal": 10, "bacteria": 9, "virus": 3}}}}))
+
+    def model(sampling: str, data_dir=tmp_path):
+        return SimpleNamespace(cfg=OmegaConf.create({"data": {"sampling": sampling, "dir": str(data_dir)}}),
+                               checkpoint=Path("run/checkpoints/best.ckpt"))
+    assert training_prior([model("balanced", tmp_path / "gone")]) == 0.5  # (needs no manifest)
+    assert training_prior([model("shuffle"), model("shuffle")]) == 0.75
+    with pytest.raises(XrayError, match=r"^bacterial_vs_viral_rule=prior: run/checkpoints/best.ckpt was trained "
+                                        r"with shuffled sampling.*/gone/manifest.json does not give it; pass "
+                                        r"bacterial_vs_viral_rule=youden$"):
+        training_prior([model("shuffle", tmp_path / "gone")])
+    with pytest.raises(XrayError, match=r"the ensemble's members were trained with different priors \[0.5, 0.75\]"):
+        training_prior([model("balanced"), model("shuffle")])
 
 
 @pytest.mark.unit

@@ -117,9 +117,11 @@ def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
     assert read_off["pneumonia_vs_normal"]["at_val_threshold"]["auc"]["value"] == pytest.approx(
         result["argmax"]["auc_NORMAL"]["value"])
     val = np.loadtxt(run / "predictions_val.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
-    default_rule = {  # pneumonia vs normal: the defaults' sensitivity target; bacterial vs viral: Youden
+    subtypes = read_manifest(sample_data)["splits"]["train"]["subtypes"]  # (shuffled sampling: its share)
+    default_rule = {  # pneumonia vs normal: the defaults' sensitivity target; bacterial vs viral: the prior
         "pneumonia_vs_normal": (lambda y, p: sensitivity_threshold(y, p, 0.93), "sensitivity>=0.93"),
-        "bacterial_vs_viral": (youden_threshold, "youden")}
+        "bacterial_vs_viral": (lambda y, p: subtypes["bacteria"] / (subtypes["bacteria"] + subtypes["virus"]),
+                               "prior")}
     for name, (y_val, p_val) in binary_read_offs("subtype", val[:, 0].astype(int), val[:, 1:]).items():
         r = read_off[name]  # its threshold chosen on val by that rule (the val evaluation's, handed on)
         threshold, rule = default_rule[name]
@@ -160,7 +162,8 @@ def test_the_sensitivity_rule_sets_the_pneumonia_threshold_and_leaves_bacterial_
     run = tmp_path / "run"  # (a copy, made a run trained with the rule: the module's run stays as it is)
     shutil.copytree(task_run("subtype"), run)
     cfg = OmegaConf.merge(OmegaConf.load(run / "config.yaml"),
-                          {"train": {"threshold_rule": "sensitivity", "target_sensitivity": 0.9, "eval_bootstrap": 0}})
+                          {"train": {"threshold_rule": "sensitivity", "target_sensitivity": 0.9, "eval_bootstrap": 0,
+                                     "bacterial_vs_viral_rule": "youden"}})
     OmegaConf.save(cfg, run / "config.yaml")
     out = evaluate_splits(run / "checkpoints" / "best.ckpt", sample_data, read_manifest(sample_data), cfg)
     assert set(out) == {"val", "test"}
@@ -317,7 +320,9 @@ def test_bacterial_vs_viral_uses_pneumonia_images_only(task_run, sample_data):
     subtypes = Counter(manifest["splits"]["test"]["subtypes"])
     assert result["images"] == subtypes["bacteria"] + subtypes["virus"] == 10
     assert result["positives"] == subtypes["bacteria"] and result["classes"] == ["VIRAL", "BACTERIAL"]
-    assert result["at_val_threshold"]["rule"] == "youden"  # bacterial vs viral: always Youden's
+    train = manifest["splits"]["train"]["subtypes"]  # the default rule: the training prior (shuffled sampling)
+    assert (result["at_val_threshold"]["rule"], result["at_val_threshold"]["threshold"]) == (
+        "prior", pytest.approx(train["bacteria"] / (train["bacteria"] + train["virus"]), abs=1e-6))
     records = task_records(split_file(sample_data, manifest, "train"), "bacterial_vs_viral")
     assert len(records.indices) == manifest["splits"]["train"]["classes"]["PNEUMONIA"]
     images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]

@@ -33,7 +33,7 @@ import numpy as np
 from tabulate import tabulate
 
 from xray.files import write_text
-from xray.hparams import (ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, binary_results, read_predictions_csv,
+from xray.hparams import (ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, PRIOR, binary_results, read_predictions_csv,
                           with_current_keys)
 
 log = logging.getLogger(__name__)
@@ -474,6 +474,8 @@ def short_rule(rule: Optional[str]) -> str:
     """How a table cell names a threshold's rule: youden on val, sensitivity>=0.93 on val."""
     if rule == NO_RULE:
         return "val had one class"
+    if rule == PRIOR:
+        return "training prior, no val"
     return f"{rule} on val" if rule else "rule not recorded"
 
 
@@ -486,6 +488,8 @@ def rule_text(rule: Optional[str]) -> str:
         return f"the highest threshold keeping val sensitivity >= {rule[len('sensitivity>='):]}"
     if rule == NO_RULE:
         return "0.5: val had one class only, no threshold could be chosen"
+    if rule == PRIOR:
+        return "the training's bacterial share among pneumonia images (0.5 after balanced sampling), not chosen on val"
     return rule
 
 

@@ -44,6 +44,7 @@ DEVICE = "choice", lambda v: str(v).lower() in ("cpu", "gpu", "ascend"), "one of
 MODE = _choice("graph", "pynative")
 TTA = _int(1, 5)
 THRESHOLD_RULE = _choice("youden", "sensitivity")
+BACTERIAL_VS_VIRAL_RULE = _choice("youden", "prior")
 SENSITIVITY = _number(lambda v: 0 < v <= 1, "in (0, 1]")
 
 TRAIN: dict[str, Rule] = {
@@ -91,6 +92,7 @@ TRAIN: dict[str, Rule] = {
     "train.ema_every": _int(1),
     "train.threshold_rule": THRESHOLD_RULE,
     "train.target_sensitivity": SENSITIVITY,
+    "train.bacterial_vs_viral_rule": BACTERIAL_VS_VIRAL_RULE,
 }
 EVALUATE: dict[str, Rule] = {
     "batch_size": _int(1), "bootstrap": _int(0), "seed": _int(0), "workers": _int(1),
@@ -98,6 +100,7 @@ EVALUATE: dict[str, Rule] = {
     "calibrate": ("bool", lambda v: True, "true or false"), "card": ("bool", lambda v: True, "true or false"),
     "bootstrap_unit": _choice("patient", "image"),
     "threshold_rule": THRESHOLD_RULE, "target_sensitivity": SENSITIVITY,
+    "bacterial_vs_viral_rule": BACTERIAL_VS_VIRAL_RULE,
 }
 PREDICT: dict[str, Rule] = {
     "threshold": PROBABILITY, "tta": TTA, "top_k": _int(1), "max_pixels": _int(1),

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from xray import CONF_DIR
 from xray.calibration import (BINS, calibration_metrics, calibration_of, fit_temperature, reliability_figure,
@@ -49,7 +49,7 @@ from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.explain import cam_grid, grad_cam
 from xray.files import write_json, write_text
-from xray.hparams import ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, binary_results, with_current_keys
+from xray.hparams import ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, PRIOR, binary_results, with_current_keys
 from xray.labels import CLASSES, binary_decisions, decision_rows, file_family, parse_file_name
 from xray.metrics import (binary_metrics, bootstrap_ci, confusion, confusion_k, multiclass_metrics, roc_curve,
                           sensitivity_threshold, youden_threshold)
@@ -253,45 +253,85 @@ def origin(rule: str) -> str:
         return "Youden on val"
     if rule.startswith("sensitivity>="):  # "sensitivity>=0.93"
         return f"sensitivity >= {rule[len('sensitivity>='):]} on val"
+    if rule == PRIOR:
+        return "the training prior"
     return rule  # NO_RULE
 
 
 @dataclass(frozen=True)
 class ThresholdRule:
-    """How val chooses the pneumonia-vs-normal threshold (task=binary, and a subtype model's
-    pneumonia_vs_normal read-off): `youden` maximizes sensitivity + specificity - 1; `sensitivity`
-    takes the highest threshold whose val sensitivity is still >= `target_sensitivity` (a
-    screening operating point: on new patients, whose healthy lungs score higher than val's,
-    it keeps more of them below it). Bacterial vs viral is always chosen by Youden."""
+    """How the threshold a split is scored at is chosen before that split is seen.
+
+    Pneumonia vs normal (task=binary, and a subtype model's pneumonia_vs_normal read-off), on val:
+    `youden` maximizes sensitivity + specificity - 1; `sensitivity` takes the highest threshold
+    whose val sensitivity is still >= `target_sensitivity` (a screening operating point: on new
+    patients, whose healthy lungs score higher than val's, it keeps more of them below it).
+
+    Bacterial vs viral (`bacterial_vs_viral`): `youden` on val, or `prior`: the share of bacterial
+    among the pneumonia images the training drew (0.5 after balanced sampling), where a model
+    trained on those odds puts equal odds. Val ranks the two pneumonias far worse than new
+    patients do, so its Youden threshold is noisy; the prior needs no val image."""
 
     name: str = "youden"  # (checked by xray.checks: youden | sensitivity)
     target_sensitivity: float = 0.95
+    bacterial_vs_viral: str = "youden"  # (checked by xray.checks: youden | prior)
 
     @classmethod
     def of(cls, node) -> "ThresholdRule":
         """The rule a config node names (evaluate's config, a run's `train`); Youden where it
-        names none (runs from before the rule existed)."""
-        return cls(node.get("threshold_rule", "youden"), node.get("target_sensitivity", 0.95))
+        names none (runs from before the rules existed)."""
+        return cls(node.get("threshold_rule", "youden"), node.get("target_sensitivity", 0.95),
+                   node.get("bacterial_vs_viral_rule", "youden"))
 
-    @property
-    def tag(self) -> str:
-        """Its short name in file names: youden, sensitivity0.95."""
-        return "youden" if self.name == "youden" else f"sensitivity{float(self.target_sensitivity):g}"
+    def tag(self, task: str) -> str:
+        """Its short name in file names, for the decisions `task` has: youden, sensitivity0.95
+        (binary); the same with _bvprior when the prior rule reads a subtype model's bacterial vs
+        viral; bvyouden, bvprior (a bacterial_vs_viral model)."""
+        pneumonia = "youden" if self.name == "youden" else f"sensitivity{float(self.target_sensitivity):g}"
+        if task == "bacterial_vs_viral":
+            return f"bv{self.bacterial_vs_viral}"
+        if task == "subtype" and self.bacterial_vs_viral != "youden":
+            return f"{pneumonia}_bv{self.bacterial_vs_viral}"
+        return pneumonia
 
     @property
     def label(self) -> str:
-        """Its name in results (`rule`): youden, sensitivity>=0.95."""
+        """Its name in results (`rule`): youden, sensitivity>=0.95, prior."""
+        if self.name == PRIOR:
+            return PRIOR
         return "youden" if self.name == "youden" else f"sensitivity>={float(self.target_sensitivity):g}"
 
     def for_decision(self, name: str) -> "ThresholdRule":
         """The rule for one decision (a two-class task or a read-off): this one for pneumonia vs
-        normal, Youden for the others."""
-        return self if name in PNEUMONIA_DECISIONS else YOUDEN
+        normal, the bacterial-vs-viral one for that decision."""
+        return self if name in PNEUMONIA_DECISIONS else ThresholdRule(self.bacterial_vs_viral)
 
 
 YOUDEN = ThresholdRule()
-PNEUMONIA_DECISIONS = ("binary", "pneumonia_vs_normal")  # the ones a ThresholdRule applies to
-RULED_TASKS = ("binary", "subtype")  # tasks with such a decision (subtype: its read-off)
+PNEUMONIA_DECISIONS = ("binary", "pneumonia_vs_normal")  # the ones `threshold_rule` applies to
+
+
+def training_prior(models: Sequence[TrainedModel]) -> float:
+    """p(bacterial) among the pneumonia images as the models' training drew them: 0.5 after
+    balanced sampling (every class equally likely), else the bacterial share of the train split
+    of the data each was trained on (its manifest). An ensemble's members must agree."""
+    priors = set()
+    for model in models:
+        if OmegaConf.select(model.cfg, "data.sampling") == "balanced":
+            priors.add(0.5)
+            continue
+        data_dir = Path(str(OmegaConf.select(model.cfg, "data.dir")))
+        try:
+            counts = read_manifest(data_dir)["splits"]["train"]["subtypes"]
+            priors.add(round(counts["bacteria"] / (counts["bacteria"] + counts["virus"]), 6))
+        except (XrayError, OSError, KeyError, TypeError, ZeroDivisionError):
+            raise XrayError(f"bacterial_vs_viral_rule=prior: {model.checkpoint} was trained with shuffled sampling, so "
+                            f"its prior is its training data's bacterial share, and {data_dir}/manifest.json does not "
+                            "give it; pass bacterial_vs_viral_rule=youden") from None
+    if len(priors) > 1:
+        raise XrayError(f"bacterial_vs_viral_rule=prior: the ensemble's members were trained with different priors "
+                        f"{sorted(priors)}; pass bacterial_vs_viral_rule=youden")
+    return priors.pop()
 
 
 def trained_with(model: TrainedModel) -> ThresholdRule:
@@ -300,8 +340,11 @@ def trained_with(model: TrainedModel) -> ThresholdRule:
 
 
 def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str,
-                     rule: ThresholdRule = YOUDEN) -> tuple[float, str]:
-    """(the threshold `rule` chooses on val, the rule's label): 0.5 when val has one class only."""
+                     rule: ThresholdRule = YOUDEN, prior: Optional[float] = None) -> tuple[float, str]:
+    """(the threshold `rule` chooses on val, the rule's label): 0.5 when val has one class only;
+    `prior` (training_prior) for the prior rule, which does not look at val."""
+    if rule.name == PRIOR:
+        return float(prior), PRIOR
     if np.all(y_val) or not np.any(y_val):
         log.warning("%s: val has one class only, so no threshold can be chosen on it; 0.5 used", what)
         return 0.5, NO_RULE
@@ -405,8 +448,10 @@ def evaluate_models(models: Sequence[TrainedModel], data_dir: Path, manifest: di
     if set(thresholds) != set(decisions):
         if val is None:
             val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
-        thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule.for_decision(name)) for name, (yy, pp)
-                      in binary_decisions(task, val.labels, val.probabilities(models)).items()}
+        prior = (training_prior(models) if threshold_rule.bacterial_vs_viral == PRIOR
+                 and "bacterial_vs_viral" in decisions else None)
+        thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule.for_decision(name), prior)
+                      for name, (yy, pp) in binary_decisions(task, val.labels, val.probabilities(models)).items()}
     two_class = len(classes) == 2
     raw = np.mean(run.raw, axis=0)  # (before the temperatures)
     by_patient = bootstrap_unit == "patient"
@@ -609,8 +654,9 @@ def output_place(models: Sequence[TrainedModel], out_dir: Optional[Path], split:
         out = models[0].run_dir
     else:
         raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
-    other_rule = models[0].task in RULED_TASKS and rule.tag != trained_with(models[0]).tag
-    return out, split + (f"_tta{tta}" if tta > 1 else "") + (f"_{rule.tag}" if other_rule else "")
+    task = models[0].task
+    other_rule = rule.tag(task) != trained_with(models[0]).tag(task)
+    return out, split + (f"_tta{tta}" if tta > 1 else "") + (f"_{rule.tag(task)}" if other_rule else "")
 
 
 def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,

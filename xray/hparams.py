@@ -79,6 +79,7 @@ def _as(kind: Callable, value: Any) -> Any:
 AT_VAL_THRESHOLD, AT_HALF, ARGMAX = "at_val_threshold", "at_0.5", "argmax"
 OLD_AT_VAL_THRESHOLD = "youden"  # its name before it was renamed, whatever the rule
 NO_RULE = "0.5: val has one class only"  # the `rule` of a threshold that val could not choose
+PRIOR = "prior"  # the `rule` of a bacterial-vs-viral threshold set by the training prior, not on val
 
 
 def with_current_keys(result: dict) -> dict:

@@ -25,7 +25,7 @@ ENDED = ("ok", "diverged")  # statuses of a training that ran to its end
 # run, not what is trained (issue 26: any other difference is refused)
 OPERATIONAL = ("data.dir", "data.root", "data.workers", "train.resume", "train.log_every", "train.eval_splits",
                "train.eval_bootstrap", "train.cam_images", "train.keep_last", "train.threshold_rule",
-               "train.target_sensitivity", "overwrite", "sweep_name", "caveats", "device_target", "mode", "cluster",
+               "train.target_sensitivity", "train.bacterial_vs_viral_rule", "overwrite", "sweep_name", "caveats", "device_target", "mode", "cluster",
                "preprocess", "hydra")
 HYDRA_RECORD = ".hydra.accepted"  # the .hydra/ of the run's last accepted start
 # what evaluating a run writes beside its result (a stale calibration.json would give a new
