@@ -16,7 +16,8 @@ from xray.data import fingerprint, read_manifest
 from xray.errors import XrayError
 from xray.evaluate import (ThresholdRule, binary_result, chosen_thresholds, origin, summary, threshold_on_val,
                            training_prior)
-from xray.hparams import NO_RULE, PRIOR, binary_results, metrics_of, read_eval, rule_of_chosen_on, with_current_keys
+from xray.hparams import (NO_RULE, PRIOR, binary_results, metrics_of, read_eval, rule_of_chosen_on, short_rule,
+                          with_current_keys)
 from xray.metrics import binary_metrics, sensitivity_threshold
 
 OLD_RUN = Path(__file__).parent / "data" / "old_run"  # real files of commit b93b4ef (see its README.md)
@@ -104,6 +105,7 @@ def test_the_prior_rule_sets_bacterial_vs_viral_at_the_training_prior_without_va
     assert threshold_on_val(np.ones(4), p, "bacterial_vs_viral", ThresholdRule("prior"), 0.5) == (0.5, PRIOR)
     assert threshold_on_val(y, p, "bacterial_vs_viral", ThresholdRule("youden"), 0.5)[1] == "youden"
     assert origin(PRIOR) == "the training prior"
+    assert short_rule(PRIOR) == "training prior, no val" and short_rule("youden") == "youden on val"
     assert [rule.tag(task) for task in ("binary", "subtype", "bacterial_vs_viral")] == [
         "sensitivity0.93", "sensitivity0.93_bvprior", "bvprior"]
     old = ThresholdRule.of({"threshold_rule": "sensitivity", "target_sensitivity": 0.93})  # a run from before

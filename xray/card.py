@@ -34,7 +34,7 @@ from tabulate import tabulate
 
 from xray.files import write_text
 from xray.hparams import (ARGMAX, AT_HALF, AT_VAL_THRESHOLD, NO_RULE, PRIOR, binary_results, read_predictions_csv,
-                          with_current_keys)
+                          short_rule, with_current_keys)
 
 log = logging.getLogger(__name__)
 
@@ -470,15 +470,6 @@ def summary_section(task: str, classes, checkpoints, results: dict, keys: list[s
     return Section("summary", [Table([], rows), "Figures in brackets are 95 % bootstrap CIs."])
 
 
-def short_rule(rule: Optional[str]) -> str:
-    """How a table cell names a threshold's rule: youden on val, sensitivity>=0.93 on val."""
-    if rule == NO_RULE:
-        return "val had one class"
-    if rule == PRIOR:
-        return "training prior, no val"
-    return f"{rule} on val" if rule else "rule not recorded"
-
-
 def rule_text(rule: Optional[str]) -> str:
     if not rule:
         return "threshold rule not recorded"
@@ -565,8 +556,9 @@ def metrics_section(results: dict, keys: list[str]) -> Section:
                 rows.append([key, name, "0.5", block.get("images"), *[fmt(half.get(m)) for m in METRICS]])
     boot = next((r.get("bootstrap") for r in results.values() if r.get("bootstrap")), {}) or {}
     note = (f"95 % CIs from {boot.get('resamples')} bootstrap resamples of {boot.get('unit', 'image')}s. "
-            if boot else "") + ("The threshold is chosen on val and applied unchanged to every other split; "
-                                "val's own numbers at it are optimistic. Rules: " + "; ".join(
+            if boot else "") + ("Each threshold is chosen before the split is scored (on val, or the "
+                                "training prior) and applied unchanged to every other split; val's own numbers at a "
+                                "threshold chosen on val are optimistic. Rules: " + "; ".join(
                                     f"{short_rule(r)}: {rule_text(r)}" for r in rules_of(results)) + ".")
     return Section("metrics", [Table(["split", "decision", "threshold", "images", *METRICS], rows), note])
 

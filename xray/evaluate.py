@@ -2,7 +2,8 @@
 
 One path for every task, K classes (a two-class task is K = 2): the predictions, the result
 header, the files and their captions. On it sit the two-class decisions (labels.binary_decisions),
-each at the threshold its rule chose on val (`at_val_threshold`) and at 0.5: a two-class task's
+each at the threshold its rule chose on val, or for the bacterial-vs-viral prior rule before any
+split was seen (`at_val_threshold`, named so for both), and at 0.5: a two-class task's
 own (p(class 1); at the top level of the result) and a subtype model's read-offs, pneumonia vs
 normal and bacterial vs viral (under `read_off`). A K-class task also decides by argmax (`argmax`).
 

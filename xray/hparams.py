@@ -75,11 +75,22 @@ def _as(kind: Callable, value: Any) -> Any:
 
 
 # The metric blocks of an evaluation: a two-class decision at the threshold its rule chose on
-# val and at 0.5; a K-class task's argmax decision.
+# val (the bacterial-vs-viral `prior` rule: from the training, still under this key) and at 0.5;
+# a K-class task's argmax decision.
 AT_VAL_THRESHOLD, AT_HALF, ARGMAX = "at_val_threshold", "at_0.5", "argmax"
 OLD_AT_VAL_THRESHOLD = "youden"  # its name before it was renamed, whatever the rule
 NO_RULE = "0.5: val has one class only"  # the `rule` of a threshold that val could not choose
 PRIOR = "prior"  # the `rule` of a bacterial-vs-viral threshold set by the training prior, not on val
+
+
+def short_rule(rule: Optional[str]) -> str:
+    """How a table cell names a threshold's rule: youden on val, sensitivity>=0.93 on val,
+    training prior, no val."""
+    if rule == NO_RULE:
+        return "val had one class"
+    if rule == PRIOR:
+        return "training prior, no val"
+    return f"{rule} on val" if rule else "rule not recorded"
 
 
 def with_current_keys(result: dict) -> dict:

@@ -45,7 +45,7 @@ from tabulate import tabulate
 from xray.errors import XrayError, one_line_errors
 from xray.files import atomic_dir, write_json, write_text
 from xray.hparams import (ARGMAX, AT_HALF, AT_VAL_THRESHOLD, binary_results, decision_metrics, hparams_of, read_eval,
-                          read_predictions_csv)
+                          read_predictions_csv, short_rule)
 from xray.hparams import TEST_METRICS  # the same keys TensorBoard's HParams tab shows
 from xray.labels import binary_decisions
 from xray.metrics import roc_auc, roc_curve
@@ -1044,7 +1044,7 @@ def decisions_of(run: Path, split: str, result: dict) -> list[Decision]:
         out.append(Decision(run, split, result["task"], ARGMAX, "argmax", result["images"], result[ARGMAX]))
     for name, r in binary_results(result).items():
         at_val = r[AT_VAL_THRESHOLD]
-        chosen = f"{at_val['threshold']:.3f} ({at_val['rule'] or 'rule not recorded'} on val)"
+        chosen = f"{at_val['threshold']:.3f} ({short_rule(at_val['rule'])})"
         out.append(Decision(run, split, result["task"], name, chosen, r["images"], at_val))
         out.append(Decision(run, split, result["task"], name, "0.5", r["images"], r[AT_HALF]))
     return out
