@@ -6,6 +6,7 @@
     python -m xray.report outputs/multirun/<sweep> --ensemble # export the best configuration's seeds together
     python -m xray.report --compare 'outputs/subtype_cpu/*' <run> --splits test,val \
         [--decisions bacterial_vs_viral,argmax] [--figure compare.png] [--markdown]
+    python -m xray.report --compare NEW_s42 NEW_s7 --baseline OLD_s42 OLD_s7   # paired by seed (xray.paired)
 
 Works on a sweep that is still running or partly failed: members without metrics.json are
 `unfinished`; a member whose training raised is `failed`; one whose files cannot be read (a
@@ -1198,6 +1199,21 @@ def costs(patterns: Sequence[str], target: float, markdown: bool = False, out=No
     return rows
 
 
+def paired_comparison(candidates: Sequence[str], baselines: Sequence[str], splits: Sequence[str] = ("test",),
+                      markdown: bool = False, out=None) -> dict[str, list[dict]]:
+    """Print the paired comparison (xray.paired) of the runs `candidates` name or glob against
+    those `baselines` do, seed by seed, on each of `splits`."""
+    from xray.paired import cells, note, paired
+
+    out = out or sys.stdout
+    results = {}
+    for split in splits:
+        rows = paired(run_folders(candidates), run_folders(baselines), split)
+        out.write(render(list(cells(rows)[0]), cells(rows), markdown) + note(rows, split))
+        results[split] = rows
+    return results
+
+
 # -- signals: which val signal tracks the held-out figures ---------------------------------------
 
 def signal_points(folders: Sequence[Path]) -> list[RunPoint]:
@@ -1266,6 +1282,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     compare_options.add_argument("--val-target", type=float, metavar="AUC",
                                  help="with --compare: instead, the epochs, training images and minutes each run "
                                       "took until its val AUC first reached AUC (history.jsonl)")
+    compare_options.add_argument("--baseline", nargs="+", metavar="RUN_OR_GLOB",
+                                 help="with --compare: the runs of the recipe to compare against, paired with the "
+                                      "--compare runs by seed: differences with patient-resampled CIs")
     compare_options.add_argument("--signals", nargs="+", metavar="RUN_OR_GLOB",
                                  help="which val signal tracks the test figures across these runs "
                                       "(Spearman's rho with CIs; --figure draws them)")
@@ -1274,14 +1293,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("pass a sweep folder, or --compare RUN_OR_GLOB [...], or --signals RUN_OR_GLOB [...]")
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
-    if args.val_target is not None and not args.compare:
-        parser.error("--val-target goes with --compare RUN_OR_GLOB [...]")
+    if (args.val_target is not None or args.baseline) and not args.compare:
+        parser.error("--val-target and --baseline go with --compare RUN_OR_GLOB [...]")
+    if args.val_target is not None and args.baseline:
+        parser.error("--val-target and --baseline are two different reports; pass one of them")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.signals:
         signals(args.signals, args.figure, args.markdown)
         return
     if args.compare and args.val_target is not None:
         costs(args.compare, args.val_target, args.markdown)
+        return
+    if args.compare and args.baseline:
+        paired_comparison(args.compare, args.baseline, args.splits.split(","), args.markdown)
         return
     if args.compare:
         compare(args.compare, args.splits.split(","), args.decisions.split(",") if args.decisions else None,
