@@ -92,46 +92,60 @@ def test_an_unreadable_eval_file_is_one_line(tmp_path):
 
 
 @pytest.mark.unit
-def test_the_prior_rule_sets_bacterial_vs_viral_at_the_training_prior_without_val():
-    """bacterial_vs_viral_rule=prior (issue 27): the bacterial-vs-viral threshold is the training
-    prior, whatever val holds (even one class); pneumonia vs normal keeps its own rule; the file
-    tag names the rule only where the task has the decision."""
+def test_the_prior_rule_is_the_bacterial_vs_viral_one_and_file_tags_name_what_differs():
+    """bacterial_vs_viral_rule=prior (issue 27): the bacterial-vs-viral decision's rule, pneumonia
+    vs normal keeps its own; a file tag names the parts that differ from the run's own rule,
+    among the decisions its task has, so another rule never replaces the run's files."""
     rule = ThresholdRule.of({"threshold_rule": "sensitivity", "target_sensitivity": 0.93,
                              "bacterial_vs_viral_rule": "prior"})
     assert rule.for_decision("bacterial_vs_viral") == ThresholdRule("prior")
     assert rule.for_decision("pneumonia_vs_normal") == rule
-    y, p = np.array([1, 1, 0, 0]), np.array([0.9, 0.2, 0.8, 0.1])  # val's Youden would be 0.8
-    assert threshold_on_val(y, p, "bacterial_vs_viral", rule.for_decision("bacterial_vs_viral"), 0.643) == (0.643, PRIOR)
-    assert threshold_on_val(np.ones(4), p, "bacterial_vs_viral", ThresholdRule("prior"), 0.5) == (0.5, PRIOR)
-    assert threshold_on_val(y, p, "bacterial_vs_viral", ThresholdRule("youden"), 0.5)[1] == "youden"
     assert origin(PRIOR) == "the training prior"
     assert short_rule(PRIOR) == "training prior, no val" and short_rule("youden") == "youden on val"
-    assert [rule.tag(task) for task in ("binary", "subtype", "bacterial_vs_viral")] == [
-        "sensitivity0.93", "sensitivity0.93_bvprior", "bvprior"]
     old = ThresholdRule.of({"threshold_rule": "sensitivity", "target_sensitivity": 0.93})  # a run from before
-    assert old.bacterial_vs_viral == "youden" and old.tag("subtype") == "sensitivity0.93"
+    assert old.subtype_rule == "youden" and ThresholdRule.of({"bacterial_vs_viral_rule": None}).subtype_rule == "youden"
+    assert [rule.tag(old, task) for task in ("binary", "subtype", "bacterial_vs_viral")] == ["", "bvprior", "bvprior"]
+    assert [old.tag(rule, task) for task in ("binary", "subtype", "bacterial_vs_viral")] == ["", "bvyouden", "bvyouden"]
+    other = ThresholdRule("youden", 0.95, "prior")
+    assert [other.tag(old, task) for task in ("binary", "subtype", "bacterial_vs_viral")] == [
+        "youden", "youden_bvprior", "bvprior"]
+    assert rule.tag(rule, "subtype") == ""
+
+
+def training(tmp_path, sampling: str, weighted: bool = False, images=None):
+    """A stand-in TrainedModel: its config, its run folder with the train_images.txt it trained on
+    (9 bacterial, 3 viral, 4 normal by default)."""
+    from types import SimpleNamespace
+    from omegaconf import OmegaConf
+    run = tmp_path / f"run_{sampling}_{weighted}_{len(list(tmp_path.iterdir()))}"
+    run.mkdir()
+    if images is not False:
+        images = images or ([f"1/person{i}_bacteria_{i}.jpeg" for i in range(9)]
+                            + [f"1/person{i}_virus_{i}.jpeg" for i in range(3)] + [f"0/IM-000{i}-0001.jpeg" for i in range(4)])
+        (run / "train_images.txt").write_text("\n".join(images) + "\n")
+    return SimpleNamespace(cfg=OmegaConf.create({"data": {"sampling": sampling}, "loss": {"class_weighted": weighted}}),
+                           run_dir=run, checkpoint=run / "checkpoints" / "best.ckpt")
 
 
 @pytest.mark.unit
-def test_the_training_prior_is_half_after_balanced_sampling_else_the_train_splits_share(tmp_path):
-    from types import SimpleNamespace
-    from omegaconf import OmegaConf
-    from xray.data import FORMAT
-    (tmp_path / "manifest.json").write_text(json.dumps(  # (the keys read_manifest checks, and the counts)
-        {"format": FORMAT, "short_side": 64, "mean": 0.5, "std": 0.2,
-         "splits": {"train": {"subtypes": {"normal": 10, "bacteria": 9, "virus": 3}}}}))
-
-    def model(sampling: str, data_dir=tmp_path):
-        return SimpleNamespace(cfg=OmegaConf.create({"data": {"sampling": sampling, "dir": str(data_dir)}}),
-                               checkpoint=Path("run/checkpoints/best.ckpt"))
-    assert training_prior([model("balanced", tmp_path / "gone")]) == 0.5  # (needs no manifest)
-    assert training_prior([model("shuffle"), model("shuffle")]) == 0.75
-    with pytest.raises(XrayError, match=r"^bacterial_vs_viral_rule=prior: run/checkpoints/best.ckpt was trained "
-                                        r"with shuffled sampling.*/gone/manifest.json does not give it; pass "
+def test_the_training_prior_weighs_draws_and_loss_weights_from_the_runs_own_train_images(tmp_path):
+    """The odds the training put on bacterial vs viral: balanced sampling or class weights alone
+    make them even (0.5, nothing to count); neither: the run's own train split's share (9 of 12);
+    both: the weights on equal draws, 3 of 12. Counted from the run's train_images.txt, never
+    from whatever data set sits at its data.dir today."""
+    assert training_prior([training(tmp_path, "balanced", images=False)]) == 0.5  # (needs no count)
+    assert training_prior([training(tmp_path, "shuffle", weighted=True, images=False)]) == 0.5
+    assert training_prior([training(tmp_path, "shuffle"), training(tmp_path, "shuffle")]) == 0.75
+    assert training_prior([training(tmp_path, "balanced", weighted=True)]) == 0.25
+    gone = training(tmp_path, "shuffle", images=False)
+    with pytest.raises(XrayError, match=rf"^bacterial_vs_viral_rule=prior: {re.escape(str(gone.run_dir))}/train_images.txt "
+                                        r"\(the images its run trained on, for the training prior\) is missing; pass "
                                         r"bacterial_vs_viral_rule=youden$"):
-        training_prior([model("shuffle", tmp_path / "gone")])
+        training_prior([gone])
+    with pytest.raises(XrayError, match=r"holds 2 bacterial and 0 viral"):
+        training_prior([training(tmp_path, "shuffle", images=["1/person1_bacteria_1.jpeg", "1/person2_bacteria_1.jpeg"])])
     with pytest.raises(XrayError, match=r"the ensemble's members were trained with different priors \[0.5, 0.75\]"):
-        training_prior([model("balanced"), model("shuffle")])
+        training_prior([training(tmp_path, "balanced"), training(tmp_path, "shuffle")])
 
 
 @pytest.mark.unit
@@ -390,8 +404,9 @@ def test_card_true_evaluates_val_too_and_hands_both_to_the_model_card(trained_ru
     from xray.evaluate import evaluate
     calls = []
     card = types.ModuleType("xray.card")
-    card.write_model_card = lambda folder, checkpoints, results: calls.append((folder, checkpoints, results)) or [
-        folder / "model_card.html"]
+    names = []
+    card.write_model_card = lambda folder, checkpoints, results, name: (
+        calls.append((folder, checkpoints, results)) or names.append(name) or [folder / f"{name}.html"])
     monkeypatch.setitem(sys.modules, "xray.card", card)
     ckpt = trained_run / "checkpoints" / "best.ckpt"
     result = evaluate([ckpt], "test", bootstrap=0, workers=1, out_dir=tmp_path / "out", card=True)
@@ -405,6 +420,9 @@ def test_card_true_evaluates_val_too_and_hands_both_to_the_model_card(trained_ru
     calls.clear()
     evaluate([ckpt], "val", bootstrap=0, workers=1, out_dir=tmp_path / "out_val", card=True)
     assert set(calls[0][2]) == {"val"}  # val asked for: evaluated once
+    evaluate([ckpt], "val", bootstrap=0, workers=1, threshold_rule=ThresholdRule("youden"), card=True)
+    assert names == ["model_card", "model_card", "model_card_youden"]  # another rule: never the run's own card
+    assert (trained_run / "eval_val_youden.json").is_file()
 
 
 def test_card_true_writes_the_model_card(trained_run, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from xray.errors import XrayError
 from xray.metrics import binary_metrics, roc_auc
-from xray.paired import paired
+from xray.paired import note, paired
 from xray.report import main
 
 # 12 patients: 4 healthy (2 images each), 4 bacterial, 4 viral (1 image each)
@@ -19,15 +19,17 @@ NAMES = ([f"IM-{i:04d}-000{k}.jpeg" for i in range(4) for k in (1, 2)]
 SUBTYPE = np.array([0] * 8 + [1] * 4 + [2] * 4)  # NORMAL, BACTERIAL, VIRAL
 
 
-def binary_run(folder: Path, seed: int, p: np.ndarray, threshold: float, names=NAMES) -> Path:
-    """A binary model's run folder: config.yaml, eval_test.json (its recorded threshold), predictions."""
+def binary_run(folder: Path, seed: int, p: np.ndarray, threshold: float, names=NAMES, reverse=False) -> Path:
+    """A binary model's run folder: config.yaml, eval_test.json (its recorded threshold), predictions
+    (reverse: its rows in the opposite order, as another data set's file order would give)."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"seed: {seed}\n")
     (folder / "eval_test.json").write_text(json.dumps({
         "task": "binary", "classes": ["NORMAL", "PNEUMONIA"],
         "at_val_threshold": {"rule": "youden", "threshold": threshold}, "at_0.5": {"threshold": 0.5}}))
     rows = [f"{n},{int(s > 0)},{q:.6f}" for n, s, q in zip(names, SUBTYPE, p)]
-    (folder / "predictions_test.csv").write_text("file_name,label,p_pneumonia\n" + "\n".join(rows) + "\n")
+    (folder / "predictions_test.csv").write_text("file_name,label,p_pneumonia\n"
+                                                 + "\n".join(rows[::-1] if reverse else rows) + "\n")
     return folder
 
 
@@ -63,7 +65,7 @@ def three_class(p_pneumonia: np.ndarray) -> np.ndarray:
 def test_a_binary_baseline_and_a_3_class_candidate_pair_by_seed_on_pneumonia_vs_normal(tmp_path):
     old = {s: scores(s, 0.1) for s in (42, 7)}
     new = {s: scores(100 + s, 0.4) for s in (42, 7)}
-    baselines = [binary_run(tmp_path / f"old_s{s}", s, old[s], 0.45) for s in (42, 7)]
+    baselines = [binary_run(tmp_path / f"old_s{s}", s, old[s], 0.45, reverse=s == 7) for s in (42, 7)]
     candidates = [subtype_run(tmp_path / f"new_s{s}", s, three_class(new[s]), (0.55, 0.5)) for s in (7, 42)]
     rows = paired(candidates, baselines, "test", resamples=200)
     assert [r["metric"] for r in rows] == ["auc", "accuracy", "sensitivity", "specificity"]  # the shared decision
@@ -73,12 +75,14 @@ def test_a_binary_baseline_and_a_3_class_candidate_pair_by_seed_on_pneumonia_vs_
             return roc_auc(y, p) if r["metric"] == "auc" else binary_metrics(y, p, threshold)[r["metric"]]
         per_seed = {s: value(new[s], 0.55) - value(old[s], 0.45) for s in (42, 7)}
         assert r["decision"] == "pneumonia_vs_normal" and r["images"] == 16
+        assert r["rule"] == "youden -> sensitivity>=0.93"  # the two sides' rules differ: shown
         assert r["per_seed"] == pytest.approx(per_seed, abs=1e-5)  # each at its own recorded threshold
         assert r["difference"] == pytest.approx(np.mean(list(per_seed.values())), abs=1e-5)
         assert r["baseline"] == pytest.approx(np.mean([value(old[s], 0.45) for s in (42, 7)]), abs=1e-5)
         assert r["ci95"][0] <= r["difference"] + 1e-9 and r["difference"] - 1e-9 <= r["ci95"][1]
     auc = rows[0]
     assert auc["difference"] > 0 and auc["ci95"][1] > auc["ci95"][0]
+    assert "pneumonia_vs_normal: the two sides' thresholds come from different rules" in note(rows, "test")
 
 
 @pytest.mark.unit
@@ -91,6 +95,7 @@ def test_a_recipe_against_itself_differs_by_exactly_zero_and_both_decisions_pair
     assert [r["images"] for r in rows if r["decision"] == "bacterial_vs_viral"] == [8] * 4  # pneumonia only
     for r in rows:
         assert r["difference"] == 0 and r["ci95"] == [0, 0]
+        assert r["rule"] == {"pneumonia_vs_normal": "sensitivity>=0.93", "bacterial_vs_viral": "prior"}[r["decision"]]
 
 
 @pytest.mark.unit
@@ -110,6 +115,9 @@ def test_seeds_or_images_that_do_not_pair_are_one_line(tmp_path):
     with pytest.raises(XrayError, match=r"^--baseline: .*/nothing cannot be read \(FileNotFoundError: .*\); pass "
                                         r"training run folders evaluated on test"):
         paired([b42], [tmp_path / "nothing"])
+    (b1 / "config.yaml").write_text("lr: 0.1\n")  # (no seed)
+    with pytest.raises(XrayError, match=r"^--compare: .*/b1 cannot be read \(ConfigAttributeError: .*seed"):
+        paired([b42, b1], [a42, a7])
 
 
 @pytest.mark.unit
@@ -120,10 +128,20 @@ def test_the_report_cli_prints_the_paired_table(tmp_path, capsys):
     main(["--compare", str(tmp_path / "new" / "*"), "--baseline", str(tmp_path / "old" / "*"), "--markdown"])
     out = capsys.readouterr().out
     assert out.startswith("| decision ") and "| pneumonia_vs_normal | auc " in out
-    assert "means over 2 seed pair(s)" in out and "42: +" in out
+    assert "means over 2 seed pair(s)" in out and "42: +" in out and "the two sides' thresholds" not in out
     with pytest.raises(SystemExit) as e:
         main(["--baseline", str(tmp_path / "old" / "*")])
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         main(["--compare", str(tmp_path / "new" / "*"), "--baseline", str(tmp_path / "old"), "--val-target", "0.9"])
     assert "two different reports" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_the_report_cli_names_the_option_whose_folder_is_missing(tmp_path, capsys):
+    binary_run(tmp_path / "new", 42, scores(42, 0.4), 0.5)
+    with pytest.raises(SystemExit) as e:
+        main(["--compare", str(tmp_path / "new"), "--baseline", str(tmp_path / "old")])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert f"--baseline {tmp_path / 'old'}: no such folder" in err and "Traceback" not in err

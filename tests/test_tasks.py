@@ -313,7 +313,7 @@ def test_the_subtype_sweep_is_one_task_named_after_it():
 
 
 @pytest.mark.slow
-def test_bacterial_vs_viral_uses_pneumonia_images_only(task_run, sample_data):
+def test_bacterial_vs_viral_uses_pneumonia_images_only(task_run, sample_data, tmp_path, monkeypatch):
     run = task_run("bacterial_vs_viral")
     result = json.loads((run / "eval_test.json").read_text())
     manifest = read_manifest(sample_data)
@@ -323,6 +323,11 @@ def test_bacterial_vs_viral_uses_pneumonia_images_only(task_run, sample_data):
     train = manifest["splits"]["train"]["subtypes"]  # the default rule: the training prior (shuffled sampling)
     assert (result["at_val_threshold"]["rule"], result["at_val_threshold"]["threshold"]) == (
         "prior", pytest.approx(train["bacteria"] / (train["bacteria"] + train["virus"]), abs=1e-6))
+    import xray.evaluate  # the prior needs no val image: no val pass at all
+    from xray.evaluate import evaluate
+    monkeypatch.setattr(xray.evaluate, "val_predictions", lambda *a, **k: pytest.fail("val was predicted"))
+    again = evaluate([run / "checkpoints" / "best.ckpt"], "test", bootstrap=0, workers=1, out_dir=tmp_path)
+    assert again["at_val_threshold"]["threshold"] == result["at_val_threshold"]["threshold"]
     records = task_records(split_file(sample_data, manifest, "train"), "bacterial_vs_viral")
     assert len(records.indices) == manifest["splits"]["train"]["classes"]["PNEUMONIA"]
     images = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]

@@ -582,7 +582,7 @@ def prevalence_section(results: dict, keys: list[str], prevalence: float) -> Sec
                 ppv, npv = at_prevalence(at, p)
                 rows.append([key, name, POSITIVE.get(name, "class 1"), label, fmt(ppv), fmt(npv)])
     blocks: list = [Table(["split", "decision", "positive", "prevalence", "PPV", "NPV"], rows)] if rows else []
-    blocks.append("PPV and NPV from the split's sensitivity and specificity at the val-chosen threshold by Bayes' "
+    blocks.append("PPV and NPV from the split's sensitivity and specificity at its chosen threshold by Bayes' "
                   "rule; the ranges come from the ends of their CIs (not a joint CI). The test half of the "
                   "Kermany set is about 62 % pneumonia; a clinic's share is usually far lower, and so is the PPV.")
     return Section("prevalence", blocks)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -275,7 +275,7 @@ class ThresholdRule:
 
     name: str = "youden"  # (checked by xray.checks: youden | sensitivity)
     target_sensitivity: float = 0.95
-    bacterial_vs_viral: str = "youden"  # (checked by xray.checks: youden | prior)
+    bacterial_vs_viral: Optional[str] = "youden"  # (checked by xray.checks: youden | prior; None: as trained)
 
     @classmethod
     def of(cls, node) -> "ThresholdRule":
@@ -284,16 +284,18 @@ class ThresholdRule:
         return cls(node.get("threshold_rule", "youden"), node.get("target_sensitivity", 0.95),
                    node.get("bacterial_vs_viral_rule", "youden"))
 
-    def tag(self, task: str) -> str:
-        """Its short name in file names, for the decisions `task` has: youden, sensitivity0.95
-        (binary); the same with _bvprior when the prior rule reads a subtype model's bacterial vs
-        viral; bvyouden, bvprior (a bacterial_vs_viral model)."""
-        pneumonia = "youden" if self.name == "youden" else f"sensitivity{float(self.target_sensitivity):g}"
-        if task == "bacterial_vs_viral":
-            return f"bv{self.bacterial_vs_viral}"
-        if task == "subtype" and self.bacterial_vs_viral != "youden":
-            return f"{pneumonia}_bv{self.bacterial_vs_viral}"
-        return pneumonia
+    def tag(self, trained: "ThresholdRule", task: str) -> str:
+        """Its short name in file names: the parts that differ from the rule the run `trained`
+        with, among the decisions `task` has ("" if none): youden, sensitivity0.95 (pneumonia vs
+        normal), bvprior, bvyouden (bacterial vs viral), joined by _ when both differ."""
+        def pneumonia(rule: ThresholdRule) -> str:
+            return "youden" if rule.name == "youden" else f"sensitivity{float(rule.target_sensitivity):g}"
+        parts = []
+        if task in ("binary", "subtype") and pneumonia(self) != pneumonia(trained):
+            parts.append(pneumonia(self))
+        if task in ("subtype", "bacterial_vs_viral") and self.subtype_rule != trained.subtype_rule:
+            parts.append(f"bv{self.subtype_rule}")
+        return "_".join(parts)
 
     @property
     def label(self) -> str:
@@ -305,7 +307,12 @@ class ThresholdRule:
     def for_decision(self, name: str) -> "ThresholdRule":
         """The rule for one decision (a two-class task or a read-off): this one for pneumonia vs
         normal, the bacterial-vs-viral one for that decision."""
-        return self if name in PNEUMONIA_DECISIONS else ThresholdRule(self.bacterial_vs_viral)
+        return self if name in PNEUMONIA_DECISIONS else ThresholdRule(self.subtype_rule)
+
+    @property
+    def subtype_rule(self) -> str:
+        """The bacterial-vs-viral rule's name (unset: youden, the rule before there was a choice)."""
+        return self.bacterial_vs_viral or "youden"
 
 
 YOUDEN = ThresholdRule()
@@ -313,26 +320,42 @@ PNEUMONIA_DECISIONS = ("binary", "pneumonia_vs_normal")  # the ones `threshold_r
 
 
 def training_prior(models: Sequence[TrainedModel]) -> float:
-    """p(bacterial) among the pneumonia images as the models' training drew them: 0.5 after
-    balanced sampling (every class equally likely), else the bacterial share of the train split
-    of the data each was trained on (its manifest). An ensemble's members must agree."""
+    """p(bacterial) among the pneumonia images as the models' training weighed them, where a
+    model trained on those odds is indifferent: the odds of drawing a bacterial rather than a
+    viral image (1 after balanced sampling, else the run's own train split's n_b / n_v, counted
+    from its train_images.txt) times the loss's weight ratio (n_v / n_b with
+    loss.class_weighted, else 1). Balanced sampling alone, or class weights alone: 0.5. An
+    ensemble's members must agree."""
     priors = set()
     for model in models:
-        if OmegaConf.select(model.cfg, "data.sampling") == "balanced":
+        balanced = OmegaConf.select(model.cfg, "data.sampling") == "balanced"
+        weighted = bool(OmegaConf.select(model.cfg, "loss.class_weighted", default=False))
+        if balanced != weighted:  # one or the other makes bacterial and viral equally likely
             priors.add(0.5)
             continue
-        data_dir = Path(str(OmegaConf.select(model.cfg, "data.dir")))
-        try:
-            counts = read_manifest(data_dir)["splits"]["train"]["subtypes"]
-            priors.add(round(counts["bacteria"] / (counts["bacteria"] + counts["virus"]), 6))
-        except (XrayError, OSError, KeyError, TypeError, ZeroDivisionError):
-            raise XrayError(f"bacterial_vs_viral_rule=prior: {model.checkpoint} was trained with shuffled sampling, so "
-                            f"its prior is its training data's bacterial share, and {data_dir}/manifest.json does not "
-                            "give it; pass bacterial_vs_viral_rule=youden") from None
+        bacteria, virus = subtype_counts(model)
+        odds = virus / bacteria if weighted else bacteria / virus  # (both: the weights on equal draws)
+        priors.add(round(odds / (1 + odds), 6))
     if len(priors) > 1:
         raise XrayError(f"bacterial_vs_viral_rule=prior: the ensemble's members were trained with different priors "
                         f"{sorted(priors)}; pass bacterial_vs_viral_rule=youden")
     return priors.pop()
+
+
+def subtype_counts(model: TrainedModel) -> tuple[int, int]:
+    """(bacterial, viral) images of the train split the model's run trained on (train_images.txt)."""
+    images = RunFolder(model.run_dir).read_train_images()
+    counts = {"bacteria": 0, "virus": 0}
+    for image in images or []:
+        label, _, name = image.partition("/")
+        subtype = parse_file_name(name, "NORMAL" if label == "0" else "PNEUMONIA")[0]
+        if subtype in counts:
+            counts[subtype] += 1
+    if not counts["bacteria"] or not counts["virus"]:
+        found = "is missing" if images is None else f"holds {counts['bacteria']} bacterial and {counts['virus']} viral"
+        raise XrayError(f"bacterial_vs_viral_rule=prior: {model.run_dir}/train_images.txt (the images its run trained "
+                        f"on, for the training prior) {found}; pass bacterial_vs_viral_rule=youden")
+    return counts["bacteria"], counts["virus"]
 
 
 def trained_with(model: TrainedModel) -> ThresholdRule:
@@ -341,11 +364,8 @@ def trained_with(model: TrainedModel) -> ThresholdRule:
 
 
 def threshold_on_val(y_val: np.ndarray, p_val: np.ndarray, what: str,
-                     rule: ThresholdRule = YOUDEN, prior: Optional[float] = None) -> tuple[float, str]:
-    """(the threshold `rule` chooses on val, the rule's label): 0.5 when val has one class only;
-    `prior` (training_prior) for the prior rule, which does not look at val."""
-    if rule.name == PRIOR:
-        return float(prior), PRIOR
+                     rule: ThresholdRule = YOUDEN) -> tuple[float, str]:
+    """(the threshold `rule` chooses on val, the rule's label): 0.5 when val has one class only."""
     if np.all(y_val) or not np.any(y_val):
         log.warning("%s: val has one class only, so no threshold can be chosen on it; 0.5 used", what)
         return 0.5, NO_RULE
@@ -408,7 +428,10 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     if bootstrap_unit not in BOOTSTRAP_UNITS:
         raise XrayError(f"bootstrap_unit={bootstrap_unit} must be one of {', '.join(BOOTSTRAP_UNITS)}")
     models, data_dir, manifest = load_models(checkpoints, data_dir, calibrate, explain)
-    threshold_rule = threshold_rule or trained_with(models[0])
+    trained = trained_with(models[0])
+    threshold_rule = threshold_rule or trained
+    if threshold_rule.bacterial_vs_viral is None:  # (evaluate's default: the rule the run trained with)
+        threshold_rule = replace(threshold_rule, bacterial_vs_viral=trained.bacterial_vs_viral)
     options = dict(batch_size=batch_size, bootstrap=bootstrap, seed=seed, workers=workers, tta=tta,
                    out_dir=out_dir, threshold_rule=threshold_rule, bootstrap_unit=bootstrap_unit)
     if not card:
@@ -423,7 +446,9 @@ def evaluate(checkpoints: Sequence[Path], split: str = "test", data_dir: Optiona
     from xray.card import write_model_card  # (written by another part of xray; imported when asked for)
 
     folder = output_place(models, out_dir, split, tta, threshold_rule)[0]
-    written = write_model_card(folder, [m.checkpoint for m in models], results)
+    other_rule = threshold_rule.tag(trained, models[0].task)  # (another rule's card beside the run's own)
+    written = write_model_card(folder, [m.checkpoint for m in models], results,
+                               name="model_card" + (f"_{other_rule}" if other_rule else ""))
     log.info("card: %s", ", ".join(str(w) for w in written))
     return results[split]
 
@@ -447,12 +472,13 @@ def evaluate_models(models: Sequence[TrainedModel], data_dir: Path, manifest: di
     decisions = binary_decisions(task, y, probs)
     thresholds = {name: t for name, t in (val_thresholds or {}).items() if name in decisions}
     if set(thresholds) != set(decisions):
-        if val is None:
+        rules = {name: threshold_rule.for_decision(name) for name in decisions}
+        prior = training_prior(models) if any(r.name == PRIOR for r in rules.values()) else None
+        if val is None and any(r.name != PRIOR for r in rules.values()):  # (the prior needs no val)
             val = val_predictions(run, models, data_dir, manifest, batch_size, workers, tta)
-        prior = (training_prior(models) if threshold_rule.bacterial_vs_viral == PRIOR
-                 and "bacterial_vs_viral" in decisions else None)
-        thresholds = {name: threshold_on_val(yy, pp, name, threshold_rule.for_decision(name), prior)
-                      for name, (yy, pp) in binary_decisions(task, val.labels, val.probabilities(models)).items()}
+        on_val = binary_decisions(task, val.labels, val.probabilities(models)) if val is not None else {}
+        thresholds = {name: (prior, PRIOR) if rule.name == PRIOR else threshold_on_val(*on_val[name], name, rule)
+                      for name, rule in rules.items()}
     two_class = len(classes) == 2
     raw = np.mean(run.raw, axis=0)  # (before the temperatures)
     by_patient = bootstrap_unit == "patient"
@@ -647,17 +673,16 @@ def output_place(models: Sequence[TrainedModel], out_dir: Optional[Path], split:
                  tta: int, rule: ThresholdRule = YOUDEN) -> tuple[Path, str]:
     """(folder, file tag) of an evaluation: out_dir if given, else the run folder of one
     checkpoint (an ensemble needs out_dir); tag = split, with _tta<K>, and with the threshold
-    rule when it is not the one the run trained with (so that another rule never replaces the
-    run's own eval_<split>.json)."""
+    rule's parts that differ from the one the run trained with (so that another rule never
+    replaces the run's own eval_<split>.json)."""
     if out_dir is not None:
         out = Path(out_dir)
     elif len(models) == 1:
         out = models[0].run_dir
     else:
         raise XrayError("an ensemble's results need a folder of their own; pass out_dir")
-    task = models[0].task
-    other_rule = rule.tag(task) != trained_with(models[0]).tag(task)
-    return out, split + (f"_tta{tta}" if tta > 1 else "") + (f"_{rule.tag(task)}" if other_rule else "")
+    other_rule = rule.tag(trained_with(models[0]), models[0].task)
+    return out, split + (f"_tta{tta}" if tta > 1 else "") + (f"_{other_rule}" if other_rule else "")
 
 
 def predictions_csv(names: Sequence[str], labels: np.ndarray, probs: np.ndarray,

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from xray.errors import XrayError
 from xray.hparams import AT_VAL_THRESHOLD, binary_results, read_eval, read_predictions_csv
@@ -44,6 +45,7 @@ class Read:
     y: np.ndarray
     p: np.ndarray
     threshold: float
+    rule: str  # how that threshold was chosen (`rule` of at_val_threshold)
 
     def metrics(self, idx: np.ndarray) -> np.ndarray:
         y, p = self.y[idx], self.p[idx]
@@ -51,8 +53,9 @@ class Read:
         return np.array([roc_auc(y, p), *(at[m] for m in METRICS[1:])], dtype=float)
 
 
-def read_decisions(run: Path, split: str) -> dict[str, Read]:
-    """{decision: Read} of a run folder's evaluation on `split`; one line when a file is missing."""
+def read_decisions(run: Path, split: str, side: str) -> tuple[int, dict[str, Read]]:
+    """(seed, {decision: Read}) of a run folder's evaluation on `split`; one line naming the
+    option (`side`) and the folder when a file is missing or unreadable."""
     try:
         seed = int(OmegaConf.load(run / "config.yaml").seed)
         result = read_eval(run / f"eval_{split}.json")
@@ -60,31 +63,31 @@ def read_decisions(run: Path, split: str) -> dict[str, Read]:
         labels, probs = read_predictions_csv(path, result["classes"])
         with open(path, newline="") as f:
             names = np.array([row["file_name"] for row in csv.DictReader(f)])
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise XrayError(f"--baseline: {run} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); pass "
-                        f"training run folders evaluated on {split} (config.yaml, eval_{split}.json, "
+    except (OSError, KeyError, ValueError, TypeError, OmegaConfBaseException, XrayError) as e:
+        raise XrayError(f"{side}: {run} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); pass "
+                        f"training run folders evaluated on {split} (config.yaml with its seed, eval_{split}.json, "
                         f"predictions_{split}.csv)") from None
     blocks = binary_results(result)
     rows = decision_rows(result["task"], labels)
     out = {}
     for name, (y, p) in binary_decisions(result["task"], labels, probs).items():
         order = np.argsort(names[rows[name]], kind="stable")
+        at = blocks[name][AT_VAL_THRESHOLD]
         out[SCREENING if name == "binary" else name] = Read(
             run, seed, names[rows[name]][order], np.asarray(y)[order], np.asarray(p)[order],
-            float(blocks[name][AT_VAL_THRESHOLD]["threshold"]))
-    return out
+            float(at["threshold"]), str(at.get("rule")))
+    return seed, out
 
 
 def pairs_by_seed(candidates: Sequence[Path], baselines: Sequence[Path], split: str) -> list[tuple[dict, dict]]:
     """[(baseline's decisions, candidate's decisions)] matched by seed, in the baseline's order."""
-    new = [read_decisions(r, split) for r in candidates]
-    old = [read_decisions(r, split) for r in baselines]
-    seed = lambda d: next(iter(d.values())).seed  # noqa: E731
-    new_seeds, old_seeds = [seed(d) for d in new], [seed(d) for d in old]
-    for runs, seeds, what in ((candidates, new_seeds, "--compare"), (baselines, old_seeds, "--baseline")):
+    new_seeds, new = zip(*[read_decisions(r, split, "--compare") for r in candidates]) if candidates else ((), ())
+    old_seeds, old = zip(*[read_decisions(r, split, "--baseline") for r in baselines]) if baselines else ((), ())
+    new_seeds, old_seeds = list(new_seeds), list(old_seeds)
+    for seeds, what in ((new_seeds, "--compare"), (old_seeds, "--baseline")):
         if len(set(seeds)) != len(seeds):
             raise XrayError(f"{what}: two runs share a seed ({seeds}); pass one run per seed")
-    if sorted(new_seeds) != sorted(old_seeds):
+    if not new_seeds or sorted(new_seeds) != sorted(old_seeds):
         raise XrayError(f"--compare seeds {sorted(new_seeds)} and --baseline seeds {sorted(old_seeds)} differ; "
                         "a paired comparison needs the same seeds on both sides")
     return [(o, new[new_seeds.index(s)]) for o, s in zip(old, old_seeds)]
@@ -130,8 +133,15 @@ def paired(candidates: Sequence[Path], baselines: Sequence[Path], split: str = "
                          "ci95": [float(low[i]), float(high[i])],
                          "per_seed": {pair[1][name].seed: float(point[k, 0, i] - point[k, 1, i])
                                       for k, pair in enumerate(pairs)},
-                         "images": int(len(first.y))})
+                         "images": int(len(first.y)),
+                         "rule": rule_change(sorted({p[0][name].rule for p in pairs}), sorted({p[1][name].rule for p in pairs}))})
     return rows
+
+
+def rule_change(old: list[str], new: list[str]) -> str:
+    """How the two sides chose their thresholds: one rule, or `baseline's -> candidate's` when
+    they differ (then part of the difference is the rule's, not the recipe's)."""
+    return ", ".join(old) if old == new else f"{', '.join(old)} -> {', '.join(new)}"
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -140,11 +150,14 @@ def cells(rows: list[dict]) -> list[dict]:
              "candidate": f"{r['candidate']:.3f}", "difference [95% CI]":
              f"{r['difference']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]",
              "per seed": ", ".join(f"{s}: {d:+.3f}" for s, d in r["per_seed"].items()),
-             "images": r["images"]} for r in rows]
+             "threshold rule": r["rule"], "images": r["images"]} for r in rows]
 
 
 def note(rows: list[dict], split: str, resamples: Optional[int] = RESAMPLES) -> str:
     seeds = len(rows[0]["per_seed"]) if rows else 0
+    mixed = sorted({r["decision"] for r in rows if "->" in r["rule"]})
     return (f"\n{split}: means over {seeds} seed pair(s), each run at its own threshold chosen before the split was "
             f"seen; 95 % CIs of the difference from {resamples} resamples of the split's patients, the same for "
-            "every run (seed-to-seed spread: the per-seed column, not the CI).\n")
+            "every run (seed-to-seed spread: the per-seed column, not the CI).\n"
+            + (f"{', '.join(mixed)}: the two sides' thresholds come from different rules, so the differences at "
+               "the threshold are partly the rule's (AUC is not).\n" if mixed else ""))

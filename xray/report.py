@@ -990,19 +990,20 @@ def natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def run_folders(patterns: Sequence[str]) -> list[Path]:
-    """The folders named, or matched by globs (in natural order), in the order given, each once."""
+def run_folders(patterns: Sequence[str], option: str = "--compare") -> list[Path]:
+    """The folders named, or matched by globs (in natural order), in the order given, each once
+    (`option`: the command-line option that named them, for the errors)."""
     folders: list[Path] = []
     for pattern in patterns:
         if any(c in pattern for c in "*?["):
             matched = sorted((Path(p) for p in glob.glob(pattern) if Path(p).is_dir()), key=natural_key)
             if not matched:
-                raise XrayError(f"--compare {pattern} matches no folder; check the path (and quote a glob, "
+                raise XrayError(f"{option} {pattern} matches no folder; check the path (and quote a glob, "
                                 "e.g. 'outputs/runs/*', so the shell leaves it to the report)")
         elif Path(pattern).is_dir():
             matched = [Path(pattern)]
         else:
-            raise XrayError(f"--compare {pattern}: no such folder; pass run folders (with eval_<split>.json, "
+            raise XrayError(f"{option} {pattern}: no such folder; pass run folders (with eval_<split>.json, "
                             "which `python -m xray.evaluate` writes) or a glob of them")
         folders += [f for f in matched if f not in folders]
     return folders
@@ -1208,7 +1209,7 @@ def paired_comparison(candidates: Sequence[str], baselines: Sequence[str], split
     out = out or sys.stdout
     results = {}
     for split in splits:
-        rows = paired(run_folders(candidates), run_folders(baselines), split)
+        rows = paired(run_folders(candidates), run_folders(baselines, "--baseline"), split)
         out.write(render(list(cells(rows)[0]), cells(rows), markdown) + note(rows, split))
         results[split] = rows
     return results
@@ -1236,7 +1237,7 @@ def signals(patterns: Sequence[str], figure: Optional[Path] = None, markdown: bo
     their configurations' seed means; draw one panel per pair into `figure`."""
     from xray.plots import save_figure
 
-    points = signal_points(run_folders(patterns))
+    points = signal_points(run_folders(patterns, "--signals"))
     if len(points) < 3:
         raise XrayError(f"--signals: {len(points)} finished runs with eval_val.json and eval_test.json of a "
                         "screening decision in the folders given; the study needs at least 3")
