@@ -189,7 +189,8 @@ def test_a_subtype_ensemble_with_tta_averages_the_class_probabilities(task_run, 
     run = task_run("subtype")
     other = tmp_path / "other"  # a second member: the same run with a different output layer
     (other / "checkpoints").mkdir(parents=True)
-    shutil.copy(run / "config.yaml", other / "config.yaml")
+    for name in ("config.yaml", "train_images.txt"):  # (what a run folder says of its training)
+        shutil.copy(run / name, other / name)
     params = ms.load_checkpoint(str(run / "checkpoints" / "best.ckpt"))
     rng = np.random.default_rng(0)
     for name, scale in (("fc3.weight", 50.0), ("fc3.bias", 1.0)):  # (a 1-epoch model is near uniform)
