@@ -299,9 +299,7 @@ class ThresholdRule:
 
     @property
     def label(self) -> str:
-        """Its name in results (`rule`): youden, sensitivity>=0.95, prior."""
-        if self.name == PRIOR:
-            return PRIOR
+        """Its name in results (`rule`) when chosen on val: youden, sensitivity>=0.95."""
         return "youden" if self.name == "youden" else f"sensitivity>={float(self.target_sensitivity):g}"
 
     def for_decision(self, name: str) -> "ThresholdRule":
