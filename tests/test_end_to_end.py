@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import xray.callbacks
 import xray.step
 import xray.train
 from helpers import SAMPLE, TINY, events, make_cfg
@@ -191,6 +192,27 @@ class Requeued(BaseException):
 
 def submitit_like_handler(signum, frame):
     raise Requeued()
+
+
+def test_processes_forked_under_the_guard_leave_job_signals_to_it():
+    """Slurm signals every process of a job (SIGCONT comes with the time-limit SIGUSR2). A
+    dataset worker forked from the training must not inherit submitit's Python handlers: they
+    make its blocking msgrcv fail with EINTR and the worker die (tests/test_slurm.py checks the
+    outcome on a real job)."""
+    bypass = lambda signum, frame: None  # noqa: E731
+    previous = {s: signal.signal(s, bypass) for s in (signal.SIGUSR2, signal.SIGCONT, signal.SIGTERM)}
+    try:
+        xray.callbacks.PreemptionGuard()
+        pid = os.fork()
+        if pid == 0:  # the child: report its dispositions through its exit code
+            os._exit(int(signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN)
+                     + 2 * int(signal.getsignal(signal.SIGCONT) is signal.SIG_DFL)
+                     + 4 * int(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7
+        assert signal.getsignal(signal.SIGCONT) is bypass  # the training process keeps its own
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.slow

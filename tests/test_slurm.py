@@ -148,6 +148,10 @@ def test_time_limited_training_is_requeued_and_completes_every_epoch(sample_data
     assert steps == list(range(epochs * per_epoch))  # every step once: the TensorBoard step continued
     (job,) = submitit_job_ids(sweep)
     assert [r["State"] for r in sacct(job).values()] == ["COMPLETED"], job_report(job, sweep)
+    # Slurm sends SIGCONT with every time-limit signal: no dataset worker may die of it (a dead
+    # worker leaves the training waiting for a batch until the job is killed, unrequeued)
+    job_log = (sweep / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert "exited unexpectedly" not in job_log and "errno: 4" not in job_log, job_report(job, sweep)
     history_rows = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "--format=State"],
                                   capture_output=True, text=True).stdout.split()
     requeues = history_rows.count("REQUEUED")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 from pathlib import Path
@@ -136,17 +137,36 @@ def fixed_val_images(records, spec, classes: tuple, count: int):
     return np.stack([found[i][0] for i in wanted]), [found[i][1] for i in wanted], classes
 
 
+def _leave_job_signals_to_the_parent() -> None:
+    """In a process forked from the training (MindSpore's dataset workers): Slurm signals every
+    process of the job, with SIGCONT alongside the time-limit SIGUSR2. An inherited Python
+    handler makes the worker's blocking msgrcv fail with EINTR and the worker die, and the
+    training then waits for a batch that never comes until the job is killed, unrequeued.
+    So the worker ignores SIGUSR2 (the parent saves and requeues) and takes SIGCONT and SIGTERM
+    as any process does."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_FORK_HOOK_REGISTERED = False
+
+
 class PreemptionGuard:
     """Under submitit, SIGUSR2 means "time limit near, or preempted". Remember it so that the
     training loop can save last.ckpt at the next step boundary, then hand over to submitit's
     own handler, which requeues the job and exits. Outside submitit it does nothing."""
 
     def __init__(self, group: Group = Group()) -> None:
+        global _FORK_HOOK_REGISTERED
         self.pending: Optional[tuple] = None
         self.group = group
         self.previous = signal.getsignal(signal.SIGUSR2)
         if callable(self.previous) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR2, self._remember)
+            if not _FORK_HOOK_REGISTERED:  # a hook cannot be unregistered: once per process
+                os.register_at_fork(after_in_child=_leave_job_signals_to_the_parent)
+                _FORK_HOOK_REGISTERED = True
 
     def _remember(self, signum, frame) -> None:
         self.pending = (signum, frame)
