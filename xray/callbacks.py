@@ -142,8 +142,8 @@ def _leave_job_signals_to_the_parent() -> None:
     process of the job, with SIGCONT alongside the time-limit SIGUSR2. An inherited Python
     handler makes the worker's blocking msgrcv fail with EINTR and the worker die, and the
     training then waits for a batch that never comes until the job is killed, unrequeued.
-    So the worker ignores SIGUSR2 (the parent saves and requeues) and takes SIGCONT and SIGTERM
-    as any process does."""
+    So the worker ignores SIGUSR2 (the parent saves and requeues), SIGCONT does nothing to it,
+    and SIGTERM ends it (MindSpore's worker may install its own SIGTERM handler after this)."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signal.signal(signal.SIGCONT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

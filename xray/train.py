@@ -192,8 +192,9 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
                 if state.run.step_in_epoch % cfg.train.log_every == 0:
                     log.info("epoch %d step %d/%d  loss %.4f", epoch, state.run.step_in_epoch, data.steps_per_epoch, loss)
         except RuntimeError:
-            # the time-limit signal can interrupt MindSpore's data workers (msgrcv fails with EINTR):
-            # then stop for requeue after the last whole step (one rank: a group must stop together)
+            # a data worker that dies anyway after the time-limit signal (forked workers ignore it:
+            # PreemptionGuard) must not fail the run: stop for requeue after the last whole step
+            # (one rank: a group must stop together)
             if not (guard.time_is_up() and group.size == 1):
                 raise
             log.warning("epoch %d: the data pipeline was interrupted by the time-limit signal", epoch)
