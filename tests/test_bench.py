@@ -46,7 +46,7 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
     train_images = read_manifest(sample_data)["splits"]["train"]["images"]
     steps = train_images // 8
     cfg = make_cfg("bench", TINY + [f"steps={steps}", f"pipeline_steps={steps}", f"data.dir={sample_data}",
-                                    f"fullres={fullres}"])
+                                    f"fullres={fullres}", "amp_levels=[O2]"])
     result = bench(cfg, tmp_path)
     assert result["settings"]["train_repeats"] == 2
 
@@ -62,6 +62,9 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
     assert row["end_to_end_vs_step"] == pytest.approx(row["end_to_end_img_s"] / row["step_img_s"])
     assert row["pipeline_vs_pil"] == pytest.approx(row["pipeline_img_s"] / row["pil_pipeline_img_s"])
     assert row["eval_pipeline_vs_step"] == pytest.approx(row["eval_pipeline_img_s"] / row["step_img_s"])
+    # the step at another mixed-precision level, as a ratio to the step at train.amp (O0)
+    assert list(row["amp_step_img_s"]) == ["O2"] and positive(row["amp_step_img_s"]["O2"])
+    assert row["amp_vs_step"]["O2"] == pytest.approx(row["amp_step_img_s"]["O2"] / row["step_img_s"])
     # no torch: said so, not a crash, and no made-up numbers
     assert result["torch"] == {"available": False, "reason": TORCH_MISSING}
     assert row["torch_step_img_s"] is None and row["mindspore_vs_torch"] is None
@@ -69,7 +72,8 @@ def test_bench_measures_everything_and_reports_missing_torch(sample_data, fullre
     json.dumps(result, allow_nan=False)  # strict JSON: no NaN or inf anywhere
 
     text = table(result)
-    for what in ("conversion", "naive full decode", "bare train step", "input pipeline alone",
+    for what in ("conversion", "naive full decode", "bare train step (MindSpore, amp O0)",
+                 "bare train step at train.amp=O2", "input pipeline alone",
                  "Pillow ops of older runs", "evaluation's (MindSpore C++ ops only)", "end to end",
                  TORCH_MISSING):
         assert what in text, text
@@ -161,6 +165,8 @@ def test_torch_step_runs():
     ("fullres=/nonexistent", "fullres=/nonexistent is not a folder"),
     ("torch=maybe", "torch=maybe must be true or false"),
     ("kernels=1", "kernels=1 must be true or false"),
+    ("amp_levels=[O5]", "amp_levels=['O5'] must be a list of train.amp levels"),
+    ("amp_levels=O2", "amp_levels=O2 must be a list of train.amp levels"),
     ("lr=-1", "lr=-1 must be a number > 0"),
 ])
 def test_bad_values_are_one_line(override, message):

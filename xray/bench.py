@@ -15,10 +15,12 @@ Measures, in images/s, each after untimed warm-up (the first step compiles the g
    evaluation's pipeline (MindSpore's C++ ops only); `pipeline_steps` batches each;
 3. the bare train step: the real step (make_step, build_optimizer, the loss) on random tensors;
 4. end to end: the pipeline feeding the step, as xray.train's loop does;
-5. the same AlexNet (and LRN, dropout, loss, momentum + weight decay, batch) in PyTorch with as
+5. with amp_levels (e.g. [O2]), the bare step again at each of those train.amp levels, as a ratio
+   to the step at train.amp (fp16 on a CPU has no fast kernels: this says how much slower);
+6. the same AlexNet (and LRN, dropout, loss, momentum + weight decay, batch) in PyTorch with as
    many threads as MindSpore uses, when torch is installed (`pip install -e '.[bench]'`); always
    fp32, so compare it with train.amp=O0 (the default);
-6. with kernels=true, where each framework's step spends its time: the same step again in a child
+7. with kernels=true, where each framework's step spends its time: the same step again in a child
    process with oneDNN's verbose log on (ONEDNN_VERBOSE=1), its time split by oneDNN kernel and
    pass (convolution forward / backward data / backward weights, pooling, matmul, reorders), each
    with the implementation oneDNN picked, and the rest (kernels that are not oneDNN's, the
@@ -53,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from tabulate import tabulate
 
 from xray import CONF_DIR, SAMPLE_DIR
-from xray.checks import TRAIN, check
+from xray.checks import AMP_LEVELS, TRAIN, check
 from xray.errors import XrayError, one_line_errors
 from xray.files import to_json, write_json
 from xray.hparams import model_keys
@@ -81,6 +83,8 @@ BENCH_CONFIG = {
     "torch": True,          # compare with the same AlexNet in PyTorch when torch is installed
     "kernels": False,       # also: each framework's step in a child process with oneDNN's verbose
                             # log, its time split by oneDNN kernel (which implementation ran)
+    "amp_levels": [],       # also: the bare step at these other train.amp levels (e.g. [O2]), each
+                            # as a ratio to the step at train.amp, in the same run
     "out": None,            # JSON result; null = bench.json in the run folder
     "data": {"dir": None},  # a converted data set; null = the shipped sample, converted to a temp folder
     "hydra": {"run": {"dir": "outputs/bench/${now:%Y-%m-%d_%H-%M-%S}"},
@@ -460,6 +464,10 @@ def check_bench(cfg: DictConfig) -> None:
     for key in ("torch", "kernels"):
         if not isinstance(cfg[key], bool):
             raise XrayError(f"{key}={cfg[key]} must be true or false")
+    levels = list(cfg.amp_levels) if OmegaConf.is_list(cfg.amp_levels) else None
+    if levels is None or not all(level in AMP_LEVELS for level in levels):
+        raise XrayError(f"amp_levels={cfg.amp_levels} must be a list of train.amp levels "
+                        f"({', '.join(AMP_LEVELS)}), e.g. amp_levels=[O2]")
     if cfg.fullres is not None and not Path(cfg.fullres).is_dir():
         raise XrayError(f"fullres={cfg.fullres} is not a folder (run from the checkout, point it at "
                         "a folder of full-size originals, or set fullres=null to skip conversion)")
@@ -533,6 +541,12 @@ def measure_all(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
         log.info("bench: %d px, batch %d: bare step (compiling first)", size, cfg.batch_size)
         _, step_fn = build_step(cfg, size, len(classes))
         step = bench_step(cfg, step_fn, size, len(classes))
+        amp_steps = {}
+        for level in cfg.amp_levels:
+            log.info("  bare step %.1f img/s; at train.amp=%s (compiling first)", step, level)
+            at_level = OmegaConf.merge(cfg, {"train": {"amp": level}})
+            amp_steps[level] = bench_step(at_level, build_step(at_level, size, len(classes))[1],
+                                          size, len(classes))
         log.info("  bare step %.1f img/s; input pipeline alone", step)
         pipeline = bench_pipeline(cfg, records, spec, size)
         log.info("  pipeline %.1f img/s; the Pillow pipeline of runs before data format 2", pipeline)
@@ -546,7 +560,9 @@ def measure_all(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
                "pipeline_vs_step": pipeline / step, "end_to_end_vs_step": end_to_end / step,
                "pil_pipeline_img_s": pil_pipeline, "pipeline_vs_pil": pipeline / pil_pipeline,
                "eval_pipeline_img_s": eval_pipeline, "eval_pipeline_vs_step": eval_pipeline / step,
-               "torch_step_img_s": None, "mindspore_vs_torch": None}
+               "torch_step_img_s": None, "mindspore_vs_torch": None,
+               "amp_step_img_s": amp_steps,
+               "amp_vs_step": {level: img_s / step for level, img_s in amp_steps.items()}}
         if torch is not None:
             log.info("  PyTorch step (%s threads)", threads or "default")
             row["torch_step_img_s"] = bench_torch(torch, cfg, size, len(classes), threads)
@@ -579,7 +595,11 @@ def table(result: dict) -> str:
         rows.append((f"naive full decode ({conv['mean_megapixels']:.1f} Mpx)", "full",
                      f"{conv['naive_decode_img_s']:.1f}", "1.00"))
     for size, r in result["sizes"].items():
-        rows.append(("bare train step (MindSpore)", size, f"{r['step_img_s']:.1f}", "1.00"))
+        rows.append((f"bare train step (MindSpore, amp {result['settings']['amp']})", size,
+                     f"{r['step_img_s']:.1f}", "1.00"))
+        for level, img_s in r["amp_step_img_s"].items():
+            rows.append((f"bare train step at train.amp={level}", size, f"{img_s:.1f}",
+                         f"{r['amp_vs_step'][level]:.2f} x bare step"))
         rows.append(("input pipeline alone (training, augmented)", size, f"{r['pipeline_img_s']:.1f}",
                      f"{r['pipeline_vs_step']:.2f} x bare step"))
         rows.append(("input pipeline, the Pillow ops of older runs", size, f"{r['pil_pipeline_img_s']:.1f}",

@@ -42,6 +42,7 @@ FRACTION = _number(lambda v: 0 <= v < 1, "in [0, 1)")
 PROBABILITY = _number(lambda v: 0 <= v <= 1, "in [0, 1]")
 DEVICE = "choice", lambda v: str(v).lower() in ("cpu", "gpu", "ascend"), "one of CPU, GPU, Ascend"
 MODE = _choice("graph", "pynative")
+AMP_LEVELS = ("O0", "O1", "O2", "O3")   # train.amp: MindSpore's mixed-precision levels
 TTA = _int(1, 5)
 THRESHOLD_RULE = _choice("youden", "sensitivity")
 BACTERIAL_VS_VIRAL_RULE = _choice("youden", "prior")
@@ -87,7 +88,7 @@ TRAIN: dict[str, Rule] = {
     "train.max_steps_per_epoch": _int(1),
     "train.eval_bootstrap": _int(0),
     "train.cam_images": _int(0),
-    "train.amp": _choice("O0", "O1", "O2", "O3"),
+    "train.amp": _choice(*AMP_LEVELS),
     "train.ema_decay": FRACTION,
     "train.ema_every": _int(1),
     "train.threshold_rule": THRESHOLD_RULE,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from xray.checks import AMP_LEVELS
 from xray.errors import XrayError, one_line_errors
 
 DEVICES = ("CPU", "GPU", "Ascend")
@@ -182,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m xray.doctor", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=DEVICES, default=None,
                         help="exit 2 with one line unless this device can train here")
-    parser.add_argument("--amp", choices=("O0", "O1", "O2", "O3"), default="O0",
+    parser.add_argument("--amp", choices=AMP_LEVELS, default="O0",
                         help="mixed-precision level of the test step")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument("--probe", choices=DEVICES, default=None, help=argparse.SUPPRESS)
