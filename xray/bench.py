@@ -595,9 +595,9 @@ def table(result: dict) -> str:
         rows.append((f"naive full decode ({conv['mean_megapixels']:.1f} Mpx)", "full",
                      f"{conv['naive_decode_img_s']:.1f}", "1.00"))
     for size, r in result["sizes"].items():
-        rows.append((f"bare train step (MindSpore, amp {result['settings']['amp']})", size,
-                     f"{r['step_img_s']:.1f}", "1.00"))
-        for level, img_s in r["amp_step_img_s"].items():
+        amp = result.get("settings", {}).get("amp", "O0")  # bench.json files before amp_levels: O0
+        rows.append((f"bare train step (MindSpore, amp {amp})", size, f"{r['step_img_s']:.1f}", "1.00"))
+        for level, img_s in r.get("amp_step_img_s", {}).items():
             rows.append((f"bare train step at train.amp={level}", size, f"{img_s:.1f}",
                          f"{r['amp_vs_step'][level]:.2f} x bare step"))
         rows.append(("input pipeline alone (training, augmented)", size, f"{r['pipeline_img_s']:.1f}",
