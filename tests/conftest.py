@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import SAMPLE, TINY, make_cfg
+from helpers import SAMPLE, TINY_OLD_DEFAULT, make_cfg
 from xray.convert import convert
 
 
@@ -21,11 +21,14 @@ def sample_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(sample_data, tmp_path_factory) -> Path:
-    """A 2-epoch run on the sample, trained through xray.train.train()."""
+    """A 2-epoch run on the sample with the binary defaults of before (TINY_OLD_DEFAULT), trained
+    through xray.train.train(): the tests that use it read a two-class model's outputs
+    (p_pneumonia, one threshold) and old runs' formats; tests/test_tasks.py trains the default
+    task, subtype."""
     from xray.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "train.keep_last=true"])
+    cfg = make_cfg("config", TINY_OLD_DEFAULT + [f"data.dir={sample_data}", "train.keep_last=true"])
     result = train(cfg, run_dir)
     assert result["status"] == "ok"
     return run_dir

@@ -19,6 +19,12 @@ SAMPLE = xray.SAMPLE_DIR
 # Small and fast: 72 px input (AlexNet needs >= 67), 8 images a batch.
 TINY = ["data=sample", "data.image_size=72", "batch_size=8", "epochs=2", "data.workers=1",
         "train.log_every=2"]
+# ... with the defaults of before December 2026 (a binary model, LRN, warm-up + cosine, shuffled
+# sampling, mild augmentation: +experiment=ranking/default's model): the shared `trained_run`
+# (conftest.py), which tests/data/old_runs/binary was trained as, and whose two-class outputs
+# the evaluate, predict, export and card tests read (the default task is subtype now)
+TINY_OLD_DEFAULT = TINY + ["task=binary", "model.norm=lrn", "optim.schedule=cosine", "data.sampling=shuffle",
+                           "data/augment=mild"]
 
 
 def make_cfg(config_name: str = "config", overrides: list[str] | tuple = ()):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from helpers import TINY, make_cfg
+from helpers import TINY_OLD_DEFAULT, make_cfg
 from old_runs import format1, old_run
 from xray.checkpoint import (FORMAT_VERSION, RunState, TrainingState, check_identity, load_trained_model,
                              read_checkpoint, read_state, resolve_checkpoints)
@@ -125,7 +125,7 @@ def test_a_run_resumes_with_its_own_settings_only(trained_run, tmp_path):
     from xray.train import train
     run = interrupted(trained_run, tmp_path / "run", epochs=3)
     before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    cfg = make_cfg("config", TINY + [f"data.dir={sample_dir(trained_run)}", "data.image_size=80", "epochs=3"])
+    cfg = make_cfg("config", TINY_OLD_DEFAULT + [f"data.dir={sample_dir(trained_run)}", "data.image_size=80", "epochs=3"])
     with pytest.raises(RunRefused, match=r"was begun with other settings \(data.image_size: 72 -> 80\)"):
         train(cfg, run)
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
@@ -156,7 +156,7 @@ def test_a_run_of_format_1_resumes_and_its_best_checkpoint_evaluates(trained_run
     np.testing.assert_allclose(model.probabilities(x), new.probabilities(x), rtol=1e-6)
 
     old_history = (run / "history.jsonl").read_text().splitlines()
-    cfg = make_cfg("config", TINY + [f"data.dir={sample_dir(trained_run)}", "epochs=3", "train.eval_splits=[]",
+    cfg = make_cfg("config", TINY_OLD_DEFAULT + [f"data.dir={sample_dir(trained_run)}", "epochs=3", "train.eval_splits=[]",
                                      "train.cam_images=0", "train.keep_last=true"])
     result = train(cfg, run)
     assert result["status"] == "ok" and result["epochs_completed"] == 3
@@ -171,7 +171,7 @@ def test_resume_restores_weights_and_optimizer_state(trained_run):
     weights, momenta, the optimizer's step, the loop's state, the history and the identity."""
     from xray.registry import create_model, create_schedule
     from xray.step import build_optimizer
-    cfg = make_cfg("config", TINY)
+    cfg = make_cfg("config", TINY_OLD_DEFAULT)
     net = create_model(cfg.model, 72, 2)
     opt = build_optimizer(net, cfg, create_schedule(cfg.lr, cfg.optim, 2, 3))
     saved = read_state(trained_run / "checkpoints" / "last.ckpt")

@@ -39,8 +39,8 @@ DOCS = REPO / "docs" / "export.md"
 IMAGES = sorted(xray.SAMPLE_DIR.glob("*/*/*.jpeg"))  # the 60 shipped X-rays
 SNIPPET_IMPORTS = {"json", "sys", "numpy", "onnxruntime", "PIL"}
 
-# Two fake runs that differ in everything the export depends on: the default-like 72 px binary
-# model with LRN and CLAHE, calibrated (1x1 last map: the pool replicates); and a 3-class model
+# Two fake runs that differ in everything the export depends on: a 72 px binary model as the old
+# defaults made it, with LRN and CLAHE, calibrated (1x1 last map: the pool replicates); and a 3-class model
 # with batch norm, 3 channels, histogram equalisation, at 180 px (a 4x4 last map: overlapping bins,
 # the float64 path of the rewritten pool).
 RUNS = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import SAMPLE, TINY, make_cfg
+from helpers import SAMPLE, TINY_OLD_DEFAULT, make_cfg
 from xray.checkpoint import load_trained_model, sha256_of
 from xray.convert import convert
 from xray.errors import XrayError
@@ -51,7 +51,7 @@ def test_resuming_on_a_data_set_reconverted_with_other_splits_is_refused(trained
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(run / "config.yaml"), {"epochs": 3}), run / "config.yaml")
     convert(SAMPLE, tmp_path / "data7", short_side=128, val_fraction=0.2, seed=7, workers=1)
     before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    cfg = make_cfg("config", TINY + [f"data.dir={tmp_path / 'data7'}", "epochs=3"])
+    cfg = make_cfg("config", TINY_OLD_DEFAULT + [f"data.dir={tmp_path / 'data7'}", "epochs=3"])
     with pytest.raises(XrayError, match="trained on other images: the train and val split"):
         train(cfg, run)
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import SAMPLE, TINY, bomb_png, make_cfg, xray_like
+from helpers import SAMPLE, TINY, TINY_OLD_DEFAULT, bomb_png, make_cfg, xray_like
 from xray.checkpoint import load_trained_model
 from xray.data import make_eval_dataset, preprocess_spec, read_manifest, split_file, task_records
 from xray.preprocess import (Preprocess, clahe, equalize_hist, load_image, preprocess_file, standardize,
@@ -125,8 +125,8 @@ def test_resuming_a_run_from_before_the_cpp_ops_keeps_its_pillow_pipeline(traine
     config.epochs = 3
     OmegaConf.save(config, old / "config.yaml")
     data_dir = OmegaConf.load(trained_run / "config.yaml").data.dir
-    result = train(make_cfg("config", TINY + [f"data.dir={data_dir}", "epochs=3", "train.eval_splits=[]",
-                                              "train.cam_images=0", "train.keep_last=true"]), old)
+    result = train(make_cfg("config", TINY_OLD_DEFAULT + [f"data.dir={data_dir}", "epochs=3", "train.eval_splits=[]",
+                                                          "train.cam_images=0", "train.keep_last=true"]), old)
     assert result["status"] == "ok" and result["epochs_completed"] == 3
     assert OmegaConf.load(old / "config.yaml").preprocess.pipeline == "pil"
     assert read_state(old / "checkpoints" / "last.ckpt").identity["preprocess"]["pipeline"] == "pil"

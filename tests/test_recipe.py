@@ -39,10 +39,11 @@ def test_the_screening_experiment_is_the_recipe_that_met_the_goal():
 
 @pytest.fixture(scope="module")
 def recipe_run(sample_data, tmp_path_factory):
-    """Every lever on: intensity augmentation, CLAHE, label smoothing, balanced sampling."""
+    """Every lever on: intensity augmentation, CLAHE, label smoothing, balanced sampling; a binary
+    model (the tests read p_pneumonia and average it with trained_run's)."""
     from xray.train import train
     run_dir = tmp_path_factory.mktemp("recipe") / "run"
-    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "epochs=1", "data/augment=intensity",
+    cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", "task=binary", "epochs=1", "data/augment=intensity",
                                      "data.equalize=clahe", "loss.label_smoothing=0.1",
                                      "data.sampling=balanced", "seed=3"])
     result = train(cfg, run_dir)

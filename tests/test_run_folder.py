@@ -45,7 +45,7 @@ def test_a_config_of_before_model_norm_is_compared_with_todays_keys(tmp_path):
     old = OmegaConf.load(run.config)
     old.model = {"name": "alexnet", "in_channels": 1, "lrn": True, "dropout": 0.5}
     OmegaConf.save(old, run.config)
-    assert run.changed_settings(make_cfg("config", TINY)) == []
+    assert run.changed_settings(make_cfg("config", TINY + ["model.norm=lrn"])) == []  # (the default: batch)
     assert run.changed_settings(make_cfg("config", TINY + ["model.norm=batch", "model.init=he"])) == [
         "model.norm: 'lrn' -> 'batch'", "model.init: 'mindspore' -> 'he'"]
 

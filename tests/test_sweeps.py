@@ -32,11 +32,12 @@ def hparams_of_run(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def smoke_sweep(sample_data, tmp_path_factory):
     """+sweep=smoke with an lr that overflows to NaN and an image size AlexNet cannot take:
-    2 losses x 2 lrs x 2 sizes = 8 members: 2 ok, 2 diverged, 4 failed."""
+    2 losses x 2 lrs x 2 sizes = 8 members: 2 ok, 2 diverged, 4 failed. Binary members: the
+    report and export tests below read a two-class model's columns and logits."""
     root = tmp_path_factory.mktemp("sweep")
     sweep_dir = root / "multirun"
     proc = subprocess.run(
-        [sys.executable, "-m", "xray.train", "-m", "+sweep=smoke", f"data.dir={sample_data}",
+        [sys.executable, "-m", "xray.train", "-m", "+sweep=smoke", f"data.dir={sample_data}", "task=binary",
          "lr=0.01,1e30", "momentum=0.99", "optim.warmup_epochs=0", "data.image_size=72,60",
          "train.max_steps_per_epoch=2", f"hydra.sweep.dir={sweep_dir}"],
         capture_output=True, text=True, cwd=root, timeout=900)
@@ -47,7 +48,7 @@ def test_smoke_sweep_runs_every_member_even_after_failures(smoke_sweep):
     _, sweep_dir, proc = smoke_sweep
     members = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(members) == 8, proc.stderr[-3000:]
-    assert "0_data.image_size=72,loss=mse,lr=0.01,momentum=0.99,optim.warmup_epochs=0," \
+    assert "0_data.image_size=72,loss=mse,lr=0.01,momentum=0.99,optim.warmup_epochs=0,task=binary," \
            "train.max_steps_per_epoch=2" in members
     assert proc.returncode != 0  # Hydra reports the failed members at the end
     assert "data.image_size=60 must be an integer >= 67" in proc.stderr

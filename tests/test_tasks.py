@@ -84,17 +84,19 @@ def test_the_patient_split_is_stratified_by_subtype():
 
 @pytest.fixture(scope="module")
 def task_run(sample_data, tmp_path_factory):
-    """task -> the folder of a 1-epoch run on the sample, trained when first asked for."""
+    """(task, overrides...) -> the folder of a 1-epoch run on the sample, trained when first asked
+    for. Shuffled sampling (not the default, balanced), so that the bacterial-vs-viral prior rule
+    reads the train split's own share rather than 0.5."""
     runs = {}
 
-    def run_of(task: str) -> Path:
-        if task not in runs:
+    def run_of(task: str, *overrides: str) -> Path:
+        if (task, *overrides) not in runs:
             run_dir = tmp_path_factory.mktemp(task) / "run"
             cfg = make_cfg("config", TINY + [f"data.dir={sample_data}", f"task={task}", "epochs=1",
-                                             "train.eval_bootstrap=50"])
+                                             "data.sampling=shuffle", "train.eval_bootstrap=50", *overrides])
             assert train(cfg, run_dir)["status"] == "ok"
-            runs[task] = run_dir
-        return runs[task]
+            runs[(task, *overrides)] = run_dir
+        return runs[(task, *overrides)]
     return run_of
 
 
@@ -186,7 +188,9 @@ def test_a_subtype_ensemble_with_tta_averages_the_class_probabilities(task_run, 
     """evaluate and predict with several K-class checkpoints and test-time views: the mean of
     each member's class probabilities, each member's the mean over its views."""
     from xray.evaluate import evaluate
-    run = task_run("subtype")
+    # the paper's LRN: with batch norm this one-epoch run (shuffled sampling) answers every sample
+    # image about the same, and the scaled output layer below would only saturate that answer
+    run = task_run("subtype", "model.norm=lrn")
     other = tmp_path / "other"  # a second member: the same run with a different output layer
     (other / "checkpoints").mkdir(parents=True)
     for name in ("config.yaml", "train_images.txt"):  # (what a run folder says of its training)
