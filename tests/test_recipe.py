@@ -1,17 +1,21 @@
 """The shift-robust recipe on the sample: every lever on in one run (intensity augmentation,
 CLAHE, label smoothing, balanced sampling), evaluated and predicted with test-time augmentation
-and as an ensemble; the `screening` overlay. Each lever alone: tests/test_augment.py,
+and as an ensemble; the `screening` overlay; the defaults are `screening_fast`, the binary
+default before is `ranking/default`. Each lever alone: tests/test_augment.py,
 test_preprocess.py, test_losses.py, test_data.py; its bad values: test_checks.py."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from helpers import SAMPLE, TINY, make_cfg
+from xray import CONF_DIR
 from xray.checkpoint import load_trained_model
 from xray.errors import XrayError
 from xray.evaluate import evaluate
@@ -35,6 +39,51 @@ def test_the_screening_experiment_is_the_recipe_that_met_the_goal():
     defaults = make_cfg("config"), make_cfg("evaluate")
     assert [(c.get("train", c).threshold_rule, c.get("train", c).target_sensitivity) for c in defaults] == \
         [("sensitivity", 0.93)] * 2
+
+
+# what +experiment=screening_fast sets itself, so that it stays the recipe whatever the defaults become
+SCREENING_FAST_GROUPS = {"task": "subtype", "data/augment": "intensity", "loss": "softmax_ce"}
+SCREENING_FAST_KEYS = {
+    "lr": 0.01, "momentum": 0.9, "epochs": 18, "batch_size": 32,
+    "data.image_size": 96, "data.short_side": 128, "data.equalize": "none", "data.sampling": "balanced",
+    "model.in_channels": 1, "model.norm": "batch", "model.init": "mindspore", "model.dropout": 0.5,
+    "loss.class_weighted": False, "loss.label_smoothing": 0.0,
+    "optim.weight_decay": 5e-4, "optim.nesterov": False, "optim.schedule": "onecycle", "optim.pct_start": 0.3,
+    "optim.div_factor": 25, "optim.final_div_factor": 1e4,
+    "train.threshold_rule": "sensitivity", "train.target_sensitivity": 0.93,
+    "train.bacterial_vs_viral_rule": "prior", "train.ema_decay": 0.0}
+
+
+@pytest.mark.unit
+def test_the_defaults_are_the_screening_fast_recipe():
+    """`python -m xray.train` trains +experiment=screening_fast, issue 27's 18-epoch candidate
+    (docs/results/fast.md): the bare defaults compose to exactly that recipe but for its caveats
+    (the defaults carry none, as before). The recipe pins every value that makes the model
+    itself, with no seed and no run folder, so it stays this recipe when the defaults move on."""
+    recipe = OmegaConf.to_container(make_cfg("config", ["+experiment=screening_fast"]), resolve=True)
+    defaults = OmegaConf.to_container(make_cfg("config"), resolve=True)
+    assert defaults.pop("caveats") == [] and any("test half" in c for c in recipe.pop("caveats"))
+    assert defaults == recipe
+    own = OmegaConf.load(Path(CONF_DIR) / "experiment" / "screening_fast.yaml")
+    groups = {k.removeprefix("override /"): v for entry in own.defaults for k, v in entry.items()}
+    assert groups == SCREENING_FAST_GROUPS
+    pinned = {key: OmegaConf.select(own, key, default="<not pinned>") for key in SCREENING_FAST_KEYS}
+    assert pinned == SCREENING_FAST_KEYS
+    assert "seed" not in own and "hydra" not in own
+
+
+@pytest.mark.unit
+def test_the_old_default_is_ranking_default_and_the_demo_stays_binary():
+    """The binary default of before the switch is +experiment=ranking/default, value for value
+    (docs/results/ranking.md), and the demo keeps the binary task it was measured with."""
+    old = make_cfg("config", ["+experiment=ranking/default"])
+    assert (old.task.name, old.model.norm, old.optim.schedule, old.optim.warmup_epochs) == ("binary", "lrn", "cosine", 1)
+    assert (old.epochs, old.data.image_size, old.data.short_side) == (8, 96, 256)
+    assert (old.data.equalize, old.data.sampling, old.data.augment.brightness) == ("clahe", "shuffle", 0)  # mild
+    assert (old.lr, old.momentum, old.batch_size, old.train.threshold_rule) == (0.01, 0.9, 32, "sensitivity")
+    demo = make_cfg("config", ["+experiment=demo"])
+    assert (demo.task.name, demo.data.sampling, demo.data.augment.brightness) == ("binary", "shuffle", 0)
+    assert (demo.model.norm, demo.optim.schedule, demo.epochs, demo.data.name) == ("batch", "onecycle", 15, "demo")
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,7 @@ def holds_conversion(out_dir: Path, wanted: dict) -> Optional[bool]:
     return isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in wanted.items())
 
 
-def convert(root: Path, out_dir: Path, short_side: int = 256, val_source: str = "patients",
+def convert(root: Path, out_dir: Path, short_side: int = 128, val_source: str = "patients",
             val_fraction: float = 0.1, seed: int = 42, workers: int = 0, strict: bool = False,
             overwrite: bool = False, max_pixels: int = MAX_PIXELS, stratify: str = "subtype",
             max_aspect_ratio: float = MAX_ASPECT_RATIO) -> dict:
