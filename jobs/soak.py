@@ -149,8 +149,9 @@ def weights_bytes(data_dir: Path, epochs: int) -> int:
     """The size of the members' best.ckpt (their network's parameters), in a child process
     (MindSpore stays out of this one)."""
     code = ("import sys, json\nfrom jobs.pipeline import compose_train\nfrom xray.registry import create_model\n"
-            "from xray.checkpoint import checkpoint_bytes\ncfg = compose_train(json.loads(sys.argv[1]))\n"
-            "print(checkpoint_bytes(create_model(cfg.model, cfg.data.image_size, 2)))")
+            "from xray.checkpoint import checkpoint_bytes\nfrom xray.labels import task_classes\n"
+            "cfg = compose_train(json.loads(sys.argv[1]))\n"
+            "print(checkpoint_bytes(create_model(cfg.model, cfg.data.image_size, len(task_classes(cfg.task.name)))))")
     overrides = [o for o in task_overrides(data_dir, 1, epochs)]
     out = subprocess.run([sys.executable, "-c", code, json.dumps(overrides)], cwd=REPO, capture_output=True,
                          text=True, check=True)

@@ -541,13 +541,16 @@ def measure_all(cfg: DictConfig, data_dir: Path, tmp: Path) -> dict:
         log.info("bench: %d px, batch %d: bare step (compiling first)", size, cfg.batch_size)
         _, step_fn = build_step(cfg, size, len(classes))
         step = bench_step(cfg, step_fn, size, len(classes))
+        log.info("  bare step %.1f img/s", step)
         amp_steps = {}
         for level in cfg.amp_levels:
-            log.info("  bare step %.1f img/s; at train.amp=%s (compiling first)", step, level)
+            log.info("  bare step at train.amp=%s (compiling first)", level)
             at_level = OmegaConf.merge(cfg, {"train": {"amp": level}})
             amp_steps[level] = bench_step(at_level, build_step(at_level, size, len(classes))[1],
                                           size, len(classes))
-        log.info("  bare step %.1f img/s; input pipeline alone", step)
+            log.info("  bare step at train.amp=%s %.1f img/s (%.2f x)", level, amp_steps[level],
+                     amp_steps[level] / step)
+        log.info("  input pipeline alone")
         pipeline = bench_pipeline(cfg, records, spec, size)
         log.info("  pipeline %.1f img/s; the Pillow pipeline of runs before data format 2", pipeline)
         pil_pipeline = bench_pipeline(cfg, records, dataclasses.replace(spec, pipeline="pil"), size)
@@ -595,7 +598,7 @@ def table(result: dict) -> str:
         rows.append((f"naive full decode ({conv['mean_megapixels']:.1f} Mpx)", "full",
                      f"{conv['naive_decode_img_s']:.1f}", "1.00"))
     for size, r in result["sizes"].items():
-        amp = result.get("settings", {}).get("amp", "O0")  # bench.json files before amp_levels: O0
+        amp = result.get("settings", {}).get("amp", "O0")  # a result without settings: fp32
         rows.append((f"bare train step (MindSpore, amp {amp})", size, f"{r['step_img_s']:.1f}", "1.00"))
         for level, img_s in r.get("amp_step_img_s", {}).items():
             rows.append((f"bare train step at train.amp={level}", size, f"{img_s:.1f}",
