@@ -90,8 +90,9 @@ def test_members_record_the_hparams_of_the_basic_sweeper(optuna_sweep, sample_da
     for n, path in members.items():
         metrics = json.loads((path / "metrics.json").read_text())
         hp = metrics["hparams"]
-        # the same run without Optuna: same keys, and the same values for the drawn overrides
-        plain = hparams_of(make_cfg("config", [f"data.dir={sample_data}", *BASE,
+        # the same run without Optuna (with the sweep file's own pins): same keys, and the same
+        # values for the drawn overrides
+        plain = hparams_of(make_cfg("config", ["+sweep=optuna", f"data.dir={sample_data}", *BASE,
                                                f"lr={hp['lr']}", f"data.image_size={hp['image_size']}"]))
         assert hp == plain, n
         assert set(hparams_of_run(path)) == set(plain) | {"status"}, n  # TensorBoard's HParams tab
