@@ -597,8 +597,8 @@ def table(result: dict) -> str:
                      f"{conv['convert_img_s']:.1f}", f"{conv['convert_vs_naive_decode']:.2f} x naive decode"))
         rows.append((f"naive full decode ({conv['mean_megapixels']:.1f} Mpx)", "full",
                      f"{conv['naive_decode_img_s']:.1f}", "1.00"))
+    amp = result.get("settings", {}).get("amp", "O0")  # a result without settings: fp32
     for size, r in result["sizes"].items():
-        amp = result.get("settings", {}).get("amp", "O0")  # a result without settings: fp32
         rows.append((f"bare train step (MindSpore, amp {amp})", size, f"{r['step_img_s']:.1f}", "1.00"))
         for level, img_s in r.get("amp_step_img_s", {}).items():
             rows.append((f"bare train step at train.amp={level}", size, f"{img_s:.1f}",
