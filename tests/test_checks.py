@@ -36,8 +36,8 @@ def test_bad_training_values_are_named_with_their_range(override, message):
 
 
 @pytest.mark.parametrize("config, override, message", [
-    ("predict", "threshold=abc", r"threshold=abc must be a number in \[0, 1\]"),
-    ("predict", "threshold=2", r"threshold=2 must be a number in \[0, 1\]"),
+    ("predict", "threshold=abc", r"threshold=abc must be val or a number in \[0, 1\]"),
+    ("predict", "threshold=2", r"threshold=2 must be val or a number in \[0, 1\]"),
     ("predict", "tta=0", "tta=0 must be an integer from 1 to 5"),
     ("evaluate", "bootstrap=-5", "bootstrap=-5 must be an integer >= 0"),
     ("evaluate", "batch_size=0", "batch_size=0 must be an integer >= 1"),

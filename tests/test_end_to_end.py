@@ -21,7 +21,7 @@ from xray.checkpoint import load_trained_model, read_checkpoint
 from xray.evaluate import evaluate
 from xray.files import to_json
 from xray.hparams import AT_HALF, AT_VAL_THRESHOLD
-from xray.predict import format_results, list_images, predict_images
+from xray.predict import decision_threshold, format_results, list_images, predict_images
 from xray.train import train
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "ppv", "npv"}
@@ -145,6 +145,33 @@ def test_predict_file_and_folder_match_evaluation(trained_run, tmp_path):
     assert table[0].split() == ["file", "label", "p(pneumonia)"] and len(table) == 11
 
 
+def test_predict_reads_at_the_threshold_val_chose_else_says_why(trained_run, tmp_path):
+    import dataclasses
+
+    model = load_trained_model(trained_run / "checkpoints" / "best.ckpt")
+    val = json.loads((trained_run / "eval_val.json").read_text())
+    chosen = val[AT_VAL_THRESHOLD]["threshold"]
+    assert chosen != 0.5  # else the val threshold and the fallback could not be told apart
+    threshold, where, warn = decision_threshold([model], "val")
+    assert threshold == chosen and not warn and str(trained_run / "eval_val.json") in where
+    assert decision_threshold([model], 0.3)[:3:2] == (0.3, False)
+    # no val evaluation of exactly this model: 0.5, and a warning that says why
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    for case, edit, why in [
+            ("ensemble", None, "ensemble has no val evaluation"),
+            ("missing", None, "does not exist"),
+            ("other checkpoint", {"checkpoint": str(trained_run / "checkpoints" / "last.ckpt")}, "is of last.ckpt"),
+            ("other temperature", {"calibration": {**val["calibration"], "temperature": 1.7}}, "another temperature")]:
+        (elsewhere / "eval_val.json").unlink(missing_ok=True)
+        if edit:
+            (elsewhere / "eval_val.json").write_text(json.dumps({**val, **edit}))
+        moved = dataclasses.replace(model, run_dir=elsewhere)
+        threshold, where, warn = decision_threshold([moved, moved] if case == "ensemble" else [moved], "val")
+        assert (threshold, warn) == (0.5, True) and why in where, case
+    assert decision_threshold([model], "val", tta=2)[2]  # eval_val_tta2.json: not written yet
+
+
 def test_predict_cli_prints_table_and_plots(trained_run, tmp_path):
     image = sorted((SAMPLE / "test" / "NORMAL").glob("*.jpeg"))[0]
     proc = subprocess.run(
@@ -157,6 +184,10 @@ def test_predict_cli_prints_table_and_plots(trained_run, tmp_path):
     csv = (trained_run / "predictions_test.csv").read_text().splitlines()[1:]
     evaluated = {line.split(",")[0]: float(line.split(",")[2]) for line in csv}
     assert float(row[0].split()[2]) == pytest.approx(evaluated[image.name], abs=1e-4)  # printed to 4 places
+    # the label at the threshold val chose (the one the run's figures are read at), said after the table
+    threshold = json.loads((trained_run / "eval_val.json").read_text())[AT_VAL_THRESHOLD]["threshold"]
+    assert row[0].split()[1] == ("PNEUMONIA" if evaluated[image.name] >= threshold else "NORMAL")
+    assert f"threshold {threshold:.4f}, chosen on val" in proc.stdout + proc.stderr
     assert (tmp_path / f"{image.stem}.png").stat().st_size > 0
 
 

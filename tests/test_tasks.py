@@ -18,7 +18,7 @@ from xray.data import check_task, read_manifest, split_file, task_records
 from xray.errors import XrayError
 from xray.labels import TASK_CLASSES, binary_read_offs, supported_tasks, task_targets
 from xray.metrics import sensitivity_threshold, youden_threshold
-from xray.predict import format_results, predict_images
+from xray.predict import decision_threshold, format_results, predict_images
 from xray.train import train
 
 
@@ -138,7 +138,16 @@ def test_three_classes_end_to_end(task_run, sample_data, tmp_path):
     for r in results:
         assert r["p_normal"] + r["p_bacterial"] + r["p_viral"] == pytest.approx(1.0, abs=1e-5)
         assert r["label"] == max(("NORMAL", "BACTERIAL", "VIRAL"), key=lambda c: r[f"p_{c.lower()}"])
-    assert format_results(results).splitlines()[0].split() == ["file", "label", "p(normal)", "p(bacterial)", "p(viral)"]
+        assert r["p_pneumonia"] == pytest.approx(1 - r["p_normal"], abs=1e-6)  # the read-off screened
+        assert r["screen"] == ("PNEUMONIA" if r["p_pneumonia"] >= 0.5 else "NORMAL")
+    assert format_results(results).splitlines()[0].split() == [
+        "file", "label", "screen", "p(pneumonia)", "p(normal)", "p(bacterial)", "p(viral)"]
+    # at the threshold this run's val evaluation chose for pneumonia vs normal, as its figures are
+    assert decision_threshold([model], "val")[0] == read_off["pneumonia_vs_normal"]["at_val_threshold"]["threshold"]
+    between = float(np.mean([r["p_pneumonia"] for r in results]))  # a threshold that splits these two
+    assert [r["screen"] for r in predict_images([model], images, threshold=between)] == [
+        "PNEUMONIA" if r["p_pneumonia"] >= between else "NORMAL" for r in results]
+    assert len({r["screen"] for r in predict_images([model], images, threshold=between)}) == 2
     assert (tmp_path / f"{images[0].stem}_cam.png").exists()
     # TensorBoard: the 3x3 confusion image, one precision-recall curve per class, macro AUC in HParams
     from helpers import events

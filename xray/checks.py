@@ -13,7 +13,7 @@ from xray.hparams import INITS, NORMS
 from xray.labels import TASKS
 from xray.registry import LOSSES, MODELS, SCHEDULES, Registry
 
-# key -> (kind, test, what it must be); kind: "int", "number", "choice", "pair", "bool"
+# key -> (kind, test, what it must be); kind: "int", "number", "choice", "pair", "bool", "val_or_number"
 Rule = tuple[str, Callable[[Any], bool], Union[str, Callable[[], str]]]
 
 
@@ -40,6 +40,7 @@ POSITIVE = _number(lambda v: v > 0, "> 0")
 NON_NEGATIVE = _number(lambda v: v >= 0, ">= 0")
 FRACTION = _number(lambda v: 0 <= v < 1, "in [0, 1)")
 PROBABILITY = _number(lambda v: 0 <= v <= 1, "in [0, 1]")
+VAL_OR_PROBABILITY = "val_or_number", lambda v: 0 <= v <= 1, "val or a number in [0, 1]"
 DEVICE = "choice", lambda v: str(v).lower() in ("cpu", "gpu", "ascend"), "one of CPU, GPU, Ascend"
 MODE = _choice("graph", "pynative")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")   # train.amp: MindSpore's mixed-precision levels
@@ -104,7 +105,7 @@ EVALUATE: dict[str, Rule] = {
     "bacterial_vs_viral_rule": BACTERIAL_VS_VIRAL_RULE,
 }
 PREDICT: dict[str, Rule] = {
-    "threshold": PROBABILITY, "tta": TTA, "top_k": _int(1), "max_pixels": _int(1),
+    "threshold": VAL_OR_PROBABILITY, "tta": TTA, "top_k": _int(1), "max_pixels": _int(1),
     "plot": ("bool", lambda v: True, "true or false"), "explain": ("bool", lambda v: True, "true or false"),
     "device_target": DEVICE, "mode": MODE,
 }
@@ -137,6 +138,8 @@ def _valid(kind: str, value: Any, test: Callable[[Any], bool]) -> bool:
         value = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else None
         return (value is not None and len(value) == 2 and all(_is_number(v) for v in value)
                 and test([float(v) for v in value]))
+    if kind == "val_or_number":
+        return value == "val" or (_is_number(value) and test(float(value)))
     if kind == "int":
         return _is_number(value) and float(value).is_integer() and test(int(value))
     return _is_number(value) and test(float(value))

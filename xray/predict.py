@@ -5,8 +5,12 @@
 
 Prints `file  label  p(<class>)...`: p of the positive class of a two-class task (p(pneumonia)),
 every class's p of a K-class one, each model's through its temperature if it was calibrated
-(calibration.json beside its checkpoint); plot=true saves <image name>.png (the X-ray titled
-with its prediction) into out_dir, by default this command's output folder.
+(calibration.json beside its checkpoint). A two-class model's label, and a subtype model's
+`screen` (PNEUMONIA or NORMAL from p(pneumonia) = 1 - p(normal)), are read at `threshold`: by
+default (`val`) the one the checkpoint's own val evaluation chose (eval_val.json beside it, the
+threshold every reported figure is read at), else 0.5, with a warning saying why. plot=true saves
+<image name>.png (the X-ray titled with its prediction) into out_dir, by default this command's
+output folder.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from xray.checkpoint import TrainedModel, load_trained_model, resolve_checkpoint
 from xray.device import setup_device
 from xray.errors import XrayError, one_line_errors
 from xray.explain import cam_figure, grad_cam
+from xray.hparams import AT_VAL_THRESHOLD, binary_results, read_eval
 from xray.plots import prediction_figure, save_figure
 from xray.preprocess import MAX_PIXELS, load_image, model_input
 
@@ -67,6 +72,52 @@ def list_images(path: Path) -> list[Path]:
     raise XrayError(f"image={path} does not exist; pass an image file or a folder of images")
 
 
+def screened(models: Sequence[TrainedModel]) -> bool:
+    """Whether the models are subtype models, read as pneumonia vs normal (p = 1 - p(normal))."""
+    return models[0].task == "subtype"
+
+
+def decision_name(model: TrainedModel) -> str:
+    """The two-class decision `threshold` applies to: a two-class task's own, a subtype model's
+    pneumonia vs normal read-off (the names of eval_<split>.json's blocks)."""
+    return "pneumonia_vs_normal" if model.task == "subtype" else model.task
+
+
+def val_threshold(models: Sequence[TrainedModel], tta: int = 1) -> tuple[Optional[float], str]:
+    """(the threshold the checkpoint's own val evaluation chose for its decision, where it comes
+    from), or (None, why there is none): an ensemble has no val evaluation of its own; the one
+    beside a checkpoint must be of that checkpoint, at this tta and through its temperature."""
+    if len(models) > 1:
+        return None, "an ensemble has no val evaluation of its own"
+    model = models[0]
+    path = model.run_dir / ("eval_val.json" if tta == 1 else f"eval_val_tta{tta}.json")
+    make = f"python -m xray.evaluate ckpt={model.checkpoint} split=val" + (f" tta={tta}" if tta > 1 else "")
+    if not path.is_file():
+        return None, f"{path} does not exist (`{make}` writes it)"
+    result = read_eval(path)
+    if Path(str(result.get("checkpoint"))).name != model.checkpoint.name:
+        return None, f"{path} is of {Path(str(result.get('checkpoint'))).name}, not {model.checkpoint.name} (`{make}`)"
+    if (result.get("calibration") or {}).get("temperature") != model.temperature:
+        return None, f"{path} was read through another temperature than calibration.json's (`{make}`)"
+    block = binary_results(result).get(decision_name(model))
+    if block is None:
+        return None, f"{path} holds no {decision_name(model)} decision (`{make}`)"
+    at = block[AT_VAL_THRESHOLD]
+    return float(at["threshold"]), f"chosen on val ({at['rule']}) in {path}"
+
+
+def decision_threshold(models: Sequence[TrainedModel], threshold, tta: int = 1) -> tuple[float, str, bool]:
+    """predict's `threshold`, the line that says where it comes from, and whether that line is a
+    warning: a number as given; `val` the checkpoint's val-chosen one, else 0.5 and a warning
+    (never silently: the figures a run reports are read at its val threshold)."""
+    if threshold != "val":
+        return float(threshold), f"threshold {float(threshold):.4f}, as given", False
+    value, where = val_threshold(models, tta)
+    if value is None:
+        return 0.5, f"threshold 0.5, not one chosen on val: {where}; pass threshold=<p> to choose one", True
+    return value, f"threshold {value:.4f}, {where}", False
+
+
 def shown_classes(models: Sequence[TrainedModel]) -> tuple[str, ...]:
     """The probability columns: the positive class of a two-class task (pneumonia, or bacterial),
     every class of a K-class one."""
@@ -83,10 +134,13 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
     """[{file, label, p_<class>...}] per readable image (the models' mean probability, each
     model through its own preprocessing), in the order of `paths`: a two-class model gives
     p of its positive class (p_pneumonia) and the label at `threshold`, a K-class model every
-    class's p and the top class. Unreadable images get label 'error' and the reason.
+    class's p and the top class; a subtype model also `screen`, PNEUMONIA when p_pneumonia =
+    1 - p(normal) >= `threshold`, else NORMAL. Unreadable images get label 'error' and the reason.
     plot_dir: <name>.png, the image titled with its prediction; explain_dir: <name>_cam.png,
     its Grad-CAM map."""
     classes, shown = models[0].classes, shown_classes(models)
+    screen = screened(models)
+    read_off = ["screen", "p_pneumonia"] if screen else []
     results: dict[Path, dict] = {}
     for start in range(0, len(paths), batch_size):
         loaded, ok = [], []  # per image: {short_side: image}
@@ -95,7 +149,7 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
                 images = {s: load_image(path, s, max_pixels)
                           for s in sorted({m.spec.short_side for m in models})}
             except Exception as e:  # noqa: BLE001 - report and go on with the other images
-                results[path] = {"file": str(path), "label": "error",
+                results[path] = {"file": str(path), "label": "error", **{k: None for k in read_off},
                                  **{f"p_{c.lower()}": None for c in shown},
                                  "error": f"{type(e).__name__}: {e}".splitlines()[0]}
                 continue
@@ -109,7 +163,9 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
         probs = np.mean([class_probabilities(m, b) for m, b in zip(models, batches)], axis=0)
         for path, images, q in zip(ok, loaded, probs):
             top = int(q[1] >= threshold) if len(classes) == 2 else int(q.argmax())
-            results[path] = {"file": str(path), "label": classes[top],
+            pneumonia = {"screen": "PNEUMONIA" if 1 - q[0] >= threshold else "NORMAL",
+                         "p_pneumonia": float(1 - q[0])} if screen else {}
+            results[path] = {"file": str(path), "label": classes[top], **pneumonia,
                              **{f"p_{c.lower()}": float(q[classes.index(c)]) for c in shown}}
             title = f"{path.name}\n{classes[top]}  p({classes[top].lower()}) = {q[top]:.3f}"
             if plot_dir is not None:
@@ -138,13 +194,18 @@ def explain_image(models: Sequence[TrainedModel], images: dict,
 
 
 def format_results(results: list[dict]) -> str:
-    """The table: file, label, one p(<class>) column per probability the results carry, and
-    why an image could not be read, if one could not."""
-    columns = [k for k in (results[0] if results else {}) if k.startswith("p_")]
+    """The table: file, label, a subtype model's screen, one p(<class>) column per probability
+    the results carry, and why an image could not be read, if one could not."""
+    columns = [k for k in (results[0] if results else {}) if k not in ("file", "label", "error")]
     errors = any("error" in r for r in results)
-    rows = [[r["file"], r["label"], *("-" if r[k] is None else f"{r[k]:.4f}" for k in columns),
+
+    def cell(value) -> str:
+        return "-" if value is None else value if isinstance(value, str) else f"{value:.4f}"
+
+    rows = [[r["file"], r["label"], *(cell(r[k]) for k in columns),
              *([r.get("error", "")] if errors else [])] for r in results]
-    headers = ["file", "label", *(f"p({k[2:]})" for k in columns), *(["error"] if errors else [])]
+    headers = ["file", "label", *(f"p({k[2:]})" if k.startswith("p_") else k for k in columns),
+               *(["error"] if errors else [])]
     # disable_numparse: the cells are formatted already; tabulate would turn "1.0000" into "1"
     return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
 
@@ -161,10 +222,12 @@ def main(cfg: DictConfig) -> None:
     out = Path(str(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir))
     if cfg.plot or cfg.explain:
         writable_folder(out, "plot=true and explain=true write their images there")
-    results = predict_images(models, list_images(Path(cfg.image)), cfg.threshold,
+    threshold, where, warn = decision_threshold(models, cfg.threshold, cfg.tta)
+    results = predict_images(models, list_images(Path(cfg.image)), threshold,
                              out if cfg.plot else None, tta=cfg.tta, max_pixels=cfg.max_pixels,
                              explain_dir=out if cfg.explain else None)
     print(format_results(results), flush=True)
+    (log.warning if warn else log.info)(where)  # after the table: scripts read its first line
     failed = [r for r in results if r["label"] == "error"]
     if failed:
         raise XrayError(f"{len(failed)} of {len(results)} images could not be read "
