@@ -47,7 +47,7 @@ RUNS = {
     "binary72": dict(task="binary", image_size=72, short_side=128, equalize="clahe", channels=1,
                      norm="lrn", temperature=1.7),
     "subtype180": dict(task="subtype", image_size=180, short_side=256, equalize="hist", channels=3,
-                       norm="batch", temperature=None),
+                       norm="batch", temperature=0.8),
 }
 
 

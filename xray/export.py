@@ -16,8 +16,8 @@ The exported graph: input `image` (N x C x S x S float32, the project's normaliz
 any N), output `probabilities` (N x K softmax, uncalibrated). The file carries what it needs to
 be fed in its metadata (onnxruntime: `session.get_modelmeta().custom_metadata_map`): `preprocess`
 (the run's preprocess block as JSON), `classes` (JSON list, in the order of the outputs),
-`temperature` (when the checkpoint was calibrated: apply it to p(class 1) of a two-class model as
-xray.calibration.scale does), `task`, `checkpoint`. docs/export.md shows it used with numpy,
+`temperature` (when the checkpoint was calibrated: apply it as xray.calibration.scale_probs does,
+to p(class 1) of a two-class model, to the log probabilities of a K-class one), `task`, `checkpoint`. docs/export.md shows it used with numpy,
 Pillow and onnxruntime only.
 """
 from __future__ import annotations
