@@ -152,24 +152,38 @@ def test_predict_reads_at_the_threshold_val_chose_else_says_why(trained_run, tmp
     val = json.loads((trained_run / "eval_val.json").read_text())
     chosen = val[AT_VAL_THRESHOLD]["threshold"]
     assert chosen != 0.5  # else the val threshold and the fallback could not be told apart
-    threshold, where, warn = decision_threshold([model], "val")
-    assert threshold == chosen and not warn and str(trained_run / "eval_val.json") in where
-    assert decision_threshold([model], 0.3)[:3:2] == (0.3, False)
+    threshold = decision_threshold([model], "val")
+    assert threshold.value == chosen and not threshold.fallback
+    assert str(trained_run / "eval_val.json") in threshold.where and "on val" in threshold.where
+    assert decision_threshold([model], 0.3)[::2] == (0.3, False)
+    # the run folder moved (the recorded path is gone): the same checkpoints/best.ckpt below it
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    (moved / "checkpoints" / "best.ckpt").symlink_to(trained_run / "checkpoints" / "best.ckpt")
+    (moved / "eval_val.json").write_text(json.dumps({**val, "checkpoint": "/gone/tiny/checkpoints/best.ckpt"}))
+    at_moved = dataclasses.replace(model, run_dir=moved, checkpoint=moved / "checkpoints" / "best.ckpt")
+    assert decision_threshold([at_moved], "val").value == chosen
     # no val evaluation of exactly this model: 0.5, and a warning that says why
-    elsewhere = tmp_path / "copy"
-    elsewhere.mkdir()
     for case, edit, why in [
-            ("ensemble", None, "ensemble has no val evaluation"),
+            ("list", None, "a list of checkpoints has no val evaluation"),
             ("missing", None, "does not exist"),
-            ("other checkpoint", {"checkpoint": str(trained_run / "checkpoints" / "last.ckpt")}, "is of last.ckpt"),
+            ("other checkpoint", {"checkpoint": str(trained_run / "checkpoints" / "last.ckpt")}, "last.ckpt, not"),
+            ("ensemble's", {"checkpoint": [val["checkpoint"]] * 2}, "evaluated an ensemble of 2"),
+            ("other data", {"data_dir": str(tmp_path)}, f"evaluated on {tmp_path}, not on the run's"),
             ("other temperature", {"calibration": {**val["calibration"], "temperature": 1.7}}, "another temperature")]:
-        (elsewhere / "eval_val.json").unlink(missing_ok=True)
+        (moved / "eval_val.json").unlink(missing_ok=True)
         if edit:
-            (elsewhere / "eval_val.json").write_text(json.dumps({**val, **edit}))
-        moved = dataclasses.replace(model, run_dir=elsewhere)
-        threshold, where, warn = decision_threshold([moved, moved] if case == "ensemble" else [moved], "val")
-        assert (threshold, warn) == (0.5, True) and why in where, case
-    assert decision_threshold([model], "val", tta=2)[2]  # eval_val_tta2.json: not written yet
+            (moved / "eval_val.json").write_text(json.dumps({**val, **edit}))
+        threshold = decision_threshold([at_moved, at_moved] if case == "list" else [at_moved], "val")
+        assert threshold[::2] == (0.5, True) and why in threshold.where, (case, threshold.where)
+    assert decision_threshold([model], "val", tta=2).fallback  # eval_val_tta2.json: not written yet
+    # an ensemble's own evaluation in its (best) folder: its members, their temperatures
+    both = [at_moved, at_moved]
+    (moved / "eval_val.json").write_text(json.dumps({
+        **val, "checkpoint": [str(at_moved.checkpoint)] * 2,
+        "calibration": {**val["calibration"], "temperature": [None, None]}}))
+    assert decision_threshold(both, "val", folder=moved).value == chosen
+    assert decision_threshold([at_moved], "val", folder=moved).fallback
 
 
 def test_predict_cli_prints_table_and_plots(trained_run, tmp_path):
@@ -187,7 +201,7 @@ def test_predict_cli_prints_table_and_plots(trained_run, tmp_path):
     # the label at the threshold val chose (the one the run's figures are read at), said after the table
     threshold = json.loads((trained_run / "eval_val.json").read_text())[AT_VAL_THRESHOLD]["threshold"]
     assert row[0].split()[1] == ("PNEUMONIA" if evaluated[image.name] >= threshold else "NORMAL")
-    assert f"threshold {threshold:.4f}, chosen on val" in proc.stdout + proc.stderr
+    assert f"threshold {threshold:.4f} (" in proc.stdout + proc.stderr
     assert (tmp_path / f"{image.stem}.png").stat().st_size > 0
 
 

@@ -146,7 +146,10 @@ def read_predictions_csv(path: Path, classes) -> tuple:
 def read_eval(path: Path) -> dict:
     """An eval_<split>.json with today's keys (with_current_keys); an unreadable one is one line."""
     try:
-        return with_current_keys(json.loads(Path(path).read_text()))
+        result = json.loads(Path(path).read_text())
+        if not isinstance(result, dict):
+            raise ValueError(f"it holds a JSON {type(result).__name__}, not an evaluation")
+        return with_current_keys(result)
     except (OSError, ValueError) as e:
         raise XrayError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); rerun "
                         "`python -m xray.evaluate` on that run's checkpoint, or delete the file") from None
@@ -161,7 +164,7 @@ def decision_metrics(result: dict) -> dict:
 def binary_results(result: dict) -> dict[str, dict]:
     """The two-class decisions of an eval result with today's keys, {name: its block}: a
     two-class task's own (the result itself, named after the task), a subtype model's read-offs."""
-    own = {result["task"]: result} if AT_VAL_THRESHOLD in result else {}
+    own = {result.get("task", "binary"): result} if AT_VAL_THRESHOLD in result else {}  # (the first files: binary)
     return {**own, **result.get("read_off", {})}
 
 

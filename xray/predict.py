@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import hydra
 import numpy as np
@@ -77,45 +77,82 @@ def screened(models: Sequence[TrainedModel]) -> bool:
     return models[0].task == "subtype"
 
 
-def decision_name(model: TrainedModel) -> str:
-    """The two-class decision `threshold` applies to: a two-class task's own, a subtype model's
-    pneumonia vs normal read-off (the names of eval_<split>.json's blocks)."""
-    return "pneumonia_vs_normal" if model.task == "subtype" else model.task
+class Threshold(NamedTuple):
+    value: float
+    where: str  # where it comes from: said after the table
+    fallback: bool  # 0.5 for want of a val evaluation of exactly these models: said as a warning
 
 
-def val_threshold(models: Sequence[TrainedModel], tta: int = 1) -> tuple[Optional[float], str]:
-    """(the threshold the checkpoint's own val evaluation chose for its decision, where it comes
-    from), or (None, why there is none): an ensemble has no val evaluation of its own; the one
-    beside a checkpoint must be of that checkpoint, at this tta and through its temperature."""
-    if len(models) > 1:
-        return None, "an ensemble has no val evaluation of its own"
+def same_checkpoint(recorded: str, checkpoint: Path, folder: Path) -> bool:
+    """Whether an evaluation's recorded checkpoint path is `checkpoint`: the same file while the
+    recorded path exists, else (the folder moved, or was written under a temporary name, as
+    xray.report's best folders are) the same path below `folder`, e.g. checkpoints/best.ckpt."""
+    recorded_path = Path(recorded)
+    if recorded_path.exists():
+        return checkpoint.exists() and recorded_path.samefile(checkpoint)
+    try:
+        tail = len(checkpoint.resolve().relative_to(folder.resolve()).parts)
+    except ValueError:
+        tail = 1
+    return recorded_path.parts[-tail:] == checkpoint.parts[-tail:]
+
+
+def val_threshold(models: Sequence[TrainedModel], tta: int = 1,
+                  folder: Optional[Path] = None) -> tuple[Optional[float], str]:
+    """(the threshold the val evaluation of exactly these models chose for their decision --
+    a two-class task's own, a subtype model's pneumonia vs normal --, where it comes from), or
+    (None, why there is none). It is read from eval_val.json (eval_val_tta<K>.json) in `folder`:
+    by default one model's run folder (an ensemble needs its best folder), which holds the one
+    evaluation made with the rule the run trained with; it must be of these checkpoints, on the
+    run's data set, through their temperatures."""
+    from xray.evaluate import origin, trained_with  # (xray.evaluate imports this module)
+
     model = models[0]
-    path = model.run_dir / ("eval_val.json" if tta == 1 else f"eval_val_tta{tta}.json")
-    make = f"python -m xray.evaluate ckpt={model.checkpoint} split=val" + (f" tta={tta}" if tta > 1 else "")
+    if folder is None:
+        if len(models) > 1:
+            return None, "a list of checkpoints has no val evaluation of its own"
+        folder = model.run_dir
+    path = folder / ("eval_val.json" if tta == 1 else f"eval_val_tta{tta}.json")
+    rule = trained_with(model)
+    evaluate = " ".join([f"python -m xray.evaluate ckpt={folder if len(models) > 1 else model.checkpoint}",
+                         *([f"top_k={len(models)} out_dir={folder}"] if len(models) > 1 else []), "split=val",
+                         *([f"tta={tta}"] if tta > 1 else []), f"threshold_rule={rule.name}",
+                         f"target_sensitivity={rule.target_sensitivity:g}"])
     if not path.is_file():
-        return None, f"{path} does not exist (`{make}` writes it)"
+        return None, f"{path} does not exist (`{evaluate}` writes it)"
     result = read_eval(path)
-    if Path(str(result.get("checkpoint"))).name != model.checkpoint.name:
-        return None, f"{path} is of {Path(str(result.get('checkpoint'))).name}, not {model.checkpoint.name} (`{make}`)"
-    if (result.get("calibration") or {}).get("temperature") != model.temperature:
-        return None, f"{path} was read through another temperature than calibration.json's (`{make}`)"
-    block = binary_results(result).get(decision_name(model))
+    recorded = result.get("checkpoint")
+    recorded = [str(c) for c in recorded] if isinstance(recorded, list) else [str(recorded)]
+    if len(recorded) != len(models) or not all(same_checkpoint(r, m.checkpoint, folder)
+                                               for r, m in zip(recorded, models)):
+        what = f"an ensemble of {len(recorded)}" if len(recorded) > 1 else recorded[0]
+        return None, f"{path} evaluated {what}, not {'these models' if len(models) > 1 else model.checkpoint}"
+    data_dir = Path(str(model.cfg.data.dir))
+    if Path(str(result.get("data_dir"))).resolve() != data_dir.resolve():
+        return None, f"{path} was evaluated on {result.get('data_dir')}, not on the run's {data_dir} (`{evaluate}`)"
+    temperatures = [m.temperature for m in models] if len(models) > 1 else model.temperature
+    if (result.get("calibration") or {}).get("temperature") != temperatures:
+        return None, f"{path} was read through another temperature than calibration.json's (`{evaluate}`)"
+    name = "pneumonia_vs_normal" if model.task == "subtype" else model.task
+    block = binary_results(result).get(name)
     if block is None:
-        return None, f"{path} holds no {decision_name(model)} decision (`{make}`)"
+        return None, f"{path} holds no {name} decision (`{evaluate}`)"
     at = block[AT_VAL_THRESHOLD]
-    return float(at["threshold"]), f"chosen on val ({at['rule']}) in {path}"
+    chosen = origin(at["rule"]) if at.get("rule") else "a rule not recorded, on val"
+    return float(at["threshold"]), f"{chosen}, from {path}"
 
 
-def decision_threshold(models: Sequence[TrainedModel], threshold, tta: int = 1) -> tuple[float, str, bool]:
-    """predict's `threshold`, the line that says where it comes from, and whether that line is a
-    warning: a number as given; `val` the checkpoint's val-chosen one, else 0.5 and a warning
-    (never silently: the figures a run reports are read at its val threshold)."""
+def decision_threshold(models: Sequence[TrainedModel], threshold, tta: int = 1,
+                       folder: Optional[Path] = None) -> Threshold:
+    """predict's `threshold`: a number as given; `val` the one the val evaluation of exactly
+    these models chose (val_threshold), else 0.5 and a warning (never silently: the figures a
+    run reports are read at its val threshold)."""
     if threshold != "val":
-        return float(threshold), f"threshold {float(threshold):.4f}, as given", False
-    value, where = val_threshold(models, tta)
+        return Threshold(float(threshold), f"threshold {float(threshold):.4f}, as given", False)
+    value, where = val_threshold(models, tta, folder)
     if value is None:
-        return 0.5, f"threshold 0.5, not one chosen on val: {where}; pass threshold=<p> to choose one", True
-    return value, f"threshold {value:.4f}, {where}", False
+        return Threshold(0.5, f"threshold 0.5, not one chosen on val: {where}; or pass threshold=<p>", True)
+    return Threshold(value, f"threshold {value:.4f} ({where})", False)
 
 
 def shown_classes(models: Sequence[TrainedModel]) -> tuple[str, ...]:
@@ -135,12 +172,13 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
     model through its own preprocessing), in the order of `paths`: a two-class model gives
     p of its positive class (p_pneumonia) and the label at `threshold`, a K-class model every
     class's p and the top class; a subtype model also `screen`, PNEUMONIA when p_pneumonia =
-    1 - p(normal) >= `threshold`, else NORMAL. Unreadable images get label 'error' and the reason.
+    1 - p(normal) >= `threshold`, else NORMAL (0.5 here; the command's default is the threshold
+    val chose, decision_threshold). Unreadable images get label 'error' and the reason.
     plot_dir: <name>.png, the image titled with its prediction; explain_dir: <name>_cam.png,
     its Grad-CAM map."""
     classes, shown = models[0].classes, shown_classes(models)
     screen = screened(models)
-    read_off = ["screen", "p_pneumonia"] if screen else []
+    screen_keys = ["screen", "p_pneumonia"] if screen else []
     results: dict[Path, dict] = {}
     for start in range(0, len(paths), batch_size):
         loaded, ok = [], []  # per image: {short_side: image}
@@ -149,7 +187,7 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
                 images = {s: load_image(path, s, max_pixels)
                           for s in sorted({m.spec.short_side for m in models})}
             except Exception as e:  # noqa: BLE001 - report and go on with the other images
-                results[path] = {"file": str(path), "label": "error", **{k: None for k in read_off},
+                results[path] = {"file": str(path), "label": "error", **{k: None for k in screen_keys},
                                  **{f"p_{c.lower()}": None for c in shown},
                                  "error": f"{type(e).__name__}: {e}".splitlines()[0]}
                 continue
@@ -167,7 +205,8 @@ def predict_images(models: Sequence[TrainedModel], paths: list[Path], threshold:
                          "p_pneumonia": float(1 - q[0])} if screen else {}
             results[path] = {"file": str(path), "label": classes[top], **pneumonia,
                              **{f"p_{c.lower()}": float(q[classes.index(c)]) for c in shown}}
-            title = f"{path.name}\n{classes[top]}  p({classes[top].lower()}) = {q[top]:.3f}"
+            title = f"{path.name}\n{classes[top]}  p({classes[top].lower()}) = {q[top]:.3f}" + (
+                f"\nscreen {pneumonia['screen']}: p(pneumonia) = {pneumonia['p_pneumonia']:.3f}" if screen else "")
             if plot_dir is not None:
                 image = images[models[0].spec.short_side]
                 save_figure(prediction_figure(image, title), plot_dir / f"{path.stem}.png")
@@ -222,12 +261,13 @@ def main(cfg: DictConfig) -> None:
     out = Path(str(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir))
     if cfg.plot or cfg.explain:
         writable_folder(out, "plot=true and explain=true write their images there")
-    threshold, where, warn = decision_threshold(models, cfg.threshold, cfg.tta)
-    results = predict_images(models, list_images(Path(cfg.image)), threshold,
+    best_folder = Path(str(cfg.ckpt)) if isinstance(cfg.ckpt, str) and Path(cfg.ckpt).is_dir() else None
+    threshold = decision_threshold(models, cfg.threshold, cfg.tta, best_folder if len(models) > 1 else None)
+    results = predict_images(models, list_images(Path(cfg.image)), threshold.value,
                              out if cfg.plot else None, tta=cfg.tta, max_pixels=cfg.max_pixels,
                              explain_dir=out if cfg.explain else None)
     print(format_results(results), flush=True)
-    (log.warning if warn else log.info)(where)  # after the table: scripts read its first line
+    (log.warning if threshold.fallback else log.info)(threshold.where)  # after the table: scripts read its first line
     failed = [r for r in results if r["label"] == "error"]
     if failed:
         raise XrayError(f"{len(failed)} of {len(results)} images could not be read "
