@@ -40,7 +40,7 @@ def test_the_state_round_trips_with_non_trainable_parameters_history_and_identit
     state = tiny_state()
     state.net.bn.moving_mean.set_data(ms.Tensor(np.array([1.0, 2.0, 3.0], np.float32)))
     state.optimizer.moments[0].set_data(ms.Tensor(np.full((3, 4), 0.25, np.float32)))
-    state.run = RunState(epoch=3, step_in_epoch=1, epoch_loss_sum=0.5, best_auc=0.75, best_epoch=2)
+    state.run = RunState(epoch=3, step_in_epoch=1, epoch_loss_sum=0.5, best_auc=0.75, best_epoch=2, wall_time_s=81.5)
     state.history = [{"epoch": 1, "train_loss": 0.7}, {"epoch": 2, "train_loss": 0.6}, {"epoch": 3, "train_loss": 0.5}]
     state.save(tmp_path / "last.ckpt")
 

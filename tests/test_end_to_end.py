@@ -221,10 +221,14 @@ def test_resume_after_kill_continues_from_saved_epoch(sample_data, tmp_path):
     assert last.exists(), "the first epoch never finished"
     saved_epoch = int(read_checkpoint(last)["epoch"].asnumpy())
     assert 1 <= saved_epoch < 3  # killed mid-run, so there is something to resume
+    earlier = float(read_checkpoint(last)["wall_time_s"].asnumpy())
+    assert earlier > 0
 
     cfg = make_cfg("config", overrides + ["train.resume=true"])
     result = train(cfg, run_dir)
     assert result["status"] == "ok" and result["epochs_completed"] == 3
+    # the run's wall time counts the killed job's, until the state it resumed from
+    assert result["wall_time_s"] == pytest.approx(earlier + result["wall_time_this_job_s"], abs=0.02)
     history = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     steps = [e.step for e in events(run_dir).Scalars("train/loss")]

@@ -2,12 +2,13 @@
 model of best.ckpt (to evaluate, predict, export), with a format version; and loading a trained
 model with everything needed to feed it.
 
-Format 3 (this one): last.ckpt = every network parameter (trainable or not) + the optimizer's
+Format 4 (this one): last.ckpt = every network parameter (trainable or not) + the optimizer's
 (momenta, step) + the weight average's parameters (`ema.<name>`, with train.ema_decay > 0) +
-`RunState` + the history + the run's identity (task, classes, model, input preprocessing) +
-`format_version`; best.ckpt = the kept network's parameters (the weight average's, with
-train.ema_decay > 0) + identity + epoch and val AUC. Format 2 was the same without a weight
-average. Format 1 (before it): last.ckpt held the optimizer's parameters and `RunState` only;
+`RunState` (with the run's wall time so far) + the history + the run's identity (task, classes,
+model, input preprocessing) + `format_version`; best.ckpt = the kept network's parameters (the
+weight average's, with train.ema_decay > 0) + identity + epoch and val AUC. Format 3 was the same
+without the wall time (a run resumed from one counts its time from there), format 2 without a
+weight average. Format 1 (before it): last.ckpt held the optimizer's parameters and `RunState` only;
 the history lived in history.jsonl, the input pipeline in config.yaml. Format 1 runs still
 resume (`read_state` upgrades them) and evaluate."""
 from __future__ import annotations
@@ -63,7 +64,7 @@ def read_checkpoint(path: Path) -> dict:
     return ms.load_checkpoint(str(path))
 
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SPACE_MARGIN = 20_000_000  # bytes kept free beyond a checkpoint (logs, TensorBoard, JSON)
 
 
@@ -77,6 +78,7 @@ class RunState:
     best_auc: float = -1.0  # best val AUC so far, and its epoch (0: none yet)
     best_epoch: int = 0
     loss_scale: float = 0.0  # the dynamic loss scale of train.amp O1-O3 (0: fp32, no scaling)
+    wall_time_s: float = 0.0  # the run's wall time until this state, over all its jobs (format 4)
 
 
 @dataclass
@@ -148,7 +150,7 @@ class SavedState:
 
 
 def read_state(path: Path) -> SavedState:
-    """Read last.ckpt (format 1, 2 or 3) without a network; a damaged file or one of a newer
+    """Read last.ckpt (format 1 to 4) without a network; a damaged file or one of a newer
     format is one line."""
     try:
         params = read_checkpoint(path)

@@ -156,6 +156,11 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
         log.info("resume: no %s yet, starting from scratch", run.last_ckpt)
     if group.is_main:
         prepare_folder(run, cfg, state, data)
+    earlier = state.run.wall_time_s  # the jobs before this one, until the state it resumes from
+
+    def save_state() -> None:  # last.ckpt carries the run's wall time so far
+        state.run.wall_time_s = earlier + time.perf_counter() - start_time
+        writer.state(state)
 
     global_step = state.run.epoch * data.steps_per_epoch + state.run.step_in_epoch
     # purge_step: on resume, TensorBoard drops events an interrupted run logged after the checkpoint
@@ -205,7 +210,7 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
             log.warning("epoch %d: loss is %s, stopping (status: diverged)", epoch, loss)
             break
         if guard.stop_requested():  # time limit or preemption: save where we are, let submitit requeue
-            writer.state(state)
+            save_state()
             tensorboard.close()
             log.warning("epoch %d step %d: stopping for requeue, state saved to %s", epoch,
                         state.run.step_in_epoch, run.last_ckpt)
@@ -217,10 +222,10 @@ def fit(cfg: DictConfig, run: RunFolder, group: Group, opened: list) -> dict:
         state.history.append(end_epoch(epoch, state, model, loss_fn, data, tensorboard, writer, global_step, lr,
                                        epoch_time, cfg))
         cams.epoch(model, tensorboard, global_step - 1)
-        writer.state(state)
+        save_state()
 
     return finish(cfg, run, group, state, data, tensorboard, guard, status, global_step,
-                  time.perf_counter() - start_time, train_time, train_images)
+                  earlier, time.perf_counter() - start_time, train_time, train_images)
 
 
 def iterate(batches, steps: int):
@@ -352,8 +357,11 @@ def end_epoch(epoch: int, state: TrainingState, model: nn.Cell, loss_fn: nn.Cell
 
 def finish(cfg: DictConfig, run: RunFolder, group: Group, state: TrainingState, data: TrainingData,
            tensorboard: TensorBoard, guard: PreemptionGuard, status: str, global_step: int,
-           wall_time: float, train_time: float, train_images: int) -> dict:
-    """The run's result: rank 0 evaluates best.ckpt on the eval splits and writes metrics.json."""
+           earlier_jobs: float, this_job: float, train_time: float, train_images: int) -> dict:
+    """The run's result: rank 0 evaluates best.ckpt on the eval splits and writes metrics.json.
+    wall_time_s is the run's, over all its jobs (a resumed run's earlier jobs until the state it
+    resumed from: work lost after a job's last save is not counted); wall_time_this_job_s this
+    job's alone."""
     history = state.history
     result = {
         "status": status,
@@ -363,7 +371,8 @@ def finish(cfg: DictConfig, run: RunFolder, group: Group, state: TrainingState, 
         "best_val": next(({k[4:]: v for k, v in h.items() if k.startswith("val_")}
                           for h in history if h["epoch"] == state.run.best_epoch), None),
         "final_train_loss": history[-1]["train_loss"] if history else None,
-        "wall_time_s": round(wall_time, 2),
+        "wall_time_s": round(earlier_jobs + this_job, 2),
+        "wall_time_this_job_s": round(this_job, 2),
         "train_images_per_s": round(train_images / train_time, 2) if train_time else None,
         "best_checkpoint": str(run.best_ckpt) if run.best_ckpt.exists() else None,
         "ranks": group.size,
